@@ -1,0 +1,38 @@
+# Two entry points: `make repro` runs the whole pipeline, `make test` runs the test suite.
+# Both create .venv if it is missing and install the CPU build of torch first, so that
+# pip never resolves a multi-GB CUDA wheel on a laptop or in CI.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+export DVC_NO_ANALYTICS := true
+export HF_HUB_DISABLE_TELEMETRY := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install repro test lint bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+repro: $(STAMP)
+	$(BIN)/dvc repro
+
+test: $(STAMP)
+	$(BIN)/ruff check pipeline stages tests bench
+	$(BIN)/python -m pytest -n 2 --dist loadfile -q tests
+
+bench: $(STAMP)
+	$(BIN)/python bench/bench_normalize.py
+	$(BIN)/python bench/bench_train.py
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,1 @@
+"""safedpo: the library shared by the DVC stages in `stages/`."""

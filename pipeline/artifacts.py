@@ -1,0 +1,97 @@
+"""Reading and writing artifacts: Parquet tables, JSON metrics, atomically.
+
+Every write goes to a temporary file in the destination folder and is renamed into place, so an
+interrupted stage never leaves a half-written file that a later stage could mistake for output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.errors import UserError
+
+
+@contextmanager
+def atomic_path(dest: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `dest`; rename it onto `dest` only if the block succeeds."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, dest)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def write_parquet(df: pd.DataFrame, dest: Path, schema: pa.Schema | None = None) -> None:
+    table = pa.Table.from_pandas(df, schema=schema, preserve_index=False)
+    with atomic_path(dest) as tmp:
+        pq.write_table(table, tmp)
+
+
+def read_parquet(path: Path, required: list[str] | None = None) -> pd.DataFrame:
+    """Read a Parquet artifact; a missing file or column is a `UserError` naming it."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError("file not found (has the stage that writes it run?)", path=path)
+    try:
+        df = pq.read_table(path).to_pandas()
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise UserError(f"not a readable Parquet file ({exc})", path=path) from None
+    missing = [c for c in required or [] if c not in df.columns]
+    if missing:
+        raise UserError(f"missing column(s) {missing}", path=path)
+    return df
+
+
+def write_json(obj: Any, dest: Path) -> None:
+    with atomic_path(dest) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def read_json(path: Path) -> Any:
+    path = Path(path)
+    if not path.exists():
+        raise UserError("file not found (has the stage that writes it run?)", path=path)
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"invalid JSON ({exc})", path=path) from None
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "item"):  # numpy / torch scalars
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def frame_hash(df: pd.DataFrame, columns: list[str] | None = None) -> str:
+    """A content hash of a table that ignores its row order and index."""
+    cols = columns or sorted(df.columns)
+    hashed = pd.util.hash_pandas_object(df[cols].astype(str), index=False).sort_values()
+    return hashlib.sha256(hashed.to_numpy().tobytes()).hexdigest()[:16]
+
+
+def text_hash(*parts: str) -> str:
+    """A stable 16-hex-digit id for a tuple of strings (pair ids, prompt ids)."""
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p.encode("utf-8"))
+        h.update(b"\x1f")
+    return h.hexdigest()[:16]

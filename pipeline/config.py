@@ -1,0 +1,361 @@
+"""Typed, validated configuration: `params.yaml` -> frozen dataclasses -> explicit arguments.
+
+`load_params` is the only place that reads `params.yaml`. Each section is a dataclass whose
+`__post_init__` validates its values, so a bad value fails once, with its dotted key, before any
+work starts. Unknown keys are rejected too: a typo must not silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+from pipeline.errors import UserError
+
+Objective = Literal["safedpo", "dpo_helpful", "dpo_harmless", "dpo_safebetter"]
+OBJECTIVES: tuple[str, ...] = get_args(Objective)
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise UserError(f"parameter {key}: {msg}")
+
+
+@dataclass(frozen=True)
+class ToyConfig:
+    """`builtin:toy` generator settings (see pipeline/toydata.py)."""
+
+    n_train: int = 4000
+    n_test: int = 800
+    seed: int = 0
+    label_noise: float = 0.05
+    harmful_share: float = 0.5
+    sensitive_share: float = 0.15
+
+    def __post_init__(self) -> None:
+        _check(self.n_train > 0, "dataset.toy.n_train", "must be > 0")
+        _check(self.n_test > 0, "dataset.toy.n_test", "must be > 0")
+        _check(0.0 <= self.label_noise <= 0.5, "dataset.toy.label_noise", "must be in [0, 0.5]")
+        _check(0.0 <= self.harmful_share <= 1.0, "dataset.toy.harmful_share", "must be in [0, 1]")
+        _check(0.0 <= self.sensitive_share <= 1.0 - self.harmful_share,
+               "dataset.toy.sensitive_share", "must be in [0, 1 - harmful_share]")
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    name: str = "builtin:toy"
+    revision: str | None = None
+    layout: Literal["auto", "pku30k", "pku_v1", "chosen_rejected"] = "auto"
+    train_split: str = "train"
+    test_split: str = "test"
+    test_fraction: float = 0.1
+    split_seed: int = 0
+    max_rows: int | None = None
+    toy: ToyConfig = field(default_factory=ToyConfig)
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name.strip()), "dataset.name", "must not be empty")
+        _check(0.0 < self.test_fraction < 1.0, "dataset.test_fraction", "must be in (0, 1)")
+        _check(self.max_rows is None or self.max_rows > 0, "dataset.max_rows", "must be > 0")
+
+
+@dataclass(frozen=True)
+class TinyModelConfig:
+    """Dimensions of the `builtin:tiny` Llama-style model and its BPE tokenizer."""
+
+    vocab_size: int = 2048
+    hidden_size: int = 128
+    intermediate_size: int = 352
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 4
+    max_position_embeddings: int = 512
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.vocab_size >= 300, "model.tiny.vocab_size", "must be >= 300 (bytes + specials)")
+        for k in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
+            _check(getattr(self, k) > 0, f"model.tiny.{k}", "must be > 0")
+        _check(self.hidden_size % self.num_heads == 0, "model.tiny.hidden_size",
+               "must be divisible by num_heads")
+        _check(self.num_heads % self.num_kv_heads == 0, "model.tiny.num_kv_heads",
+               "must divide num_heads")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "builtin:tiny"
+    revision: str | None = None
+    trust_remote_code: bool = False
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """What the SFT and preference training loops share."""
+
+    lr: float = 1e-3
+    epochs: float = 1.0
+    batch_size: int = 32
+    grad_accum: int = 1
+    warmup_ratio: float = 0.05
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    max_length: int = 192
+    seed: int = 0
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    gradient_checkpointing: bool = False
+    log_every: int = 10
+
+    def _validate(self, section: str) -> None:
+        _check(self.lr > 0, f"{section}.lr", "must be > 0")
+        _check(self.epochs > 0, f"{section}.epochs", "must be > 0")
+        _check(self.batch_size > 0, f"{section}.batch_size", "must be > 0")
+        _check(self.grad_accum > 0, f"{section}.grad_accum", "must be > 0")
+        _check(0.0 <= self.warmup_ratio < 1.0, f"{section}.warmup_ratio", "must be in [0, 1)")
+        _check(self.weight_decay >= 0, f"{section}.weight_decay", "must be >= 0")
+        _check(self.max_grad_norm > 0, f"{section}.max_grad_norm", "must be > 0")
+        _check(self.max_length >= 16, f"{section}.max_length", "must be >= 16")
+        _check(self.log_every > 0, f"{section}.log_every", "must be > 0")
+
+
+@dataclass(frozen=True)
+class SFTConfig(OptimConfig):
+    enabled: bool = True
+    # Which responses of each pair to imitate. `both` gives the mixed safe/unsafe SFT policy of
+    # the paper's baseline; `better`, `safer` and `safe` are there for ablations.
+    responses: Literal["both", "better", "safer", "safe"] = "both"
+
+    def __post_init__(self) -> None:
+        self._validate("sft")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    enabled: bool = False
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+    def __post_init__(self) -> None:
+        _check(self.r > 0, "train.lora.r", "must be > 0")
+        _check(0.0 <= self.dropout < 1.0, "train.lora.dropout", "must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class TrainConfig(OptimConfig):
+    objective: Objective = "safedpo"
+    checkpoint_every: int = 50
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+    def __post_init__(self) -> None:
+        self._validate("train")
+        _check(self.checkpoint_every > 0, "train.checkpoint_every", "must be > 0")
+
+
+@dataclass(frozen=True)
+class RefLogpsConfig:
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size > 0, "ref_logps.batch_size", "must be > 0")
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    n_prompts: int = 200
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    samples_per_prompt: int = 1
+    batch_size: int = 64
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.n_prompts > 0, "generate.n_prompts", "must be > 0")
+        _check(self.max_new_tokens > 0, "generate.max_new_tokens", "must be > 0")
+        _check(self.temperature >= 0, "generate.temperature", "must be >= 0")
+        _check(0.0 < self.top_p <= 1.0, "generate.top_p", "must be in (0, 1]")
+        _check(self.samples_per_prompt > 0, "generate.samples_per_prompt", "must be > 0")
+        _check(self.do_sample or self.samples_per_prompt == 1, "generate.samples_per_prompt",
+               "greedy decoding gives one sample per prompt; set do_sample: true for more")
+        _check(not self.do_sample or self.temperature > 0, "generate.temperature",
+               "must be > 0 when do_sample is true")
+        _check(self.batch_size > 0, "generate.batch_size", "must be > 0")
+
+
+@dataclass(frozen=True)
+class OfflineJudgeConfig:
+    """Hashed n-gram linear judges trained on the data's own labels."""
+
+    n_features: int = 262144
+    ngram: int = 2
+    epochs: int = 8
+    lr: float = 0.05
+    l2: float = 1e-6
+    batch_size: int = 256
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.n_features >= 1024, "judge.offline.n_features", "must be >= 1024")
+        _check(1 <= self.ngram <= 3, "judge.offline.ngram", "must be 1, 2 or 3")
+        _check(self.epochs > 0, "judge.offline.epochs", "must be > 0")
+        _check(self.lr > 0, "judge.offline.lr", "must be > 0")
+        _check(self.l2 >= 0, "judge.offline.l2", "must be >= 0")
+        _check(self.batch_size > 0, "judge.offline.batch_size", "must be > 0")
+
+
+@dataclass(frozen=True)
+class JudgeConfig:
+    kind: Literal["offline", "hub"] = "offline"
+    # Hub score models (e.g. PKU-Alignment/beaver-7b-v1.0-reward / -cost) or local directories.
+    reward_model: str | None = None
+    cost_model: str | None = None
+    layout: Literal["auto", "sequence_classification", "beaver_score"] = "auto"
+    batch_size: int = 16
+    offline: OfflineJudgeConfig = field(default_factory=OfflineJudgeConfig)
+
+    def __post_init__(self) -> None:
+        if self.kind == "hub":
+            _check(bool(self.reward_model) and bool(self.cost_model), "judge.reward_model",
+                   "judge.kind: hub needs both judge.reward_model and judge.cost_model")
+        _check(self.batch_size > 0, "judge.batch_size", "must be > 0")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size > 0, "evaluate.batch_size", "must be > 0")
+
+
+@dataclass(frozen=True)
+class TheoryConfig:
+    n_prompts: int = 8
+    n_responses: int = 6
+    n_pairs: int = 4000
+    unsafe_share: float = 0.4
+    deltas: tuple[float, ...] = (0.0, 1.0, 5.0, 10.0)
+    steps: int = 3000
+    lr: float = 0.1
+    beta: float = 1.0
+    tolerance: float = 0.01
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.n_prompts > 0, "theory.n_prompts", "must be > 0")
+        _check(self.n_responses >= 2, "theory.n_responses", "must be >= 2")
+        _check(self.n_pairs > 0, "theory.n_pairs", "must be > 0")
+        _check(0.0 < self.unsafe_share < 1.0, "theory.unsafe_share", "must be in (0, 1)")
+        _check(len(self.deltas) > 0 and all(d >= 0 for d in self.deltas), "theory.deltas",
+               "must be a non-empty list of values >= 0")
+        _check(self.steps > 0, "theory.steps", "must be > 0")
+        _check(self.lr > 0, "theory.lr", "must be > 0")
+        _check(self.beta > 0, "theory.beta", "must be > 0")
+        _check(0.0 < self.tolerance < 1.0, "theory.tolerance", "must be in (0, 1)")
+
+
+@dataclass(frozen=True)
+class Params:
+    seed: int = 0
+    beta: float = 0.1
+    delta: float = 10.0
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    ref_logps: RefLogpsConfig = field(default_factory=RefLogpsConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    theory: TheoryConfig = field(default_factory=TheoryConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.beta > 0, "beta", "must be > 0")
+        _check(self.delta >= 0, "delta", "must be >= 0 (Prop. 4.4 assumes a non-negative margin)")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp` and convert the few YAML shapes that differ."""
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise UserError(f"parameter {key}: expected a mapping, got {type(value).__name__}")
+        return from_dict(tp, value, key)
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise UserError(f"parameter {key}: {value!r} is not one of {list(get_args(tp))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"parameter {key}: expected a list, got {type(value).__name__}")
+        (elem,) = {a for a in get_args(tp) if a is not Ellipsis}
+        return tuple(_coerce(v, elem, f"{key}[{i}]") for i, v in enumerate(value))
+    if tp is float:
+        # YAML reads `1e-6` (no dot) as a string; accept it, and ints, as floats.
+        if isinstance(value, bool):
+            raise UserError(f"parameter {key}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise UserError(f"parameter {key}: expected a number, got {value!r}") from None
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"parameter {key}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise UserError(f"parameter {key}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise UserError(f"parameter {key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported annotation {tp!r} for {key}")
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f" in {prefix}" if prefix else ""
+        raise UserError(f"unknown parameter(s) {unknown}{where}; known: {sorted(names)}")
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = _coerce(value, hints[name], key)
+    return cls(**kwargs)
+
+
+def load_params(path: Path | str = "params.yaml") -> Params:
+    """Read and validate `params.yaml`; every problem is a one-line `UserError`."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError("parameter file not found", path=path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"invalid YAML: {str(exc).splitlines()[0]}", path=path) from None
+    if not isinstance(data, dict):
+        raise UserError("expected a mapping at the top level", path=path)
+    try:
+        return from_dict(Params, data)
+    except UserError as exc:
+        raise UserError(str(exc), path=path) from None

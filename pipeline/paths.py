@@ -1,0 +1,59 @@
+"""Every artifact path of the pipeline, declared once. `dvc.yaml` uses the same strings and
+`tests/test_paths.py` checks that the two agree.
+
+Paths are relative to the repository root, where DVC runs every stage.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+PARAMS = Path("params.yaml")
+
+RAW_DIR = Path("data/raw")
+RAW_TRAIN = RAW_DIR / "train.parquet"
+RAW_TEST = RAW_DIR / "test.parquet"
+SOURCE_JSON = RAW_DIR / "source.json"
+
+PAIRS_DIR = Path("data/pairs")
+PAIRS_TRAIN = PAIRS_DIR / "train.parquet"
+PAIRS_TEST = PAIRS_DIR / "test.parquet"
+PAIRS_REPORT = PAIRS_DIR / "report.json"
+
+SFT_DIR = Path("data/sft")
+
+REF_DIR = Path("data/ref_logps")
+REF_TRAIN = REF_DIR / "train.parquet"
+REF_TEST = REF_DIR / "test.parquet"
+
+POLICY_DIR = Path("data/policy")
+# Resumable training state lives outside every declared out so the DVC cache never copies it.
+CHECKPOINT_DIR = Path("data/checkpoints/train")
+DVCLIVE_DIR = Path("dvclive")
+
+GENERATIONS_DIR = Path("data/generations")
+
+JUDGE_DIR = Path("data/judge")
+
+EVAL_DIR = Path("data/eval")
+EVAL_METRICS = EVAL_DIR / "metrics.json"
+EVAL_SCORES = EVAL_DIR / "scores.parquet"
+EVAL_PLOTS = EVAL_DIR / "plots"
+
+THEORY_DIR = Path("data/theory")
+
+MODEL_TAGS = ("sft", "policy")
+
+
+def generations_path(tag: str) -> Path:
+    """Generations of the model tagged `tag` (`sft` or `policy`)."""
+    if tag not in MODEL_TAGS:
+        raise ValueError(f"unknown model tag {tag!r}; expected one of {MODEL_TAGS}")
+    return GENERATIONS_DIR / f"{tag}.parquet"
+
+
+def model_dir(tag: str) -> Path:
+    """The HF model directory behind a model tag."""
+    if tag not in MODEL_TAGS:
+        raise ValueError(f"unknown model tag {tag!r}; expected one of {MODEL_TAGS}")
+    return SFT_DIR if tag == "sft" else POLICY_DIR
