@@ -45,7 +45,7 @@ def safedpo_loss(
     beta: float,
     delta: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """SafeDPO loss on T(D)-transformed pairs (paper Eq. 13, margin of Sec. 4.3):
+    """SafeDPO loss on T(D)-transformed pairs (paper Sec. 4, the SafeDPO objective with margin):
 
         L = -log σ( β·[log π(ỹ_w|x)/π_ref(ỹ_w|x) − log π(ỹ_l|x)/π_ref(ỹ_l|x)]
                     − (h̃_l − h̃_w)·Δ )

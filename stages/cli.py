@@ -1,0 +1,89 @@
+"""The `safedpo` command line: one command per DVC stage, plus `inspect` and `theory`.
+
+Stage modules are imported inside each command so that `safedpo --help` and `safedpo inspect`
+do not pay for importing torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import typer
+
+from pipeline.errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="SafeDPO pipeline. Each command is one DVC stage (see dvc.yaml).")
+
+PARAMS_OPT = typer.Option(Path("params.yaml"), "--params", "-p", help="Parameter file.")
+
+STAGES = {
+    "download": "Fetch the data set named by dataset.name into data/raw/.",
+    "normalize": "Map raw rows to the pairs schema; write data/pairs/ and report.json.",
+    "sft": "Supervised fine-tuning (or pass-through); write data/sft/.",
+    "ref_logps": "Precompute reference log-probs of every response; write data/ref_logps/.",
+    "train": "Preference training (train.objective); write data/policy/ and dvclive/.",
+    "judge": "Train the offline judges or point at hub score models; write data/judge/.",
+    "evaluate": "Score generations; write data/eval/metrics.json and scores.parquet.",
+    "theory": "Tabular check that SafeDPO reaches the closed-form safe optimum.",
+}
+
+
+def _run_stage(module: str, **kwargs: object) -> None:
+    mod = importlib.import_module(f"stages.{module}")
+    mod.run(**kwargs)
+
+
+def _register(name: str, help_text: str) -> None:
+    def command(params: Path = PARAMS_OPT) -> None:
+        _run_stage(name, params_file=params)
+
+    command.__name__ = name
+    app.command(name=name.replace("_", "-"), help=help_text)(command)
+
+
+for _name, _help in STAGES.items():
+    _register(_name, _help)
+
+
+@app.command(help="Generate responses of one model (sft or policy) to the test prompts.")
+def generate(
+    model: str = typer.Argument(..., help="Model tag: sft or policy."),
+    params: Path = PARAMS_OPT,
+) -> None:
+    _run_stage("generate", params_file=params, tag=model)
+
+
+@app.command(help="Print a Parquet artifact's schema, row count, key statistics and first rows.")
+def inspect(
+    path: Path = typer.Argument(..., help="A Parquet file, e.g. data/pairs/train.parquet."),
+    rows: int = typer.Option(5, "--rows", "-n", help="How many rows to show."),
+) -> None:
+    from pipeline.inspect import describe
+
+    typer.echo(describe(path, rows=rows))
+
+
+def main() -> None:
+    """Entry point: a `UserError` becomes one line on stderr and exit code 2."""
+    try:
+        app(standalone_mode=False)
+    except UserError as exc:
+        print(f"safedpo: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("safedpo: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception as exc:
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(1)
+        raise
