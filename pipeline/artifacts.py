@@ -37,8 +37,14 @@ def atomic_path(dest: Path) -> Iterator[Path]:
         tmp_path.unlink(missing_ok=True)
 
 
-def write_parquet(df: pd.DataFrame, dest: Path, schema: pa.Schema | None = None) -> None:
+def write_parquet(df: pd.DataFrame, dest: Path, schema: pa.Schema | None = None,
+                  metadata: dict[str, Any] | None = None) -> None:
+    """Write `df` atomically; `metadata` is stored as JSON in the file's key-value metadata."""
     table = pa.Table.from_pandas(df, schema=schema, preserve_index=False)
+    if metadata:
+        meta = dict(table.schema.metadata or {})
+        meta.update({f"safedpo.{k}".encode(): json.dumps(v).encode() for k, v in metadata.items()})
+        table = table.replace_schema_metadata(meta)
     with atomic_path(dest) as tmp:
         pq.write_table(table, tmp)
 
@@ -56,6 +62,16 @@ def read_parquet(path: Path, required: list[str] | None = None) -> pd.DataFrame:
     if missing:
         raise UserError(f"missing column(s) {missing}", path=path)
     return df
+
+
+def read_parquet_metadata(path: Path) -> dict[str, Any]:
+    """The `metadata` that `write_parquet` stored, without reading the data."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError("file not found (has the stage that writes it run?)", path=path)
+    raw = pq.read_schema(path).metadata or {}
+    return {k.decode()[len("safedpo."):]: json.loads(v) for k, v in raw.items()
+            if k.startswith(b"safedpo.")}
 
 
 def write_json(obj: Any, dest: Path) -> None:

@@ -14,7 +14,7 @@ import typer
 
 from pipeline.errors import UserError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="SafeDPO pipeline. Each command is one DVC stage (see dvc.yaml).")
 
 PARAMS_OPT = typer.Option(Path("params.yaml"), "--params", "-p", help="Parameter file.")

@@ -1,0 +1,303 @@
+"""The training loop shared by SFT and preference training, read top to bottom.
+
+One loop, two loss functions (`sft_loss`, `preference_loss`). Batches are a pure function of
+(seed, step): epoch `e` uses a permutation drawn from a generator seeded with `seed + e`, and the
+global batch of a step is split into `grad_accum × num_processes` equal micro-batches. That is
+what makes a resumed run bit-identical to an uninterrupted one, and a 2-process run follow the
+1-process loss trajectory: no hidden data-loader state to save.
+
+`batch_size` is the global batch: examples per optimizer step, across processes and
+accumulation steps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, get_scheduler
+
+from pipeline.config import OptimConfig
+from pipeline.errors import UserError
+from pipeline.logps import batch_logps, collate
+from pipeline.losses import dpo_loss, safedpo_loss
+from pipeline.modeling import Encoded
+
+T = TypeVar("T")
+Metrics = dict[str, torch.Tensor]
+LossFn = Callable[[PreTrainedModel, dict[str, torch.Tensor]], tuple[torch.Tensor, Metrics]]
+
+_SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
+STATE_FILE = "trainer_state.json"
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when a step's loss is NaN or inf; training stops instead of corrupting weights."""
+
+
+def make_accelerator(cfg: OptimConfig) -> Accelerator:
+    """bf16 on GPU when `mixed_precision: auto`; fp32 on CPU, where bf16 autocast is slow."""
+    mp = cfg.mixed_precision
+    if mp == "auto":
+        mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    return Accelerator(mixed_precision=mp)
+
+
+@dataclass
+class Plan:
+    """How many steps, and how each global batch splits into micro-batches."""
+
+    n_examples: int
+    batch_size: int
+    grad_accum: int
+    num_processes: int
+    epochs: float
+    steps_per_epoch: int = field(init=False)
+    total_steps: int = field(init=False)
+    micro_batch: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.n_examples == 0:
+            raise UserError("no training examples (did selection drop every pair?)")
+        shards = self.grad_accum * self.num_processes
+        if self.batch_size % shards:
+            raise UserError(
+                f"batch_size {self.batch_size} is not divisible by grad_accum × processes "
+                f"= {self.grad_accum} × {self.num_processes}")
+        self.micro_batch = self.batch_size // shards
+        # Drop the last partial batch: equal micro-batches keep the mean loss exact under DDP.
+        self.steps_per_epoch = max(1, self.n_examples // self.batch_size)
+        self.total_steps = max(1, math.ceil(self.epochs * self.steps_per_epoch))
+
+    def micro_batches(self, step: int, seed: int, rank: int) -> list[list[int]]:
+        """Example indices of each of this process's micro-batches at `step`."""
+        epoch, pos = divmod(step, self.steps_per_epoch)
+        gen = torch.Generator().manual_seed(seed + epoch)
+        perm = torch.randperm(self.n_examples, generator=gen)
+        batch = perm[pos * self.batch_size:(pos + 1) * self.batch_size]
+        if len(batch) < self.batch_size:  # fewer examples than one batch: wrap around
+            batch = perm[torch.arange(self.batch_size) % self.n_examples]
+        chunks = batch.view(self.grad_accum, self.num_processes, self.micro_batch)
+        return [chunks[m, rank].tolist() for m in range(self.grad_accum)]
+
+
+@dataclass
+class LoopResult:
+    steps: int
+    seconds: float
+    resumed_from: int
+    last_metrics: dict[str, float]
+
+
+class Checkpointer:
+    """Resumable state (model, optimizer, scheduler, RNG, step) in one folder, swapped in
+    atomically, tagged with a run key so a changed configuration never resumes an old run."""
+
+    def __init__(self, root: Path | None, run_key: str, every: int) -> None:
+        self.root = root
+        self.run_key = run_key
+        self.every = every
+
+    @property
+    def latest(self) -> Path | None:
+        return None if self.root is None else self.root / "latest"
+
+    def resumable_step(self) -> int:
+        if self.latest is None or not (self.latest / STATE_FILE).exists():
+            return 0
+        state = json.loads((self.latest / STATE_FILE).read_text())
+        return int(state["step"]) if state.get("run_key") == self.run_key else 0
+
+    def save(self, accelerator: Accelerator, step: int) -> None:
+        assert self.root is not None and self.latest is not None
+        tmp = self.root / f".step-{step}.tmp"
+        if accelerator.is_main_process and tmp.exists():
+            shutil.rmtree(tmp)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp), safe_serialization=True)
+        if accelerator.is_main_process:
+            (tmp / STATE_FILE).write_text(json.dumps({"step": step, "run_key": self.run_key}))
+            old = self.root / ".old"
+            if self.latest.exists():
+                self.latest.rename(old)
+            tmp.rename(self.latest)
+            if old.exists():
+                shutil.rmtree(old)
+        accelerator.wait_for_everyone()
+
+    def clear(self, accelerator: Accelerator) -> None:
+        if accelerator.is_main_process and self.root is not None and self.root.exists():
+            shutil.rmtree(self.root)
+
+
+def train_loop(
+    model: PreTrainedModel,
+    examples: Sequence[T],
+    make_batch: Callable[[list[T]], dict[str, torch.Tensor]],
+    loss_fn: LossFn,
+    cfg: OptimConfig,
+    accelerator: Accelerator,
+    checkpointer: Checkpointer,
+    log: Callable[[int, dict[str, float]], None],
+    stop_after: int | None = None,
+) -> tuple[PreTrainedModel, LoopResult]:
+    """Optimise `loss_fn` over `examples`; returns the unwrapped model and a summary.
+
+    `log(step, metrics)` is called on the main process after every optimizer step with the
+    metrics averaged over the global batch. `stop_after` ends the run early after that many
+    steps (used by tests to simulate a kill after a checkpoint).
+    """
+    plan = Plan(len(examples), cfg.batch_size, cfg.grad_accum, accelerator.num_processes,
+                cfg.epochs)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay},
+         {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    scheduler = get_scheduler(
+        _SCHEDULES[cfg.schedule], optimizer,
+        num_warmup_steps=round(cfg.warmup_ratio * plan.total_steps),
+        num_training_steps=plan.total_steps)
+    # The scheduler is not `prepare`d: accelerate would step it once per process per step.
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+
+    start = checkpointer.resumable_step()
+    if start:
+        accelerator.load_state(str(checkpointer.latest))
+    t0 = time.perf_counter()
+    model.train()
+    last: dict[str, float] = {}
+    done = start
+    bar = tqdm(range(start, plan.total_steps), initial=start, total=plan.total_steps,
+               desc="train", unit="step", disable=not accelerator.is_local_main_process)
+    for step in bar:
+        sums: dict[str, torch.Tensor] = {}
+        micro = plan.micro_batches(step, cfg.seed, accelerator.process_index)
+        for m, idx in enumerate(micro):
+            batch = {k: v.to(accelerator.device)
+                     for k, v in make_batch([examples[i] for i in idx]).items()}
+            sync = m == len(micro) - 1
+            ctx = accelerator.no_sync(model) if not sync else _null()
+            with ctx, accelerator.autocast():
+                loss, metrics = loss_fn(model, batch)
+                if not torch.isfinite(loss):
+                    raise NonFiniteLossError(
+                        f"loss is {loss.item()} at step {step}; lower the learning rate or "
+                        "check the data and reference log-probs")
+                accelerator.backward(loss / plan.grad_accum)
+            for k, v in {"loss": loss.detach(), **metrics}.items():
+                sums[k] = sums.get(k, 0) + v.detach().float() / plan.grad_accum
+        accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        keys = sorted(sums)
+        reduced = accelerator.reduce(torch.stack([sums[k] for k in keys]), reduction="mean")
+        last = {k: float(v) for k, v in zip(keys, reduced.tolist(), strict=True)}
+        last["lr"] = scheduler.get_last_lr()[0]
+        if accelerator.is_main_process:
+            log(step + 1, last)
+        bar.set_postfix(loss=f"{last['loss']:.4f}")
+        done = step + 1
+        if checkpointer.root is not None and done % checkpointer.every == 0 \
+                and done < plan.total_steps:
+            checkpointer.save(accelerator, done)
+        if stop_after is not None and done >= stop_after:
+            break
+    bar.close()
+    seconds = time.perf_counter() - t0
+    accelerator.wait_for_everyone()
+    return accelerator.unwrap_model(model), LoopResult(
+        steps=done, seconds=seconds, resumed_from=start, last_metrics=last)
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+# --- losses on batches ----------------------------------------------------------------------
+
+def sft_batch(items: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    return collate(items, pad_id)
+
+
+def sft_loss(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
+                                                                            Metrics]:
+    """Mean negative log-likelihood per response token of the batch."""
+    logps, ntok = batch_logps(model, batch)
+    loss = -logps.sum() / ntok.sum().clamp(min=1)
+    return loss, {"tokens": ntok.sum().float()}
+
+
+@dataclass(frozen=True)
+class PreferenceExample:
+    """A selected pair, tokenized, with its reference log-probs and safety flags."""
+
+    chosen: Encoded
+    rejected: Encoded
+    ref_chosen: float
+    ref_rejected: float
+    h_chosen: bool
+    h_rejected: bool
+
+
+def preference_batch(items: list[PreferenceExample], pad_id: int) -> dict[str, torch.Tensor]:
+    """Chosen and rejected sequences padded together, so one forward pass serves both."""
+    seqs = collate([e.chosen for e in items] + [e.rejected for e in items], pad_id)
+    return {
+        **seqs,
+        "ref_chosen": torch.tensor([e.ref_chosen for e in items], dtype=torch.float32),
+        "ref_rejected": torch.tensor([e.ref_rejected for e in items], dtype=torch.float32),
+        "h_chosen": torch.tensor([e.h_chosen for e in items]),
+        "h_rejected": torch.tensor([e.h_rejected for e in items]),
+    }
+
+
+@dataclass(frozen=True)
+class PreferenceLoss:
+    """The loss of one objective: SafeDPO with margin `delta`, or plain DPO."""
+
+    beta: float
+    delta: float
+    objective: str
+
+    def __call__(self, model: PreTrainedModel, batch: dict[str, torch.Tensor]
+                 ) -> tuple[torch.Tensor, Metrics]:
+        logps, _ = batch_logps(model, batch)
+        n = batch["ref_chosen"].shape[0]
+        chosen, rejected = logps[:n], logps[n:]
+        if self.objective == "safedpo":
+            losses, r_c, r_r = safedpo_loss(
+                chosen, rejected, batch["ref_chosen"], batch["ref_rejected"],
+                batch["h_chosen"], batch["h_rejected"], self.beta, self.delta)
+        else:
+            losses, r_c, r_r = dpo_loss(chosen, rejected, batch["ref_chosen"],
+                                        batch["ref_rejected"], self.beta)
+        return losses.mean(), {
+            "rewards/chosen": r_c.mean(),
+            "rewards/rejected": r_r.mean(),
+            "rewards/margins": (r_c - r_r).mean(),
+            "rewards/accuracies": (r_c > r_r).float().mean(),
+            "logps/chosen": chosen.detach().mean(),
+            "logps/rejected": rejected.detach().mean(),
+        }

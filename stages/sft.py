@@ -1,0 +1,24 @@
+"""DVC stage `sft`: supervised fine-tuning of the starting model -> data/sft/."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline import paths
+from pipeline.artifacts import read_parquet
+from pipeline.config import load_params
+from pipeline.finetune import run_sft
+
+
+def run(params_file: Path = paths.PARAMS) -> None:
+    params = load_params(params_file)
+    train = read_parquet(paths.PAIRS_TRAIN)
+    test = read_parquet(paths.PAIRS_TEST)
+    summary = run_sft(params.model, params.sft, train, test, paths.SFT_DIR,
+                      checkpoint_root=paths.CHECKPOINT_DIR.parent / "sft")
+    if summary["enabled"]:
+        print(f"sft: {summary['examples']} examples, {summary['steps']} steps in "
+              f"{summary['seconds']:.0f}s; held-out loss {summary['heldout_loss_before']:.3f} -> "
+              f"{summary['heldout_loss_after']:.3f} nats/token -> {paths.SFT_DIR}")
+    else:
+        print(f"sft: disabled; passed {summary['source']} through -> {paths.SFT_DIR}")

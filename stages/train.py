@@ -1,0 +1,23 @@
+"""DVC stage `train`: preference training for `train.objective` -> data/policy/, dvclive/."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline import paths
+from pipeline.artifacts import read_parquet
+from pipeline.config import load_params
+from pipeline.finetune import run_preference
+
+
+def run(params_file: Path = paths.PARAMS) -> None:
+    params = load_params(params_file)
+    summary = run_preference(
+        params.train, params.beta, params.delta, paths.SFT_DIR, read_parquet(paths.PAIRS_TRAIN),
+        paths.REF_TRAIN, paths.POLICY_DIR, paths.DVCLIVE_DIR, paths.CHECKPOINT_DIR)
+    final = summary["final"]
+    print(f"train: {summary['objective']} on {summary['pairs_trained']} pairs (kept "
+          f"{summary['pairs_kept']}, swapped {summary['pairs_swapped']}, dropped "
+          f"{summary['pairs_dropped']}); {summary['steps']} steps in "
+          f"{summary['train_seconds']:.0f}s; loss {final.get('loss', float('nan')):.4f}, "
+          f"reward accuracy {final.get('rewards/accuracies', float('nan')):.3f}")
