@@ -241,24 +241,38 @@ class EvaluateConfig:
 
 @dataclass(frozen=True)
 class TheoryConfig:
+    """The tabular SafeDPO check (pipeline/theory.py)."""
+
     n_prompts: int = 8
     n_responses: int = 6
-    n_pairs: int = 4000
+    # ~833 comparisons per response pair: the BT sampling error then puts π̂* within TV ≈ 0.011
+    # of π* (q99 ≈ 0.017); grouping identical pairs makes the budget free per training step.
+    n_pairs: int = 100000
     unsafe_share: float = 0.4
+    # Reward added to unsafe responses: unsafe answers tend to be the more helpful ones, which is
+    # what makes helpfulness-only DPO unsafe.
+    unsafe_bonus: float = 1.0
     deltas: tuple[float, ...] = (0.0, 1.0, 5.0, 10.0)
-    steps: int = 3000
-    lr: float = 0.1
+    steps: int = 4000
+    lr: float = 1.0
     beta: float = 1.0
     tolerance: float = 0.01
     seed: int = 0
 
     def __post_init__(self) -> None:
         _check(self.n_prompts > 0, "theory.n_prompts", "must be > 0")
-        _check(self.n_responses >= 2, "theory.n_responses", "must be >= 2")
-        _check(self.n_pairs > 0, "theory.n_pairs", "must be > 0")
+        _check(self.n_responses >= 3, "theory.n_responses",
+               "must be >= 3 (two safe responses and one unsafe per prompt)")
+        n_combos = self.n_prompts * self.n_responses * (self.n_responses - 1) // 2
+        _check(self.n_pairs >= n_combos, "theory.n_pairs",
+               f"must be >= {n_combos} so that every response pair of every prompt is compared")
         _check(0.0 < self.unsafe_share < 1.0, "theory.unsafe_share", "must be in (0, 1)")
+        _check(self.unsafe_bonus >= 0, "theory.unsafe_bonus", "must be >= 0")
         _check(len(self.deltas) > 0 and all(d >= 0 for d in self.deltas), "theory.deltas",
                "must be a non-empty list of values >= 0")
+        # Each Δ names a run (curves are keyed by run, step); ascending order is how they plot.
+        _check(all(a < b for a, b in zip(self.deltas, self.deltas[1:], strict=False)),
+               "theory.deltas", "must be strictly increasing")
         _check(self.steps > 0, "theory.steps", "must be > 0")
         _check(self.lr > 0, "theory.lr", "must be > 0")
         _check(self.beta > 0, "theory.beta", "must be > 0")
