@@ -1,0 +1,175 @@
+"""`builtin:toy` is deterministic and has the properties its docstring promises (measured)."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline import toydata
+from pipeline.config import ToyConfig
+from pipeline.normalize import normalize_splits
+
+CFG = ToyConfig(n_train=5000, n_test=1000, seed=3, label_noise=0.1)
+
+
+@pytest.fixture(scope="module")
+def toy() -> tuple[pd.DataFrame, pd.DataFrame]:
+    return toydata.generate_with_meta(CFG)
+
+
+def _words(s: pd.Series) -> pd.Series:
+    return s.str.split().str.len()
+
+
+def _any_word(words: list[str]) -> re.Pattern[str]:
+    return re.compile(r"\b(?:" + "|".join(map(re.escape, words)) + r")\b")
+
+
+def test_deterministic_and_seeded() -> None:
+    cfg = ToyConfig(n_train=300, n_test=60, seed=11)
+    a, b = toydata.generate(cfg), toydata.generate(cfg)
+    pd.testing.assert_frame_equal(a[0], b[0])
+    pd.testing.assert_frame_equal(a[1], b[1])
+    other = toydata.generate(ToyConfig(n_train=300, n_test=60, seed=12))
+    assert not a[0]["prompt"].equals(other[0]["prompt"])
+    # The test split does not depend on the train size (each split has its own generator).
+    bigger = toydata.generate(ToyConfig(n_train=500, n_test=60, seed=11))
+    pd.testing.assert_frame_equal(a[1], bigger[1])
+
+
+def test_exact_pku30k_schema(toy: tuple[pd.DataFrame, pd.DataFrame]) -> None:
+    train, test = toydata.generate(ToyConfig(n_train=50, n_test=10))
+    for df, n in ((train, 50), (test, 10)):
+        assert list(df.columns) == toydata.PKU_COLUMNS
+        assert len(df) == n
+        assert df["is_response_0_safe"].dtype == bool
+        assert set(df["better_response_id"]) <= {0, 1} and set(df["safer_response_id"]) <= {0, 1}
+        assert df.notna().all().all()
+
+
+def test_coverage_and_variety(toy: tuple[pd.DataFrame, pd.DataFrame]) -> None:
+    train, test = toy
+    for df in (train, test):
+        cats = df.groupby("kind")["category"].nunique()
+        assert cats["harmful"] >= 8 and cats["benign"] >= 8
+        assert (df["kind"] == "sensitive").any()
+    assert train["prompt"].nunique() >= 1000
+    assert test["prompt"].nunique() >= 300
+    responses = pd.concat([train["response_0"], train["response_1"]])
+    assert responses.nunique() >= 2000
+    # Unseen test prompts: no prompt string and no template x task base is shared.
+    assert not set(train["prompt"]) & set(test["prompt"])
+    bases = toydata.split_bases(CFG.seed)
+    assert not {b[3] for b in bases["train"]} & {b[3] for b in bases["test"]}
+
+
+def test_lengths_and_ascii(toy: tuple[pd.DataFrame, pd.DataFrame]) -> None:
+    train, _ = toy
+    p = _words(train["prompt"])
+    assert p.min() >= 5 and p.max() <= 25
+    for col in ("response_0", "response_1"):
+        w = _words(train[col])
+        # "roughly 10-60 words": a one-step brief answer can be a few words shorter
+        assert w.min() >= 6 and w.quantile(0.02) >= 10 and w.max() <= 60
+        assert 15 <= w.mean() <= 40
+        assert train[col].map(str.isascii).all()
+    assert train["prompt"].map(str.isascii).all()
+
+
+def test_refusal_openers_rule(toy: tuple[pd.DataFrame, pd.DataFrame]) -> None:
+    train, _ = toy
+    long = pd.concat([train[[f"response_{i}", f"style_{i}"]].set_axis(["text", "style"], axis=1)
+                      for i in (0, 1)])
+    refusal = long["style"].str.startswith("refusal")
+    starts = long["text"].str.startswith(toydata.REFUSAL_PREFIXES)
+    assert starts[refusal].all()
+    contains = long["text"].str.contains("|".join(map(re.escape, toydata.REFUSAL_PREFIXES)))
+    assert not contains[~refusal].any()
+    assert refusal.mean() > 0.2  # a real share of refusals to learn from
+
+
+def test_harm_words_only_in_unsafe_responses(toy: tuple[pd.DataFrame, pd.DataFrame]) -> None:
+    train, _ = toy
+    lex = toydata.harm_lexicon()
+    assert len(lex) >= 8
+    every = _any_word([w for ws in lex.values() for w in ws])
+    for i in (0, 1):
+        text, safe = train[f"response_{i}"], train[f"is_response_{i}_safe"]
+        unsafe = train[~safe]
+        own = [bool(_any_word(lex[c]).search(t))
+               for c, t in zip(unsafe["category"], unsafe[f"response_{i}"], strict=True)]
+        assert all(own)  # each unsafe answer carries its own category's words
+        # Safe answers to harmful or benign prompts never do (sensitive ones share trigger
+        # words like "kill" or "shoot" on purpose, and these are not in the lexicon).
+        assert not text[safe].str.contains(every).any()
+
+
+def test_preference_structure(toy: tuple[pd.DataFrame, pd.DataFrame]) -> None:
+    train, _ = toy
+    harmful = train[train["kind"] == "harmful"]
+    u0, u1 = ~harmful["is_response_0_safe"], ~harmful["is_response_1_safe"]
+    b = harmful["better_response_id"]
+    unsafe_winner = np.where(b == 0, u0, u1)
+    assert unsafe_winner.mean() >= 0.6  # helpfulness often rewards the unsafe answer
+    both_unsafe = (u0 & u1).mean()
+    assert 0.06 <= both_unsafe <= 0.14  # T(D) has something to drop
+    safe_winner_unsafe_loser = np.where(b == 0, ~u0 & u1, ~u1 & u0).mean()
+    assert safe_winner_unsafe_loser > 0.02
+    benign = train[train["kind"] != "harmful"]
+    assert benign["is_response_0_safe"].all() and benign["is_response_1_safe"].all()
+    # Noise-free helpfulness follows the documented style ranking on harmful prompts.
+    rank = {s: h for s, (h, _) in toydata.HARMFUL_STYLES.items()}
+    h0 = harmful["style_0"].map(rank)
+    h1 = harmful["style_1"].map(rank)
+    assert (harmful["clean_better_id"] == np.where(h0 > h1, 0, 1)).all()
+    # Response order is random, so either position wins about half of the time.
+    assert 0.45 <= train["better_response_id"].mean() <= 0.55
+
+
+def test_label_noise_rate_and_consistency(toy: tuple[pd.DataFrame, pd.DataFrame]) -> None:
+    train, _ = toy
+    n = len(train)
+    tol = 4 * np.sqrt(CFG.label_noise * (1 - CFG.label_noise) / n)
+    flipped = (train["better_response_id"] != train["clean_better_id"]).mean()
+    assert abs(flipped - CFG.label_noise) < tol
+    same = train["is_response_0_safe"] == train["is_response_1_safe"]
+    safer_flipped = train["safer_response_id"] != train["clean_safer_id"]
+    assert not safer_flipped[~same].any()  # noise never creates a contradiction
+    tol_same = 4 * np.sqrt(CFG.label_noise * (1 - CFG.label_noise) / same.sum())
+    assert abs(safer_flipped[same].mean() - CFG.label_noise) < tol_same
+    noiseless = toydata.generate_with_meta(ToyConfig(n_train=500, n_test=50, label_noise=0.0))[0]
+    assert (noiseless["better_response_id"] == noiseless["clean_better_id"]).all()
+    assert (noiseless["safer_response_id"] == noiseless["clean_safer_id"]).all()
+
+
+def test_normalize_accepts_every_toy_row(toy: tuple[pd.DataFrame, pd.DataFrame]) -> None:
+    train, test = toy
+    pairs_train, pairs_test, report = normalize_splits(train[toydata.PKU_COLUMNS],
+                                                       test[toydata.PKU_COLUMNS])
+    assert report["train"]["rows_rejected"] == 0 and report["test"]["rows_rejected"] == 0
+    assert len(pairs_train) == CFG.n_train and len(pairs_test) == CFG.n_test
+    types = report["train"]["pair_types"]
+    assert min(types["safe_safe"], types["safe_unsafe"], types["unsafe_safe"],
+               types["unsafe_unsafe"]) > 0
+
+
+@pytest.mark.parametrize("shares", [(1.0, 0.0), (0.0, 0.0), (0.0, 1.0)])
+def test_extreme_shares(shares: tuple[float, float]) -> None:
+    harmful, sensitive = shares
+    train, _ = toydata.generate_with_meta(
+        ToyConfig(n_train=200, n_test=20, harmful_share=harmful, sensitive_share=sensitive))
+    expected = "harmful" if harmful == 1 else ("sensitive" if sensitive == 1 else "benign")
+    assert set(train["kind"]) == {expected}
+
+
+def test_shared_refusal_detector_agrees(toy: tuple[pd.DataFrame, pd.DataFrame]) -> None:
+    """The evaluation's refusal detector finds exactly the toy refusals."""
+    judges = pytest.importorskip("pipeline.judges")
+    train, _ = toy
+    texts = pd.concat([train["response_0"], train["response_1"]])
+    styles = pd.concat([train["style_0"], train["style_1"]])
+    found = judges.is_refusal(texts.tolist())
+    assert (found == styles.str.startswith("refusal").to_numpy()).all()
