@@ -46,10 +46,12 @@ class NonFiniteLossError(RuntimeError):
 
 def make_accelerator(cfg: OptimConfig) -> Accelerator:
     """bf16 on GPU when `mixed_precision: auto`; fp32 on CPU, where bf16 autocast is slow."""
+    cuda = torch.cuda.is_available()
     mp = cfg.mixed_precision
     if mp == "auto":
-        mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    return Accelerator(mixed_precision=mp)
+        mp = "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
+    # `cpu=True` is what makes accelerate set up gloo when torchrun starts several CPU processes.
+    return Accelerator(mixed_precision=mp, cpu=not cuda)
 
 
 @dataclass

@@ -15,6 +15,10 @@ def run(params_file: Path = paths.PARAMS) -> None:
     summary = run_preference(
         params.train, params.beta, params.delta, paths.SFT_DIR, read_parquet(paths.PAIRS_TRAIN),
         paths.REF_TRAIN, paths.POLICY_DIR, paths.DVCLIVE_DIR, paths.CHECKPOINT_DIR)
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:
+        return
     final = summary["final"]
     print(f"train: {summary['objective']} on {summary['pairs_trained']} pairs (kept "
           f"{summary['pairs_kept']}, swapped {summary['pairs_swapped']}, dropped "

@@ -1,0 +1,142 @@
+"""End-to-end preference training on a tiny model: learning, resume, multi-process."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from pipeline import paths
+from pipeline.artifacts import write_parquet
+from pipeline.config import ModelConfig, SFTConfig, TinyModelConfig, ToyConfig, TrainConfig
+from pipeline.finetune import run_preference, run_sft
+from pipeline.modeling import load_pretrained
+from pipeline.normalize import normalize_splits
+from pipeline.reference import compute_reference, fingerprint_for, write_reference
+from pipeline.toydata import generate
+
+MAX_LEN = 128
+TINY = TinyModelConfig(vocab_size=512, hidden_size=48, intermediate_size=128, num_layers=2,
+                       num_heads=4, num_kv_heads=2, seed=0)
+
+
+def train_cfg(**kw: object) -> TrainConfig:
+    base = dict(lr=2e-3, epochs=2, batch_size=16, max_length=MAX_LEN, warmup_ratio=0.1,
+                checkpoint_every=4, log_every=1, seed=0)
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A project folder laid out like the repository after `sft` and `ref_logps`."""
+    root = tmp_path_factory.mktemp("project")
+    train_raw, test_raw = generate(ToyConfig(n_train=192, n_test=48, seed=1))
+    train, test, _ = normalize_splits(train_raw, test_raw)
+    write_parquet(train, root / paths.PAIRS_TRAIN)
+    write_parquet(test, root / paths.PAIRS_TEST)
+    run_sft(ModelConfig(tiny=TINY), SFTConfig(lr=3e-3, epochs=3, batch_size=16,
+                                              max_length=MAX_LEN),
+            train, test, root / paths.SFT_DIR)
+    model, tok = load_pretrained(root / paths.SFT_DIR)
+    ref = compute_reference(model, tok, train, MAX_LEN, batch_size=64)
+    write_reference(ref, fingerprint_for(root / paths.SFT_DIR, tok, MAX_LEN, train),
+                    root / paths.REF_TRAIN)
+    return root
+
+
+def _train(project: Path, out: str, cfg: TrainConfig, live: bool = True,
+           stop_after: int | None = None) -> dict:
+    return run_preference(
+        cfg, 0.1, 10.0, project / paths.SFT_DIR, pd.read_parquet(project / paths.PAIRS_TRAIN),
+        project / paths.REF_TRAIN, project / out, project / f"{out}-live" if live else None,
+        project / f"{out}-ckpt", stop_after=stop_after)
+
+
+def test_training_lowers_the_loss_and_raises_reward_accuracy(project: Path) -> None:
+    summary = _train(project, "policy-learn", train_cfg())
+    # T(D) on the toy data: every kind of pair is present, and the counts add up.
+    assert summary["pairs_kept"] + summary["pairs_swapped"] + summary["pairs_dropped"] \
+        == summary["pairs_in"] == 192
+    assert summary["pairs_swapped"] > 0 and summary["pairs_dropped"] > 0
+    plots = project / "policy-learn-live" / "plots" / "metrics"
+    loss = pd.read_csv(plots / "loss.tsv", sep="\t")["loss"]
+    acc = pd.read_csv(plots / "rewards" / "accuracies.tsv", sep="\t")["accuracies"]
+    assert len(loss) == summary["steps"] == 2 * (summary["pairs_trained"] // 16)
+    # At step 1 the policy is the reference, so the implicit rewards computed in training from
+    # the stored reference log-probs must be 0 up to float noise of padding/batching.
+    first = pd.read_csv(plots / "rewards" / "chosen.tsv", sep="\t")["chosen"].iloc[0]
+    margin = pd.read_csv(plots / "rewards" / "margins.tsv", sep="\t")["margins"].iloc[0]
+    assert abs(first) < 1e-5 and abs(margin) < 1e-5
+    assert acc.head(2).mean() < 0.5
+    assert loss.tail(4).mean() < 0.7 * loss.head(4).mean()
+    assert acc.tail(4).mean() > 0.6 > acc.head(2).mean() + 0.3
+    # The trained policy is a loadable HF directory with safetensors weights.
+    assert (project / "policy-learn" / "model.safetensors").exists()
+
+
+def test_resume_after_a_kill_gives_identical_weights(project: Path) -> None:
+    cfg = train_cfg(epochs=1)  # 11 steps (180 pairs // 16), checkpoints at 4 and 8
+    _train(project, "policy-straight", cfg)
+    # "Killed" after step 6: the last checkpoint is step 4, steps 5-6 are lost work.
+    _train(project, "policy-resumed", cfg, stop_after=6)
+    assert not (project / "policy-resumed").exists()
+    summary = _train(project, "policy-resumed", cfg)
+    assert summary["resumed_from_step"] == 4
+    a = load_file(project / "policy-straight" / "model.safetensors")
+    b = load_file(project / "policy-resumed" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k  # bit for bit on CPU
+    # The log has each step once, and the checkpoints are gone after a finished run.
+    loss = pd.read_csv(project / "policy-resumed-live/plots/metrics/loss.tsv", sep="\t")
+    assert loss["step"].tolist() == list(range(summary["steps"])) == list(range(11))
+    assert not (project / "policy-resumed-ckpt").exists()
+
+
+def test_a_changed_config_does_not_resume_an_old_checkpoint(project: Path) -> None:
+    _train(project, "policy-other", train_cfg(epochs=1), stop_after=5)
+    summary = _train(project, "policy-other", train_cfg(epochs=1, lr=1e-3))
+    assert summary["resumed_from_step"] == 0
+
+
+def _stage_env() -> dict[str, str]:
+    env = {**os.environ, "DVC_NO_ANALYTICS": "true", "OMP_NUM_THREADS": "1"}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    return env
+
+
+@pytest.mark.slow
+def test_two_processes_follow_the_one_process_loss_trajectory(project: Path,
+                                                              tmp_path: Path) -> None:
+    """DDP over gloo with the same global batch (16 = 2 processes × 8) must give the same
+    per-step loss as one process: each step's loss is the mean over the same 16 pairs, and DDP
+    averages the gradients of the two halves. Only float32 summation order differs, so the
+    tolerance is 1e-5 relative."""
+    work = tmp_path / "p"
+    shutil.copytree(project / "data", work / "data")
+    params = {"train": {"lr": 2e-3, "epochs": 1, "batch_size": 16, "max_length": MAX_LEN,
+                        "checkpoint_every": 1000}}
+    (work / "params.yaml").write_text(yaml.safe_dump(params))
+    safedpo = str(Path(sys.executable).parent / "safedpo")
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    one = subprocess.run([safedpo, "train"], cwd=work, env=_stage_env(), capture_output=True,
+                         text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    single = pd.read_csv(work / "dvclive/plots/metrics/loss.tsv", sep="\t")
+    two = subprocess.run([torchrun, "--nproc_per_node", "2", "--no-python", safedpo, "train"],
+                         cwd=work, env=_stage_env(), capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    double = pd.read_csv(work / "dvclive/plots/metrics/loss.tsv", sep="\t")
+    assert double["step"].tolist() == single["step"].tolist() == list(range(11))
+    torch.testing.assert_close(torch.tensor(double["loss"].to_numpy()),
+                               torch.tensor(single["loss"].to_numpy()), rtol=1e-5, atol=1e-6)
+    # Only the main process reports.
+    assert two.stdout.count("train: safedpo") == 1
