@@ -200,10 +200,17 @@ class OfflineJudgeConfig:
     n_features: int = 262144
     ngram: int = 2
     epochs: int = 8
-    lr: float = 0.05
-    l2: float = 1e-6
+    # Features are scaled to unit norm per row, so useful weights are large: Adam needs a large
+    # step, and the L2 penalty (on the summed squared weights) keeps rare n-grams from
+    # memorising labels.
+    lr: float = 0.5
+    l2: float = 1e-4
     batch_size: int = 256
     seed: int = 0
+    # Prompt-word x response-word pair features. Off by default: "harmful request AND
+    # compliance" is already linear in separate prompt and response features, and the pairs
+    # mostly add noise on small data.
+    interactions: bool = False
 
     def __post_init__(self) -> None:
         _check(self.n_features >= 1024, "judge.offline.n_features", "must be >= 1024")
@@ -222,6 +229,10 @@ class JudgeConfig:
     cost_model: str | None = None
     layout: Literal["auto", "sequence_classification", "beaver_score"] = "auto"
     batch_size: int = 16
+    # Hub models: tokens per (prompt, response) text, and how many test pairs (a seeded sample)
+    # measure their accuracy in the judge stage; a 7B model on all test pairs is slow.
+    max_length: int = 1024
+    eval_pairs: int = 500
     offline: OfflineJudgeConfig = field(default_factory=OfflineJudgeConfig)
 
     def __post_init__(self) -> None:
@@ -229,6 +240,8 @@ class JudgeConfig:
             _check(bool(self.reward_model) and bool(self.cost_model), "judge.reward_model",
                    "judge.kind: hub needs both judge.reward_model and judge.cost_model")
         _check(self.batch_size > 0, "judge.batch_size", "must be > 0")
+        _check(self.max_length >= 16, "judge.max_length", "must be >= 16")
+        _check(self.eval_pairs > 0, "judge.eval_pairs", "must be > 0")
 
 
 @dataclass(frozen=True)

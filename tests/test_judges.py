@@ -1,0 +1,415 @@
+"""Judges: offline training and accuracy, save/load without pickle, both hub score-model loaders
+on tiny random models saved here, errors, and the refusal detector."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from pipeline.config import JudgeConfig, OfflineJudgeConfig
+from pipeline.errors import UserError
+from pipeline.judges import (
+    BEAVER_TEMPLATE,
+    PLAIN_TEMPLATE,
+    HubJudge,
+    OfflineJudge,
+    build_hub_judge,
+    describe_hub_models,
+    detect_layout,
+    is_refusal,
+    judge_accuracy,
+    load_judge,
+    load_score_model,
+    read_judge_record,
+    resolve_model,
+    train_offline_judges,
+    write_judge_dir,
+)
+
+UNSAFE_WORDS = ["poison", "weapon", "steal", "explosive"]
+HELPFUL_WORDS = ["detailed", "steps", "example", "thorough"]
+UNHELPFUL_WORDS = ["vague", "unsure", "whatever", "maybe"]
+# The defaults (batch 256) suit thousands of pairs; 600 need smaller batches for enough steps.
+FAST = OfflineJudgeConfig(n_features=2**16, ngram=2, epochs=12, batch_size=64, seed=0)
+
+
+def make_pairs(n: int, seed: int) -> pd.DataFrame:
+    """Pairs where a marker word makes a response unsafe and another makes it the better one,
+    buried in random filler so the judges must find the markers."""
+    rng = np.random.default_rng(seed)
+    filler = [f"w{i}" for i in range(300)]
+    rows = []
+    for i in range(n):
+        prompt = "please tell me about " + " ".join(rng.choice(filler, 5))
+        unsafe = rng.random(2) < 0.4
+        better = int(rng.integers(2))
+        responses = []
+        for k in range(2):
+            words = list(rng.choice(filler, 8))
+            words.append(rng.choice(HELPFUL_WORDS if k == better else UNHELPFUL_WORDS))
+            if unsafe[k]:
+                words.append(rng.choice(UNSAFE_WORDS))
+            rng.shuffle(words)
+            responses.append(" ".join(words))
+        rows.append({"pair_id": f"p{i}", "prompt_id": f"q{i}", "prompt": prompt,
+                     "response_0": responses[0], "response_1": responses[1],
+                     "unsafe_0": bool(unsafe[0]), "unsafe_1": bool(unsafe[1]),
+                     "better_id": np.int8(better), "safer_id": np.int8(int(unsafe[0]))})
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture(scope="module")
+def pairs() -> tuple[pd.DataFrame, pd.DataFrame]:
+    return make_pairs(600, seed=1), make_pairs(200, seed=2)
+
+
+@pytest.fixture(scope="module")
+def trained(pairs: tuple[pd.DataFrame, pd.DataFrame]):
+    return train_offline_judges(pairs[0], pairs[1], FAST)
+
+
+# --------------------------------------------------------------------------------------------
+# Offline judges
+
+
+def test_offline_judges_learn_the_marked_labels(trained) -> None:
+    m = trained.test_metrics
+    assert m["n_pairs"] == 200 and m["n_responses"] == 400
+    assert m["cost_accuracy"] > 0.95
+    assert m["cost_balanced_accuracy"] > 0.95
+    assert m["cost_unsafe_recall"] > 0.9 and m["cost_safe_recall"] > 0.9
+    assert m["reward_accuracy"] > 0.95
+    assert trained.train_metrics["reward_accuracy"] >= m["reward_accuracy"] - 0.05
+
+
+def test_offline_judges_are_near_chance_on_shuffled_labels(pairs) -> None:
+    train, test = pairs
+    rng = np.random.default_rng(0)
+    shuffled = train.copy()
+    for col in ("unsafe_0", "unsafe_1", "better_id"):
+        shuffled[col] = rng.permutation(shuffled[col].to_numpy())
+    m = train_offline_judges(shuffled, test, FAST).test_metrics
+    assert abs(m["cost_balanced_accuracy"] - 0.5) < 0.12
+    assert abs(m["reward_accuracy"] - 0.5) < 0.12
+
+
+def test_training_is_deterministic(pairs, trained) -> None:
+    again = train_offline_judges(pairs[0], pairs[1], FAST)
+    assert np.array_equal(again.judge.cost_model.weight, trained.judge.cost_model.weight)
+    assert np.array_equal(again.judge.reward_model.weight, trained.judge.reward_model.weight)
+
+
+def test_scores_ignore_batch_composition(trained, pairs) -> None:
+    test = pairs[1]
+    prompts, responses = test["prompt"].tolist(), test["response_0"].tolist()
+    full = trained.judge.cost(prompts, responses)
+    one = np.array([trained.judge.cost([p], [r])[0] for p, r in zip(prompts[:20], responses[:20],
+                                                                       strict=True)])
+    np.testing.assert_allclose(full[:20], one, rtol=0, atol=1e-9)
+
+
+def test_save_load_round_trip_without_pickle(tmp_path: Path, trained, pairs) -> None:
+    test = pairs[1]
+    out = tmp_path / "judge"
+    record = {"kind": "offline", "features": trained.judge.cost_model.spec.__dict__,
+              **trained.test_metrics}
+    write_judge_dir(out, record, trained.models)
+    assert sorted(p.name for p in out.iterdir()) == ["cost.safetensors", "judge.json",
+                                                     "reward.safetensors"]
+    for name in ("cost.safetensors", "reward.safetensors"):
+        with safe_open(str(out / name), framework="np") as st:
+            assert set(st.keys()) == {"weight", "bias"}
+            assert st.get_tensor("weight").shape == (FAST.n_features,)
+    loaded = load_judge(out, batch_size=8)
+    assert isinstance(loaded, OfflineJudge)
+    prompts, responses = test["prompt"].tolist(), test["response_1"].tolist()
+    assert np.array_equal(loaded.cost(prompts, responses), trained.judge.cost(prompts, responses))
+    assert np.array_equal(loaded.reward(prompts, responses),
+                          trained.judge.reward(prompts, responses))
+    assert read_judge_record(out)["cost_accuracy"] == trained.test_metrics["cost_accuracy"]
+    # Rewriting swaps the whole folder: nothing of the old run survives beside it.
+    write_judge_dir(out, record, trained.models)
+    assert [p.name for p in tmp_path.iterdir()] == ["judge"]
+
+
+def test_load_judge_errors(tmp_path: Path, trained) -> None:
+    with pytest.raises(UserError, match="has `safedpo judge` run"):
+        load_judge(tmp_path / "nowhere")
+    out = tmp_path / "judge"
+    spec = trained.judge.cost_model.spec
+    write_judge_dir(out, {"kind": "offline", "features": {**spec.__dict__, "ngram": 3}},
+                    trained.models)
+    with pytest.raises(UserError, match="feature spec"):
+        load_judge(out)
+    (out / "cost.safetensors").unlink()
+    with pytest.raises(UserError, match="weights not found"):
+        load_judge(out)
+
+
+def test_judge_stage_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pairs) -> None:
+    from stages import judge as stage
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data/pairs").mkdir(parents=True)
+    pairs[0].to_parquet(tmp_path / "data/pairs/train.parquet")
+    pairs[1].to_parquet(tmp_path / "data/pairs/test.parquet")
+    params = tmp_path / "params.yaml"
+    params.write_text("judge:\n  offline:\n    n_features: 65536\n    epochs: 12\n"
+                      "    batch_size: 64\n")
+    stage.run(params)
+    record = json.loads((tmp_path / "data/judge/judge.json").read_text())
+    assert record["kind"] == "offline"
+    assert record["cost_accuracy"] > 0.9 and record["reward_accuracy"] > 0.9
+    assert record["data"]["n_train_pairs"] == 600
+    assert isinstance(load_judge(tmp_path / "data/judge"), OfflineJudge)
+
+
+# --------------------------------------------------------------------------------------------
+# Hub score models: tiny random ones, saved here
+
+HIDDEN = 32
+TEXTS = [("how do i bake bread", "mix flour and water then bake it"),
+         ("hi", "hello"),
+         ("tell me a story about a cat", "once there was a cat who liked bread and water"),
+         ("what is two plus two", "four")]
+
+
+def _tokenizer(path: Path):
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = {w for p, r in TEXTS for w in f"{p} {r}".split()}
+    words |= {"beginning", "of", "conversation", "user", "assistant", ":", "?", "."}
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[BOS]", "[EOS]", *sorted(words)])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="[BOS] $A",
+                                                       special_tokens=[("[BOS]", 2)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
+                                   bos_token="[BOS]", eos_token="[EOS]")
+    fast.save_pretrained(path)
+    return fast
+
+
+def _llama_config(vocab_size: int, **extra: object):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=HIDDEN, intermediate_size=64,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       max_position_embeddings=128, pad_token_id=0, bos_token_id=2,
+                       eos_token_id=3, **extra)
+
+
+@pytest.fixture(scope="module")
+def seqcls_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from transformers import LlamaForSequenceClassification
+
+    path = tmp_path_factory.mktemp("seqcls")
+    tok = _tokenizer(path)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = LlamaForSequenceClassification(_llama_config(len(tok), num_labels=1))
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def beaver_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The safe-rlhf score-model layout, written by hand: backbone under `model.`, a linear
+    `score_head` with bias, normalizer buffers and a stale rotary buffer (as old checkpoints
+    have), sharded with an index like the beaver-7b checkpoints."""
+    from transformers import LlamaModel
+
+    path = tmp_path_factory.mktemp("beaver")
+    tok = _tokenizer(path)
+    config = _llama_config(len(tok))
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        backbone = LlamaModel(config)
+        head = torch.nn.Linear(HIDDEN, 1)
+    state = {f"model.{k}": v.contiguous() for k, v in backbone.state_dict().items()}
+    state["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(4)
+    shard_2 = {"score_head.weight": head.weight.detach().clone(),
+               "score_head.bias": head.bias.detach().clone(),
+               "normalizer.mean": torch.tensor([5.0]), "normalizer.var": torch.tensor([4.0]),
+               "normalizer.count": torch.tensor([10])}
+    save_file(state, str(path / "model-00001-of-00002.safetensors"))
+    save_file(shard_2, str(path / "model-00002-of-00002.safetensors"))
+    weight_map = {k: "model-00001-of-00002.safetensors" for k in state}
+    weight_map |= {k: "model-00002-of-00002.safetensors" for k in shard_2}
+    (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    cfg = config.to_dict() | {"architectures": ["LlamaForScore"], "score_dim": 1,
+                              "score_bias": True, "score_type": "cost", "do_normalize": False}
+    (path / "config.json").write_text(json.dumps(cfg))
+    return path
+
+
+def _direct_seqcls(path: Path, prompt: str, response: str) -> float:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    ids = tok(PLAIN_TEMPLATE.format(prompt=prompt, response=response),
+              return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        return float(model(input_ids=ids).logits[0, 0])
+
+
+def _direct_beaver(path: Path, prompt: str, response: str) -> float:
+    """LlamaModel forward on the unpadded text, then the head at the last (EOS) token."""
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer, LlamaConfig, LlamaModel
+
+    tok = AutoTokenizer.from_pretrained(path)
+    state = {**load_file(str(path / "model-00001-of-00002.safetensors")),
+             **load_file(str(path / "model-00002-of-00002.safetensors"))}
+    cfg = json.loads((path / "config.json").read_text())
+    backbone = LlamaModel(LlamaConfig(**cfg)).eval()
+    backbone.load_state_dict({k[6:]: v for k, v in state.items()
+                              if k.startswith("model.") and "inv_freq" not in k})
+    text = BEAVER_TEMPLATE.format(prompt=prompt, response=response) + "[EOS]"
+    ids = tok(text, return_tensors="pt")["input_ids"]
+    assert ids[0, 0] == 2 and ids[0, -1] == 3  # BOS ... EOS, as safe-rlhf trains them
+    with torch.no_grad():
+        last = backbone(input_ids=ids).last_hidden_state[0, -1]
+    return float(last @ state["score_head.weight"][0] + state["score_head.bias"][0])
+
+
+@pytest.mark.parametrize("which", ["seqcls", "beaver"])
+def test_hub_loader_matches_direct_computation(which: str, seqcls_dir: Path,
+                                               beaver_dir: Path) -> None:
+    path = seqcls_dir if which == "seqcls" else beaver_dir
+    direct = _direct_seqcls if which == "seqcls" else _direct_beaver
+    expected = np.array([direct(path, p, r) for p, r in TEXTS])
+    assert np.ptp(expected) > 1e-3  # a random head still tells the texts apart
+    prompts, responses = [p for p, _ in TEXTS], [r for _, r in TEXTS]
+    for batch_size in (1, 3, 4):  # padding and batch composition must not change a score
+        model = load_score_model(str(path), "auto", batch_size=batch_size, device="cpu")
+        np.testing.assert_allclose(model.score(prompts, responses), expected, rtol=0, atol=1e-5)
+
+
+def test_layout_detection_and_errors(tmp_path: Path, seqcls_dir: Path, beaver_dir: Path) -> None:
+    assert detect_layout(seqcls_dir) == "sequence_classification"
+    assert detect_layout(beaver_dir) == "beaver_score"
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    (odd / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    with pytest.raises(UserError, match=r"unknown score-model layout.*LlamaForCausalLM") as e:
+        load_score_model(str(odd))
+    assert str(odd) in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(UserError, match="model directory not found"):
+        load_score_model(str(tmp_path / "missing" / "model"))
+    with pytest.raises(UserError, match="not a Hugging Face model directory"):
+        load_score_model(str(tmp_path))
+    with pytest.raises(UserError, match=r"cannot fetch hub model.*judge\.kind: offline"):
+        resolve_model("no-such-org-xyz/no-such-model", local_files_only=True)
+
+
+def test_beaver_layout_rejects_wrong_weights(tmp_path: Path, beaver_dir: Path) -> None:
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(beaver_dir, broken)
+    (broken / "model.safetensors.index.json").unlink()
+    (broken / "model-00002-of-00002.safetensors").unlink()  # no score head
+    with pytest.raises(UserError, match=r"score_head\.weight"):
+        load_score_model(str(broken), "beaver_score", device="cpu")
+
+
+def test_beaver_do_normalize_scales_cost(tmp_path: Path, beaver_dir: Path) -> None:
+    import shutil
+
+    norm = tmp_path / "norm"
+    shutil.copytree(beaver_dir, norm)
+    cfg = json.loads((norm / "config.json").read_text()) | {"do_normalize": True}
+    (norm / "config.json").write_text(json.dumps(cfg))
+    prompts, responses = [p for p, _ in TEXTS], [r for _, r in TEXTS]
+    raw = load_score_model(str(beaver_dir), device="cpu").score(prompts, responses)
+    scaled = load_score_model(str(norm), device="cpu").score(prompts, responses)
+    np.testing.assert_allclose(scaled, raw / 2.0, rtol=1e-5)  # cost: x / sqrt(var = 4)
+
+
+def test_hub_judge_record_accuracy_and_stale_model(tmp_path: Path, seqcls_dir: Path,
+                                                   beaver_dir: Path) -> None:
+    import shutil
+
+    cost_dir = tmp_path / "cost"
+    shutil.copytree(beaver_dir, cost_dir)
+    cfg = JudgeConfig(kind="hub", reward_model=str(seqcls_dir), cost_model=str(cost_dir))
+    models = describe_hub_models(cfg)
+    assert models["reward"]["layout"] == "sequence_classification"
+    assert models["cost"]["layout"] == "beaver_score"
+    out = tmp_path / "judge"
+    write_judge_dir(out, {"kind": "hub", "models": models, "max_length": 64})
+    judge = load_judge(out, batch_size=2, device="cpu")
+    assert isinstance(judge, HubJudge)
+    test = make_pairs(6, seed=3)
+    m = judge_accuracy(judge, test, max_pairs=4)
+    assert m["n_pairs"] == 4 and 0.0 <= m["reward_accuracy"] <= 1.0
+    direct = build_hub_judge(models, max_length=64, batch_size=1, device="cpu")
+    np.testing.assert_allclose(judge.cost(["hi"], ["hello"]), direct.cost(["hi"], ["hello"]),
+                               atol=1e-5)
+    # A local model that changes after its accuracy was measured must not be used silently.
+    cfg_path = cost_dir / "config.json"
+    cfg_path.write_text(cfg_path.read_text() + "\n")
+    with pytest.raises(UserError, match="changed since the judge stage"):
+        load_judge(out, device="cpu")
+
+
+def test_judge_stage_with_hub_models(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                     seqcls_dir: Path, beaver_dir: Path) -> None:
+    from stages import judge as stage
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data/pairs").mkdir(parents=True)
+    make_pairs(4, seed=4).to_parquet(tmp_path / "data/pairs/train.parquet")
+    make_pairs(8, seed=5).to_parquet(tmp_path / "data/pairs/test.parquet")
+    params = tmp_path / "params.yaml"
+    params.write_text(f"judge:\n  kind: hub\n  reward_model: {seqcls_dir}\n"
+                      f"  cost_model: {beaver_dir}\n  eval_pairs: 5\n  max_length: 64\n")
+    stage.run(params)
+    record = read_judge_record(tmp_path / "data/judge")
+    assert record["kind"] == "hub" and record["n_pairs"] == 5
+    assert {"cost_accuracy", "reward_accuracy"} <= set(record)
+    assert record["models"]["cost"]["layout"] == "beaver_score"
+    assert sorted(p.name for p in (tmp_path / "data/judge").iterdir()) == ["judge.json"]
+    # A missing model directory is one clear line, before anything is written.
+    params.write_text(f"judge:\n  kind: hub\n  reward_model: {tmp_path}/nope\n"
+                      f"  cost_model: {beaver_dir}\n")
+    with pytest.raises(UserError, match="nope: model directory not found"):
+        stage.run(params)
+
+
+# --------------------------------------------------------------------------------------------
+# Refusals
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("I'm sorry, but I can't help with that.", True),
+    ("I can't assist with building weapons.", True),
+    ("I cannot help you with that request.", True),
+    ("I won't provide that.", True),
+    ("Sorry, but that is not something I can do.", True),
+    ("  i am unable to do this", True),
+    ("As an AI, I do not give medical advice.", True),
+    ("I\u2019m sorry, no.", True),
+    ("Well, I'm not able to share that.", True),
+    ("Sure! Here is a recipe for bread.", False),
+    ("Mix flour and water, then bake. " * 3 + "I cannot stress this enough.", False),
+    ("", False),
+])
+def test_is_refusal(text: str, expected: bool) -> None:
+    assert is_refusal([text]).tolist() == [expected]
+
+
+def test_is_refusal_is_vectorised() -> None:
+    out = is_refusal(["I'm sorry.", "Sure.", "I won't."])
+    assert out.dtype == bool and out.tolist() == [True, False, True]
