@@ -5,6 +5,8 @@ without models: scores of generations, implicit-reward accuracies, KL to the ref
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -12,7 +14,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from pipeline.judges import Judge, is_refusal
 from pipeline.logps import score_sequences
-from pipeline.modeling import Encoded, encode_many
+from pipeline.modeling import Encoded, encode_many, load_pretrained
+from pipeline.reference import fingerprint_for, read_reference
 
 
 def benign_prompt_ids(pairs: pd.DataFrame) -> set[str]:
@@ -113,3 +116,60 @@ def kl_to_ref(policy_logps: np.ndarray, ref_logps: np.ndarray) -> float:
     mean over samples of log π(y|x) − log π_ref(y|x). Unbiased only for sampled (not greedy)
     generations; with greedy decoding it is the log-ratio on the policy's mode."""
     return float(np.mean(policy_logps - ref_logps)) if len(policy_logps) else float("nan")
+
+
+def evaluate_policy(
+    *, policy_dir: Path, sft_dir: Path, generations: pd.DataFrame, test: pd.DataFrame,
+    ref_test_path: Path, judge: Judge, judge_info: dict[str, Any], beta: float,
+    max_length: int, batch_size: int, device: str = "cpu",
+) -> tuple[dict[str, Any], pd.DataFrame]:
+    """All metrics of DESIGN.md for one policy against the SFT baseline.
+
+    `generations` holds both models' responses (`model` is `sft` or `policy`). Returns the
+    metrics and the scored generations (with `logp_policy`/`logp_ref` on policy rows).
+    """
+    scores = score_generations(generations, judge, benign_prompt_ids(test))
+
+    # Implicit reward on the test pairs needs the policy's log-probs and the stored reference
+    # ones, which must have been computed by the SFT model on these very pairs.
+    policy, tokenizer = load_pretrained(policy_dir)
+    policy.to(device)
+    ref_model, ref_tok = load_pretrained(sft_dir)
+    ref = read_reference(ref_test_path, fingerprint_for(sft_dir, ref_tok, max_length, test))
+    pref = implicit_reward_accuracy(
+        test, pair_logps(policy, tokenizer, test, max_length, batch_size, device), ref, beta)
+
+    # KL to the reference on the policy's own samples: score them under both models.
+    mine = scores[scores["model"] == "policy"]
+    args = (mine["prompt"].tolist(), mine["response"].tolist(),
+            (mine["finish_reason"] == "eos").tolist(), policy.config.max_position_embeddings,
+            batch_size, device)
+    lp_pol = sample_logps(policy, tokenizer, *args)
+    del policy
+    ref_model.to(device)
+    lp_ref = sample_logps(ref_model, ref_tok, *args)
+    scores.loc[mine.index, "logp_policy"] = lp_pol
+    scores.loc[mine.index, "logp_ref"] = lp_ref
+
+    pol, sft = generation_metrics(scores, "policy"), generation_metrics(scores, "sft")
+    metrics = {
+        "harmless_rate": pol["harmless_rate"], "harmless_rate_sft": sft["harmless_rate"],
+        "helpfulness": pol["helpfulness"], "helpfulness_sft": sft["helpfulness"],
+        "win_rate_vs_sft": win_rate(scores),
+        "over_refusal_rate": pol["over_refusal_rate"],
+        "over_refusal_rate_sft": sft["over_refusal_rate"],
+        **pref,
+        "kl_to_ref": kl_to_ref(lp_pol, lp_ref),
+        "judge_cost_accuracy": judge_info.get("cost_accuracy"),
+        "judge_reward_accuracy": judge_info.get("reward_accuracy"),
+        "n_prompts": int(scores["prompt_id"].nunique()),
+    }
+    return metrics, scores
+
+
+def tradeoff_points(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """The two points of the safety-versus-helpfulness plot of one run."""
+    return [{"model": "sft", "helpfulness": metrics["helpfulness_sft"],
+             "harmless_rate": metrics["harmless_rate_sft"]},
+            {"model": "policy", "helpfulness": metrics["helpfulness"],
+             "harmless_rate": metrics["harmless_rate"]}]

@@ -57,3 +57,9 @@ def model_dir(tag: str) -> Path:
     if tag not in MODEL_TAGS:
         raise ValueError(f"unknown model tag {tag!r}; expected one of {MODEL_TAGS}")
     return SFT_DIR if tag == "sft" else POLICY_DIR
+
+# `safedpo results` (outside the DVC DAG: it trains one policy per objective).
+RESULTS_DIR = Path("data/results")
+RESULTS_TABLE = RESULTS_DIR / "results.parquet"
+RESULTS_MARKDOWN = RESULTS_DIR / "results.md"
+RESULTS_PLOT = RESULTS_DIR / "tradeoff.png"

@@ -56,6 +56,12 @@ def generate(
     _run_stage("generate", params_file=params, tag=model)
 
 
+@app.command(help="Train, generate and evaluate one policy per objective (the paper's main "
+                  "table) from the pipeline's SFT model; needs `dvc repro` first.")
+def results(params: Path = PARAMS_OPT) -> None:
+    _run_stage("results", params_file=params)
+
+
 @app.command(help="Print a Parquet artifact's schema, row count, key statistics and first rows.")
 def inspect(
     path: Path = typer.Argument(..., help="A Parquet file, e.g. data/pairs/train.parquet."),
