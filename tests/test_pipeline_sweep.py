@@ -1,0 +1,118 @@
+"""The whole DVC pipeline on a tiny configuration, then a Δ sweep with `dvc exp`.
+
+This is the end-to-end test: `dvc repro` runs every stage in a fresh git repository holding a
+copy of the project; `dvc exp run -S delta=0` then reruns only what depends on Δ, and queued
+runs (`--queue -S delta=0,2` + `--run-all`) show up in `dvc exp show` with their metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+UPSTREAM = {"download", "normalize", "sft", "ref_logps", "judge", "generate@sft"}
+DOWNSTREAM = {"train", "generate@policy", "evaluate"}
+
+TINY_PARAMS = {
+    "dataset": {"toy": {"n_train": 96, "n_test": 32}},
+    "model": {"tiny": {"vocab_size": 384, "hidden_size": 32, "intermediate_size": 64,
+                       "num_layers": 1, "num_heads": 2, "num_kv_heads": 2}},
+    "sft": {"epochs": 1, "batch_size": 16, "max_length": 96},
+    "train": {"epochs": 1, "batch_size": 16, "max_length": 96, "checkpoint_every": 4},
+    "generate": {"n_prompts": 8, "max_new_tokens": 12, "batch_size": 8},
+    "judge": {"offline": {"epochs": 2, "n_features": 4096}},
+    "theory": {"n_prompts": 3, "n_responses": 4, "n_pairs": 600, "steps": 300,
+               "deltas": [0.0, 10.0]},
+}
+
+
+def _merge(base: dict, over: dict) -> dict:
+    return {k: _merge(base[k], v) if isinstance(v, dict) else v for k, v in over.items()} | \
+        {k: v for k, v in base.items() if k not in over}
+
+
+def _run(args: list[str], cwd: Path) -> str:
+    env = {**os.environ, "DVC_NO_ANALYTICS": "true", "GIT_AUTHOR_NAME": "t",
+           "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
+           "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout + proc.stderr
+
+
+def _ran(log: str) -> set[str]:
+    return {line.split("'")[1] for line in log.splitlines() if line.startswith("Running stage '")}
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("clone")
+    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True,
+                           check=True).stdout.split()
+    for f in files:
+        if f.startswith(("pipeline/", "stages/", ".dvc/")) or f in {
+                "dvc.yaml", "params.yaml", "pyproject.toml", ".gitignore", ".dvcignore"}:
+            (root / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / f, root / f)
+    params = _merge(yaml.safe_load((REPO / "params.yaml").read_text()), TINY_PARAMS)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _run(["git", "init", "-q", "-b", "main"], root)
+    _run(["git", "add", "-A"], root)
+    _run(["git", "commit", "-qm", "tiny project"], root)
+    return root
+
+
+def test_repro_runs_every_stage_then_a_delta_change_reruns_only_downstream(
+        project: Path) -> None:
+    log = _run([str(BIN / "dvc"), "repro"], project)
+    assert _ran(log) == UPSTREAM | DOWNSTREAM | {"theory"}
+    metrics = json.loads((project / "data/eval/metrics.json").read_text())
+    for key in ("harmless_rate", "harmless_rate_sft", "helpfulness", "helpfulness_sft",
+                "win_rate_vs_sft", "over_refusal_rate", "pref_accuracy_helpful",
+                "pref_accuracy_safety", "kl_to_ref", "judge_cost_accuracy",
+                "judge_reward_accuracy", "n_prompts"):
+        assert key in metrics, key
+    assert metrics["n_prompts"] == 8
+    assert 0.0 <= metrics["harmless_rate"] <= 1.0
+    _run(["git", "add", "-A"], project)
+    _run(["git", "commit", "-qm", "baseline"], project)
+
+    # Changing Δ: a dry run would start at `train` and leave every upstream stage cached ...
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["delta"] = 5.0
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    dry = _ran(_run([str(BIN / "dvc"), "repro", "--dry"], project))
+    assert "train" in dry and not dry & UPSTREAM, dry
+    _run(["git", "checkout", "params.yaml"], project)
+
+    # ... and `dvc exp run -S delta=0`, verbatim, runs only those.
+    exp = _run([str(BIN / "dvc"), "exp", "run", "-S", "delta=0"], project)
+    assert _ran(exp) == DOWNSTREAM, exp[-2000:]
+
+
+def test_queued_sweep_shows_metrics_per_run(project: Path) -> None:
+    _run([str(BIN / "dvc"), "exp", "run", "--queue", "-S", "delta=0,2"], project)
+    _run([str(BIN / "dvc"), "exp", "run", "--run-all", "-j", "1"], project)
+    shown = json.loads(_run([str(BIN / "dvc"), "exp", "show", "--json"], project))
+    deltas = {}
+    for commit in shown:
+        for exp in commit.get("experiments") or []:
+            for rev in exp.get("revs", []):
+                data = rev.get("data") or {}
+                params = data.get("params", {}).get("params.yaml", {}).get("data", {})
+                metrics = data.get("metrics", {}).get("data/eval/metrics.json", {}).get("data")
+                if metrics:
+                    deltas[params.get("delta")] = metrics
+    assert {0, 2} <= set(deltas), deltas.keys()
+    assert all("harmless_rate" in m and "helpfulness" in m for m in deltas.values())
