@@ -23,6 +23,7 @@ from transformers import (
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
 )
+from transformers.utils import logging as hf_logging
 
 from pipeline.config import ModelConfig, TinyModelConfig
 from pipeline.errors import UserError
@@ -89,6 +90,8 @@ def load_pretrained(
     dtype: torch.dtype | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer from a local directory or a hub id."""
+    # The per-tensor "Loading weights" bar is noise next to the stages' own progress bars.
+    hf_logging.disable_progress_bar()
     name = str(name)
     local = Path(name)
     if local.exists() and not (local / "config.json").exists():
@@ -123,6 +126,7 @@ def initial_model(
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> None:
     """`save_pretrained` into a temporary sibling folder, then swap it into place."""
     out_dir = Path(out_dir)
+    hf_logging.disable_progress_bar()
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     if tmp.exists():
         _rmtree(tmp)

@@ -69,8 +69,9 @@ def read_reference(path: Path, expected: Fingerprint) -> pd.DataFrame:
 
 def attach_reference(selected: pd.DataFrame, ref: pd.DataFrame) -> pd.DataFrame:
     """Add `ref_chosen`/`ref_rejected` to selected pairs, joined on `pair_id` and `chosen_idx`."""
-    merged = selected.merge(ref, on="pair_id", how="left", validate="many_to_one")
-    missing = merged["logp_0"].isna()
+    merged = selected.merge(ref, on="pair_id", how="left", validate="many_to_one",
+                            indicator=True)
+    missing = merged.pop("_merge") == "left_only"
     if missing.any():
         raise UserError(f"{int(missing.sum())} selected pairs have no reference log-probs "
                         f"(e.g. pair_id {merged.loc[missing, 'pair_id'].iloc[0]}); "

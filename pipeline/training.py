@@ -40,7 +40,7 @@ _SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with
 STATE_FILE = "trainer_state.json"
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError):
     """Raised when a step's loss is NaN or inf; training stops instead of corrupting weights."""
 
 
