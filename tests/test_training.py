@@ -140,3 +140,20 @@ def test_two_processes_follow_the_one_process_loss_trajectory(project: Path,
                                torch.tensor(single["loss"].to_numpy()), rtol=1e-5, atol=1e-6)
     # Only the main process reports.
     assert two.stdout.count("train: safedpo") == 1
+
+
+def test_lora_with_gradient_checkpointing_trains_and_merges(project: Path) -> None:
+    from pipeline.config import LoraConfig
+
+    cfg = train_cfg(epochs=1, gradient_checkpointing=True, checkpoint_every=1000,
+                    lora=LoraConfig(enabled=True, r=4, alpha=8,
+                                    target_modules=("q_proj", "v_proj")))
+    summary = _train(project, "policy-lora", cfg, live=False)
+    assert summary["steps"] == 11
+    sft = load_file(project / paths.SFT_DIR / "model.safetensors")
+    merged = load_file(project / "policy-lora" / "model.safetensors")
+    # Merged on save: a plain model, whose LoRA targets moved and nothing else did.
+    assert merged.keys() == sft.keys()
+    for k in sft:
+        moved = not torch.equal(sft[k], merged[k])
+        assert moved == (".q_proj." in k or ".v_proj." in k), k
