@@ -28,7 +28,8 @@ repro: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check pipeline stages tests bench
-	$(BIN)/python -m pytest -n 2 --dist loadfile -q tests
+	# One thread per xdist worker: two workers on two cores, no oversubscription.
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 --dist loadfile -q tests
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_normalize.py
