@@ -6,7 +6,7 @@ selected for `safedpo`, tokenized by a BPE tokenizer trained on them. Reference 
 random (the loss value does not change the step's cost), and nothing is checkpointed.
 
 Figures per configuration: pairs/s, tokens/s (non-pad), share of padding tokens, model FLOP/s
-and its fraction of this machine's measured fp32 matmul peak (MFU), and peak RSS with the
+and its fraction of this machine's measured matmul peak (MFU), and peak RSS with the
 memory accounting that shows only one model is held.
 
 FLOPs of a step (fwd + bwd; attention counted in full, not halved for the causal mask):
@@ -14,8 +14,9 @@ FLOPs of a step (fwd + bwd; attention counted in full, not halved for the causal
 with N_mm the weights of every Linear (attention, MLP and the tied LM head; not norms, not the
 embedding lookup), L layers, d hidden size, t the sequence's tokens. MFU counts non-pad tokens
 only (useful work); HFU counts the padded width the kernels actually run. The peak is the best
-fp32 `torch.matmul` GFLOP/s on 1024² and 2048² matrices, with the same thread count, measured
-just before and just after the timed steps (the higher is used).
+`torch.matmul` GFLOP/s on 1024² and 2048² matrices (fp32, or bf16 under `--mixed-precision
+bf16`), with the same thread count, measured just before and just after the timed steps (the
+higher is used).
 
     python bench/bench_train.py                          # both configs, as `train` runs
     python bench/bench_train.py --threads 1              # on a machine shared with other jobs
@@ -85,9 +86,9 @@ BETA, DELTA = 0.1, 10.0  # params.yaml; they do not change the step's cost
 
 # --- machine ---------------------------------------------------------------------------------
 
-def matmul_peak(sizes: tuple[int, ...] = (1024, 2048), windows: int = 3,
-                seconds: float = 0.4) -> dict[str, float]:
-    """Best fp32 GFLOP/s of `torch.matmul` on square matrices, per size and overall.
+def matmul_peak(dtype: torch.dtype = torch.float32, sizes: tuple[int, ...] = (1024, 2048),
+                windows: int = 3, seconds: float = 0.4) -> dict[str, float]:
+    """Best GFLOP/s of `torch.matmul` on square `dtype` matrices, per size and overall.
 
     Best of several short windows: other jobs on the machine only ever slow a window down, so
     the best one is the closest to what the cores can do right now.
@@ -95,8 +96,9 @@ def matmul_peak(sizes: tuple[int, ...] = (1024, 2048), windows: int = 3,
     out: dict[str, float] = {}
     gen = torch.Generator().manual_seed(0)
     for n in sizes:
-        a, b = torch.randn(n, n, generator=gen), torch.randn(n, n, generator=gen)
-        c = torch.empty(n, n)
+        a = torch.randn(n, n, generator=gen).to(dtype)
+        b = torch.randn(n, n, generator=gen).to(dtype)
+        c = torch.empty(n, n, dtype=dtype)
         torch.matmul(a, b, out=c)  # first call pays for MKL's set-up
         flop = 2.0 * n ** 3
         best = 0.0
@@ -369,6 +371,7 @@ class Options:
     reference_model: bool
     compile: bool
     memory_exact: bool
+    mixed_precision: str
 
 
 @dataclass
@@ -418,8 +421,11 @@ def run_one(opt: Options) -> Result:
     total = opt.warmup + opt.steps
     spe = max(1, len(examples) // opt.batch_size)
     cfg = replace(TrainConfig(), batch_size=opt.batch_size, max_length=opt.max_length,
-                  epochs=float(math.ceil(total / spe)), warmup_ratio=0.0, schedule="constant")
+                  epochs=float(math.ceil(total / spe)), warmup_ratio=0.0, schedule="constant",
+                  mixed_precision=opt.mixed_precision)
     accelerator = make_accelerator(cfg)
+    # The peak of the dtype the matmuls run in: bf16 autocast runs them in bf16.
+    peak_dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
     loss_fn: training.LossFn = PreferenceLoss(beta=BETA, delta=DELTA, objective="safedpo")
     reference = None
     if opt.reference_model:
@@ -452,11 +458,11 @@ def run_one(opt: Options) -> Result:
         per_step[step] = list(pending)
         pending.clear()
 
-    peak_before = matmul_peak()
+    peak_before = matmul_peak(peak_dtype)
     with PeakRSS() as peak, patched_batch_logps(opt.chunks):
         model, _ = train_loop(model, examples, make_batch, loss_fn, cfg, accelerator,
                               Checkpointer(None, "bench", every=10**9), log, stop_after=total)
-    peak_after = matmul_peak()
+    peak_after = matmul_peak(peak_dtype)
     load_after = load_average()
 
     timed = range(opt.warmup + 1, total + 1)
@@ -511,8 +517,8 @@ def run_one(opt: Options) -> Result:
         model_tflop_per_step=round(model_flops / steps / 1e12, 4),
         model_gflop_per_s=round(model_flops / seconds / 1e9, 2),
         executed_gflop_per_s=round(executed_flops / seconds / 1e9, 2),
-        matmul_peak_gflop_per_s={"before": peak_before, "after": peak_after,
-                                 "used": round(peak_gflops, 2)},
+        matmul_peak_gflop_per_s={"dtype": str(peak_dtype), "before": peak_before,
+                                 "after": peak_after, "used": round(peak_gflops, 2)},
         mfu=round(model_flops / seconds / 1e9 / peak_gflops, 4),
         hfu=round(executed_flops / seconds / 1e9 / peak_gflops, 4),
         step_seconds=[round(x, 3) for x in step_s],
@@ -553,6 +559,7 @@ def report(results: dict[str, dict[str, Any]]) -> None:
     for name, r in results.items():
         m = r["memory"]
         print(f"{name}: threads {r['torch_threads']}, attn {r['attn_implementation']}, "
+              f"mixed precision {r['options']['mixed_precision']}, "
               f"load avg {r['load_average_before']} -> {r['load_average_after']}, matmul peak "
               f"before {r['matmul_peak_gflop_per_s']['before']} after "
               f"{r['matmul_peak_gflop_per_s']['after']}, padding executed "
@@ -579,6 +586,9 @@ def main() -> None:
                     help="counterfactual: hold a reference model and run it every step")
     ap.add_argument("--compile", action="store_true",
                     help="torch.compile the model (give it --warmup 2: step 1 compiles)")
+    ap.add_argument("--mixed-precision", choices=["auto", "no", "bf16"], default="auto",
+                    help="as train.mixed_precision (auto = fp32 on CPU); MFU is then against "
+                         "the bf16 matmul peak")
     ap.add_argument("--memory-exact", action="store_true",
                     help="pin glibc's mmap threshold so peak RSS tracks live tensors (slower)")
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
@@ -595,7 +605,7 @@ def main() -> None:
                       batch_size=args.batch_size, max_length=args.max_length, pairs=args.pairs,
                       threads=args.threads, attn=args.attn, chunks=args.chunks,
                       reference_model=args.reference_model, compile=args.compile,
-                      memory_exact=args.memory_exact)
+                      memory_exact=args.memory_exact, mixed_precision=args.mixed_precision)
         results[name] = asdict(run_one(opt))
     else:
         # One process per configuration: each peak RSS is then that configuration's alone.
@@ -608,6 +618,7 @@ def main() -> None:
         common += ["--reference-model"] if args.reference_model else []
         common += ["--compile"] if args.compile else []
         common += ["--memory-exact"] if args.memory_exact else []
+        common += ["--mixed-precision", args.mixed_precision]
         for name in names:
             with tempfile.TemporaryDirectory() as tmp:
                 out = Path(tmp) / "r.json"
