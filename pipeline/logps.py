@@ -47,12 +47,28 @@ def collate(batch: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": attn, "labels": labels}
 
 
-def batch_logps(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
-                                                                                 torch.Tensor]:
-    """Forward a collated batch and return (logps (B,), n_tokens (B,))."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                use_cache=False)
-    return sequence_logps(out.logits, batch["labels"])
+def batch_logps(model: PreTrainedModel, batch: dict[str, torch.Tensor], groups: int = 1
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward a collated batch and return (logps (B,), n_tokens (B,)), in batch order.
+
+    With `groups > 1` the sequences run as that many length-sorted groups, each cut to its own
+    longest sequence. Padding is on the right and attention is causal, so only padding is cut
+    and the result is the same up to float rounding; a random batch of toy pairs is ~40%
+    padding, a group of sorted ones ~10% (bench/bench_train.py: 1.6x faster at 30M params).
+    """
+    lengths = batch["attention_mask"].sum(1)
+    order = torch.argsort(lengths, stable=True)
+    lps, ns, idxs = [], [], []
+    for idx in torch.tensor_split(order, max(1, min(groups, len(order)))):
+        width = int(lengths[idx].max())
+        out = model(input_ids=batch["input_ids"][idx, :width],
+                    attention_mask=batch["attention_mask"][idx, :width], use_cache=False)
+        lp, n = sequence_logps(out.logits, batch["labels"][idx, :width])
+        lps.append(lp)
+        ns.append(n)
+        idxs.append(idx)
+    inverse = torch.argsort(torch.cat(idxs))
+    return torch.cat(lps)[inverse], torch.cat(ns)[inverse]
 
 
 @torch.inference_mode()

@@ -100,3 +100,21 @@ def test_fingerprint_mismatch_is_refused(tiny: tuple[Path, pd.DataFrame],
     save_model(model, tok, other)
     with pytest.raises(UserError, match="model: stored"):
         read_reference(path, fingerprint_for(other, tok, 64, pairs))
+
+
+@pytest.mark.parametrize("groups", [2, 3, 64])
+def test_grouped_forward_equals_one_padded_forward(tiny: tuple[Path, pd.DataFrame],
+                                                   groups: int) -> None:
+    from pipeline.logps import batch_logps
+    from pipeline.modeling import load_pretrained
+
+    model_dir, pairs = tiny
+    model, tok = load_pretrained(model_dir)
+    enc = encode_many(tok, pairs["prompt"].tolist() * 2,
+                      pairs["response_0"].tolist() + pairs["response_1"].tolist(), 64)
+    batch = collate(enc, tok.pad_token_id)
+    with torch.no_grad():
+        lp1, n1 = batch_logps(model, batch)
+        lpg, ng = batch_logps(model, batch, groups=groups)
+    torch.testing.assert_close(lpg, lp1, rtol=1e-5, atol=1e-5)
+    assert torch.equal(ng, n1)
