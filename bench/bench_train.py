@@ -20,7 +20,7 @@ higher is used).
 
     python bench/bench_train.py                          # both configs, as `train` runs
     python bench/bench_train.py --threads 1              # on a machine shared with other jobs
-    python bench/bench_train.py --chunks 4               # length-sorted sub-batches (proposal)
+    python bench/bench_train.py --chunks 1               # one padded forward (no length groups)
     python bench/bench_train.py --config 30m --compile   # torch.compile the model
     python bench/bench_train.py --config 30m --memory-exact --steps 1 [--reference-model]
 
@@ -46,7 +46,6 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -57,7 +56,6 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 import pipeline.training as training
 from pipeline.config import TinyModelConfig, ToyConfig, TrainConfig
-from pipeline.logps import sequence_logps
 from pipeline.modeling import build_tiny_model, encode_many, train_tiny_tokenizer
 from pipeline.normalize import normalize_splits
 from pipeline.selection import select_pairs
@@ -290,47 +288,6 @@ class ModelShape:
 
 # --- the experiment knobs --------------------------------------------------------------------
 
-def chunked_batch_logps(chunks: int) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
-    """`batch_logps` that forwards length-sorted groups, each padded only to its own width.
-
-    Same sequences, same sum, so the same loss and gradients up to float rounding; only the
-    padding the kernels run over shrinks. This is the change proposed for pipeline/logps.py.
-    """
-
-    def batch_logps(model: PreTrainedModel, batch: dict[str, torch.Tensor]
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-        lengths = batch["attention_mask"].sum(1)
-        order = torch.argsort(lengths, stable=True)
-        lps, ns, idxs = [], [], []
-        for idx in torch.tensor_split(order, min(chunks, len(order))):
-            width = int(lengths[idx].max())  # right padding: columns past it are all pad
-            out = model(input_ids=batch["input_ids"][idx, :width],
-                        attention_mask=batch["attention_mask"][idx, :width], use_cache=False)
-            lp, n = sequence_logps(out.logits, batch["labels"][idx, :width])
-            lps.append(lp)
-            ns.append(n)
-            idxs.append(idx)
-        # Back to batch order: `PreferenceLoss` splits chosen/rejected by position.
-        inv = torch.argsort(torch.cat(idxs))
-        return torch.cat(lps)[inv], torch.cat(ns)[inv]
-
-    return batch_logps
-
-
-@contextlib.contextmanager
-def patched_batch_logps(chunks: int) -> Iterator[None]:
-    """Swap the `batch_logps` that `PreferenceLoss` calls, so the library loss runs unchanged."""
-    if chunks <= 1:
-        yield
-        return
-    original = training.batch_logps
-    training.batch_logps = chunked_batch_logps(chunks)
-    try:
-        yield
-    finally:
-        training.batch_logps = original
-
-
 @dataclass(frozen=True)
 class ReferenceHeldLoss:
     """Counterfactual: DPO as usually written, with a frozen reference model in memory whose
@@ -342,7 +299,7 @@ class ReferenceHeldLoss:
     def __call__(self, model: PreTrainedModel, batch: dict[str, torch.Tensor]
                  ) -> tuple[torch.Tensor, training.Metrics]:
         with torch.no_grad():
-            lp, _ = training.batch_logps(self.reference, batch)
+            lp, _ = training.batch_logps(self.reference, batch, self.inner.groups)
         n = batch["ref_chosen"].shape[0]
         return self.inner(model, {**batch, "ref_chosen": lp[:n], "ref_rejected": lp[n:]})
 
@@ -426,7 +383,8 @@ def run_one(opt: Options) -> Result:
     accelerator = make_accelerator(cfg)
     # The peak of the dtype the matmuls run in: bf16 autocast runs them in bf16.
     peak_dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
-    loss_fn: training.LossFn = PreferenceLoss(beta=BETA, delta=DELTA, objective="safedpo")
+    loss_fn: training.LossFn = PreferenceLoss(beta=BETA, delta=DELTA, objective="safedpo",
+                                              groups=opt.chunks)
     reference = None
     if opt.reference_model:
         reference = build(opt.config, pairs, opt.max_length, seed=0)[0].eval()
@@ -459,7 +417,7 @@ def run_one(opt: Options) -> Result:
         pending.clear()
 
     peak_before = matmul_peak(peak_dtype)
-    with PeakRSS() as peak, patched_batch_logps(opt.chunks):
+    with PeakRSS() as peak:
         model, _ = train_loop(model, examples, make_batch, loss_fn, cfg, accelerator,
                               Checkpointer(None, "bench", every=10**9), log, stop_after=total)
     peak_after = matmul_peak(peak_dtype)
@@ -481,8 +439,7 @@ def run_one(opt: Options) -> Result:
     peak_gflops = max(peak_before["best"], peak_after["best"])
 
     n = shape.params
-    with patched_batch_logps(opt.chunks):
-        activations = saved_activation_bytes(model, loss_fn, dict(widest))
+    activations = saved_activation_bytes(model, loss_fn, dict(widest))
     mib = 2**20
     memory = {
         "method": peak.method + (", glibc mmap threshold pinned at 1 MiB" if pinned else ""),
@@ -580,8 +537,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--attn", choices=["sdpa", "eager"], default=None,
                     help="attention implementation (default: the model's, sdpa)")
-    ap.add_argument("--chunks", type=int, default=1,
-                    help="forward each batch as this many length-sorted groups (1 = library)")
+    ap.add_argument("--chunks", type=int, default=training.FORWARD_GROUPS,
+                    help="length-sorted groups per forward pass (library default; 1 = one "
+                         "padded forward)")
     ap.add_argument("--reference-model", action="store_true",
                     help="counterfactual: hold a reference model and run it every step")
     ap.add_argument("--compile", action="store_true",
