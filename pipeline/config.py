@@ -31,8 +31,8 @@ def _check(cond: bool, key: str, msg: str) -> None:
 class ToyConfig:
     """`builtin:toy` generator settings (see pipeline/toydata.py)."""
 
-    n_train: int = 4000
-    n_test: int = 800
+    n_train: int = 2000
+    n_test: int = 400
     seed: int = 0
     label_noise: float = 0.05
     harmful_share: float = 0.5
@@ -69,10 +69,10 @@ class DatasetConfig:
 class TinyModelConfig:
     """Dimensions of the `builtin:tiny` Llama-style model and its BPE tokenizer."""
 
-    vocab_size: int = 2048
-    hidden_size: int = 128
-    intermediate_size: int = 352
-    num_layers: int = 4
+    vocab_size: int = 1024
+    hidden_size: int = 96
+    intermediate_size: int = 256
+    num_layers: int = 3
     num_heads: int = 4
     num_kv_heads: int = 4
     max_position_embeddings: int = 512
