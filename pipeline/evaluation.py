@@ -64,7 +64,7 @@ def implicit_reward_accuracy(
 ) -> dict[str, float]:
     """Accuracy of the implicit reward β·log π/π_ref on test pairs.
 
-    helpful: the `better` response gets the higher reward, over all pairs.
+    helpful: the `better` response gets the higher reward, over all pairs (ties count half).
     safety: the `safer` response gets the higher reward, over pairs whose safety flags differ
     (on safe/safe or unsafe/unsafe pairs the safety label says nothing about harm).
     `policy_logps` and `ref` have `pair_id`, `logp_0`, `logp_1`; all joined on `pair_id`.
@@ -75,10 +75,15 @@ def implicit_reward_accuracy(
                validate="one_to_one")
     r0 = beta * (m["logp_0"] - m["logp_0_ref"]).to_numpy()
     r1 = beta * (m["logp_1"] - m["logp_1_ref"]).to_numpy()
-    prefers_1 = r1 > r0
-    helpful = prefers_1 == (m["better_id"].to_numpy() == 1)
+    # A tie (e.g. the policy still equals the reference) counts half, as in `win_rate`.
+    tie = r1 == r0
+
+    def correct(label_is_1: np.ndarray) -> np.ndarray:
+        return np.where(tie, 0.5, (r1 > r0) == label_is_1)
+
+    helpful = correct(m["better_id"].to_numpy() == 1)
     differ = (m["unsafe_0"] != m["unsafe_1"]).to_numpy()
-    safety = prefers_1[differ] == (m["safer_id"].to_numpy()[differ] == 1)
+    safety = correct(m["safer_id"].to_numpy() == 1)[differ]
     return {
         "pref_accuracy_helpful": float(helpful.mean()) if len(helpful) else float("nan"),
         "pref_accuracy_safety": float(safety.mean()) if len(safety) else float("nan"),

@@ -68,9 +68,11 @@ def heldout_loss(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
 
 def run_sft(
     model_cfg: ModelConfig, cfg: SFTConfig, train: pd.DataFrame, test: pd.DataFrame,
-    out_dir: Path, checkpoint_root: Path | None = None, stop_after: int | None = None,
+    out_dir: Path, stop_after: int | None = None,
 ) -> dict[str, Any]:
-    """Fine-tune on the train responses (or pass a given model through) and save to `out_dir`."""
+    """Fine-tune on the train responses (or pass a given model through) and save to `out_dir`.
+
+    SFT is not checkpointed (it takes seconds on the toy default); `train` is resumable."""
     if not cfg.enabled:
         if model_cfg.name == BUILTIN_TINY:
             raise UserError("sft.enabled: false passes a given model through, but model.name is "
@@ -100,7 +102,7 @@ def run_sft(
     key = _run_key("sft", asdict(model_cfg), asdict(cfg), len(examples))
     model, result = train_loop(
         model, examples, lambda b: sft_batch(b, tokenizer.pad_token_id), sft_loss, cfg,
-        accelerator, Checkpointer(checkpoint_root, key, every=10**9), log, stop_after)
+        accelerator, Checkpointer(None, key, every=10**9), log, stop_after)
     after = heldout_loss(model, tokenizer, test, cfg.responses, cfg.max_length, device)
     summary = {
         "enabled": True, "examples": len(examples), "steps": result.steps,
@@ -109,7 +111,7 @@ def run_sft(
         "parameters": sum(p.numel() for p in model.parameters()), "history": history,
     }
     if accelerator.is_main_process:
-        save_model(model, tokenizer, out_dir)
+        save_model(model, tokenizer, out_dir, state_dict=result.state_dict)
         (Path(out_dir) / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
     return summary
 
@@ -183,8 +185,10 @@ def run_preference(
     # A run cut short by `stop_after` stands for a killed one: it leaves only its checkpoint.
     if accelerator.is_main_process and stop_after is None:
         if cfg.lora.enabled:
-            model = model.merge_and_unload()
-        save_model(model, tokenizer, out_dir)
+            # Merging needs the whole model on one process: LoRA is for single / DDP runs.
+            save_model(model.merge_and_unload(), tokenizer, out_dir)
+        else:
+            save_model(model, tokenizer, out_dir, state_dict=result.state_dict)
         (Path(out_dir) / SUMMARY_FILE).write_text(json.dumps(
             {**summary, "final": result.last_metrics}, indent=2))
         checkpointer.clear(accelerator)

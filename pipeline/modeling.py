@@ -123,14 +123,18 @@ def initial_model(
                            trust_remote_code=cfg.trust_remote_code)
 
 
-def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> None:
-    """`save_pretrained` into a temporary sibling folder, then swap it into place."""
+def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: Path,
+               state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """`save_pretrained` into a temporary sibling folder, then swap it into place.
+
+    `state_dict`, when given, is what gets written (a full state dict gathered from sharded
+    training); otherwise the model's own."""
     out_dir = Path(out_dir)
     hf_logging.disable_progress_bar()
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     if tmp.exists():
         _rmtree(tmp)
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
     if out_dir.exists():
         _rmtree(out_dir)

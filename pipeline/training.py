@@ -23,6 +23,7 @@ from typing import TypeVar
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, get_scheduler
 
@@ -102,6 +103,7 @@ class LoopResult:
     seconds: float
     resumed_from: int
     last_metrics: dict[str, float]
+    state_dict: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
 
 class Checkpointer:
@@ -133,6 +135,8 @@ class Checkpointer:
         if accelerator.is_main_process:
             (tmp / STATE_FILE).write_text(json.dumps({"step": step, "run_key": self.run_key}))
             old = self.root / ".old"
+            if old.exists():  # left by a process killed in the middle of the last swap
+                shutil.rmtree(old)
             if self.latest.exists():
                 self.latest.rename(old)
             tmp.rename(self.latest)
@@ -178,6 +182,10 @@ def train_loop(
         _SCHEDULES[cfg.schedule], optimizer,
         num_warmup_steps=round(cfg.warmup_ratio * plan.total_steps),
         num_training_steps=plan.total_steps)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and plan.grad_accum > 1:
+        # DeepSpeed steps its optimizer inside every backward unless it owns accumulation.
+        raise UserError("with DeepSpeed set gradient_accumulation_steps in the DeepSpeed config "
+                        "and keep grad_accum: 1 in params.yaml")
     # The scheduler is not `prepare`d: accelerate would step it once per process per step.
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
@@ -201,14 +209,12 @@ def train_loop(
             ctx = accelerator.no_sync(model) if not sync else _null()
             with ctx, accelerator.autocast():
                 loss, metrics = loss_fn(model, batch)
-                if not torch.isfinite(loss):
-                    raise NonFiniteLossError(
-                        f"loss is {loss.item()} at step {step}; lower the learning rate or "
-                        "check the data and reference log-probs")
+                _check_finite(accelerator, loss, step)
                 accelerator.backward(loss / plan.grad_accum)
             for k, v in {"loss": loss.detach(), **metrics}.items():
                 sums[k] = sums.get(k, 0) + v.detach().float() / plan.grad_accum
         accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        lr = scheduler.get_last_lr()[0]  # the rate this step used, before the scheduler moves
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -216,7 +222,7 @@ def train_loop(
         keys = sorted(sums)
         reduced = accelerator.reduce(torch.stack([sums[k] for k in keys]), reduction="mean")
         last = {k: float(v) for k, v in zip(keys, reduced.tolist(), strict=True)}
-        last["lr"] = scheduler.get_last_lr()[0]
+        last["lr"] = lr
         if accelerator.is_main_process:
             log(step + 1, last)
         bar.set_postfix(loss=f"{last['loss']:.4f}")
@@ -229,8 +235,25 @@ def train_loop(
     bar.close()
     seconds = time.perf_counter() - t0
     accelerator.wait_for_everyone()
+    # Every process takes part: under FSDP / ZeRO-3 this gathers the shards into a full state
+    # dict on the main process, which is what `save_pretrained` must write.
+    state_dict = accelerator.get_state_dict(model)
     return accelerator.unwrap_model(model), LoopResult(
-        steps=done, seconds=seconds, resumed_from=start, last_metrics=last)
+        steps=done, seconds=seconds, resumed_from=start, last_metrics=last,
+        state_dict=state_dict)
+
+
+def _check_finite(accelerator: Accelerator, loss: torch.Tensor, step: int) -> None:
+    """Stop on a NaN or inf loss. Every process learns of it, so none is left waiting in an
+    all-reduce for a peer that has stopped."""
+    bad = torch.tensor(0.0 if torch.isfinite(loss) else 1.0, device=loss.device)
+    if accelerator.num_processes > 1:
+        bad = accelerator.reduce(bad, reduction="sum")
+    if bad.item() > 0:
+        where = f"is {loss.item()}" if not torch.isfinite(loss) else "is not finite on another " \
+            "process"
+        raise NonFiniteLossError(f"loss {where} at step {step}; lower the learning rate or "
+                                 "check the data and reference log-probs")
 
 
 class _null:

@@ -14,8 +14,7 @@ def run(params_file: Path = paths.PARAMS) -> None:
     params = load_params(params_file)
     train = read_parquet(paths.PAIRS_TRAIN)
     test = read_parquet(paths.PAIRS_TEST)
-    summary = run_sft(params.model, params.sft, train, test, paths.SFT_DIR,
-                      checkpoint_root=paths.CHECKPOINT_DIR.parent / "sft")
+    summary = run_sft(params.model, params.sft, train, test, paths.SFT_DIR)
     if summary["enabled"]:
         print(f"sft: {summary['examples']} examples, {summary['steps']} steps in "
               f"{summary['seconds']:.0f}s; held-out loss {summary['heldout_loss_before']:.3f} -> "

@@ -49,11 +49,14 @@ def test_implicit_reward_accuracy_by_hand() -> None:
     # β = 0.5; rewards r_k = 0.5·(logp_k − ref_k):
     #   x: r0 = 0.5·1 = 0.5, r1 = 0.5·(−1) = −0.5 -> prefers 0 (better 0: right; safer 1: wrong)
     #   y: r0 = 0, r1 = 1 -> prefers 1 (better 1: right; safer 1: right)
-    #   z: r0 = r1 -> prefers 0 (better 0: right; safety flags equal: not counted)
+    #   z: r0 = r1 -> a tie counts half (better: 0.5; safety flags equal: not counted)
     pol = pd.DataFrame({"pair_id": ["x", "y", "z"], "logp_0": [-4.0, -5.0, -5.0],
                         "logp_1": [-6.0, -3.0, -5.0]})
     acc = implicit_reward_accuracy(pairs, pol, ref, beta=0.5)
-    assert acc == {"pref_accuracy_helpful": 1.0, "pref_accuracy_safety": 0.5}
+    assert acc == {"pref_accuracy_helpful": pytest.approx(2.5 / 3), "pref_accuracy_safety": 0.5}
+    # The policy equal to the reference is at chance, whatever the label balance.
+    same = implicit_reward_accuracy(pairs, ref, ref, beta=0.5)
+    assert same == {"pref_accuracy_helpful": 0.5, "pref_accuracy_safety": 0.5}
 
 
 def test_kl_to_ref() -> None:
