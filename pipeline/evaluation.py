@@ -15,7 +15,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from pipeline.judges import Judge, is_refusal
 from pipeline.logps import score_sequences
 from pipeline.modeling import Encoded, encode_many, load_pretrained
-from pipeline.reference import fingerprint_for, read_reference
+from pipeline.reference import compute_reference, fingerprint_for, read_reference
 
 
 def benign_prompt_ids(pairs: pd.DataFrame) -> set[str]:
@@ -90,18 +90,6 @@ def implicit_reward_accuracy(
     }
 
 
-def pair_logps(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pairs: pd.DataFrame,
-               max_length: int, batch_size: int, device: str) -> pd.DataFrame:
-    """Summed log-probs of both responses of every pair under `model`, keyed by `pair_id`."""
-    n = len(pairs)
-    enc = encode_many(tokenizer, pairs["prompt"].tolist() * 2,
-                      pairs["response_0"].tolist() + pairs["response_1"].tolist(), max_length)
-    lp, _ = score_sequences(model, enc, tokenizer.pad_token_id, batch_size, device,
-                            desc="policy log-probs")
-    return pd.DataFrame({"pair_id": pairs["pair_id"].to_numpy(), "logp_0": lp[:n],
-                         "logp_1": lp[n:]})
-
-
 def sample_logps(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                  prompts: Sequence[str], responses: Sequence[str], ended: Sequence[bool],
                  max_length: int, batch_size: int, device: str) -> np.ndarray:
@@ -142,7 +130,8 @@ def evaluate_policy(
     ref_model, ref_tok = load_pretrained(sft_dir)
     ref = read_reference(ref_test_path, fingerprint_for(sft_dir, ref_tok, max_length, test))
     pref = implicit_reward_accuracy(
-        test, pair_logps(policy, tokenizer, test, max_length, batch_size, device), ref, beta)
+        test, compute_reference(policy, tokenizer, test, max_length, batch_size, device), ref,
+        beta)
 
     # KL to the reference on the policy's own samples: score them under both models.
     mine = scores[scores["model"] == "policy"]

@@ -4,6 +4,8 @@ and evaluation, plus padding collate, batched scoring and the reference fingerpr
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -113,9 +115,6 @@ class Fingerprint:
 
 def tokenizer_id(tokenizer: PreTrainedTokenizerBase) -> str:
     """A hash of the tokenizer's vocabulary and special tokens."""
-    import hashlib
-    import json
-
     vocab = sorted(tokenizer.get_vocab().items())
     special = [tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token]
     return hashlib.sha256(json.dumps([vocab, special]).encode()).hexdigest()[:16]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,18 +134,12 @@ def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_d
     hf_logging.disable_progress_bar()
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     if tmp.exists():
-        _rmtree(tmp)
+        shutil.rmtree(tmp)
     model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
     if out_dir.exists():
-        _rmtree(out_dir)
+        shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
-
-
-def _rmtree(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path)
 
 
 def render_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:

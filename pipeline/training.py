@@ -17,6 +17,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -206,7 +207,7 @@ def train_loop(
             batch = {k: v.to(accelerator.device)
                      for k, v in make_batch([examples[i] for i in idx]).items()}
             sync = m == len(micro) - 1
-            ctx = accelerator.no_sync(model) if not sync else _null()
+            ctx = accelerator.no_sync(model) if not sync else nullcontext()
             with ctx, accelerator.autocast():
                 loss, metrics = loss_fn(model, batch)
                 _check_finite(accelerator, loss, step)
@@ -254,14 +255,6 @@ def _check_finite(accelerator: Accelerator, loss: torch.Tensor, step: int) -> No
             "process"
         raise NonFiniteLossError(f"loss {where} at step {step}; lower the learning rate or "
                                  "check the data and reference log-probs")
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 # --- losses on batches ----------------------------------------------------------------------
