@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -39,6 +40,34 @@ def atomic_path(dest: Path) -> Iterator[Path]:
         os.replace(tmp_path, dest)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_dir(dest: Path) -> Iterator[Path]:
+    """Yield a fresh temporary folder beside `dest`; if the block succeeds, swap it into place
+    of `dest` (the old folder is moved aside first and put back if the swap fails), so a crash
+    never leaves a folder that mixes two runs. Leftovers of a killed run are hidden dot-folders
+    that the next call removes."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp, old = dest.with_name(f".{dest.name}.tmp"), dest.with_name(f".{dest.name}.old")
+    for leftover in (tmp, old):
+        if leftover.exists():
+            shutil.rmtree(leftover)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if dest.exists():
+            os.replace(dest, old)
+        try:
+            os.replace(tmp, dest)
+        except OSError:
+            if old.exists():
+                os.replace(old, dest)
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def write_parquet(df: pd.DataFrame, dest: Path, schema: pa.Schema | None = None,

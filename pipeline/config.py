@@ -18,8 +18,8 @@ import yaml
 
 from pipeline.errors import UserError
 
-Objective = Literal["safedpo", "dpo_helpful", "dpo_harmless", "dpo_safebetter"]
-OBJECTIVES: tuple[str, ...] = get_args(Objective)
+MixedPrecision = Literal["auto", "no", "bf16", "fp16"]
+WeightDtype = Literal["auto", "float32", "bfloat16", "float16"]
 
 
 def _check(cond: bool, key: str, msg: str) -> None:
@@ -93,15 +93,24 @@ class ModelConfig:
     name: str = "builtin:tiny"
     revision: str | None = None
     trust_remote_code: bool = False
+    # auto | chat | plain | safe_rlhf | a format string with {prompt} (pipeline/encoding.py).
+    template: str = "auto"
+    # Weights of the inference stages (ref_logps, generate, evaluate); auto = fp32, as trained.
+    dtype: WeightDtype = "auto"
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.template in ("auto", "chat", "plain", "safe_rlhf")
+               or self.template.count("{prompt}") == 1, "model.template",
+               "must be auto, chat, plain, safe_rlhf or a format string with one {prompt}")
 
 
 @dataclass(frozen=True)
 class OptimConfig:
     """What the SFT and preference training loops share."""
 
-    lr: float = 1e-3
-    epochs: float = 1.0
+    lr: float = 3e-3
+    epochs: float = 2.0
     batch_size: int = 32
     grad_accum: int = 1
     warmup_ratio: float = 0.05
@@ -110,9 +119,11 @@ class OptimConfig:
     max_grad_norm: float = 1.0
     max_length: int = 192
     seed: int = 0
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    mixed_precision: MixedPrecision = "auto"
     gradient_checkpointing: bool = False
-    log_every: int = 10
+    log_every: int = 20
+    # Length-sorted groups per forward pass; null = per device (4 on CPU, 1 on GPU).
+    forward_groups: int | None = None
 
     def _validate(self, section: str) -> None:
         _check(self.lr > 0, f"{section}.lr", "must be > 0")
@@ -124,6 +135,8 @@ class OptimConfig:
         _check(self.max_grad_norm > 0, f"{section}.max_grad_norm", "must be > 0")
         _check(self.max_length >= 16, f"{section}.max_length", "must be >= 16")
         _check(self.log_every > 0, f"{section}.log_every", "must be > 0")
+        _check(self.forward_groups is None or self.forward_groups > 0,
+               f"{section}.forward_groups", "must be > 0 or null")
 
 
 @dataclass(frozen=True)
@@ -152,11 +165,20 @@ class LoraConfig:
 
 @dataclass(frozen=True)
 class TrainConfig(OptimConfig):
-    objective: Objective = "safedpo"
+    lr: float = 1e-4
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 10.0
+    log_every: int = 10
+    objective: str = "safedpo"  # a key of pipeline.objectives.OBJECTIVES
     checkpoint_every: int = 50
+    # Dropout off in preference training (as TRL): the policy is then scored like its
+    # eval-mode reference.
+    disable_dropout: bool = True
     lora: LoraConfig = field(default_factory=LoraConfig)
 
     def __post_init__(self) -> None:
+        # `objective` is checked against pipeline.objectives where it is used (the train
+        # stage's first step), so this module stays free of torch and of the objectives.
         self._validate("train")
         _check(self.checkpoint_every > 0, "train.checkpoint_every", "must be > 0")
 
@@ -173,9 +195,12 @@ class RefLogpsConfig:
 class GenerateConfig:
     n_prompts: int = 200
     max_new_tokens: int = 64
-    do_sample: bool = False
+    do_sample: bool = True
     temperature: float = 1.0
     top_p: float = 1.0
+    # 0 = off. Set explicitly, never taken from a model's generation_config.json.
+    top_k: int = 0
+    repetition_penalty: float = 1.0
     samples_per_prompt: int = 1
     batch_size: int = 64
     seed: int = 0
@@ -185,6 +210,8 @@ class GenerateConfig:
         _check(self.max_new_tokens > 0, "generate.max_new_tokens", "must be > 0")
         _check(self.temperature >= 0, "generate.temperature", "must be >= 0")
         _check(0.0 < self.top_p <= 1.0, "generate.top_p", "must be in (0, 1]")
+        _check(self.top_k >= 0, "generate.top_k", "must be >= 0 (0 = off)")
+        _check(self.repetition_penalty > 0, "generate.repetition_penalty", "must be > 0")
         _check(self.samples_per_prompt > 0, "generate.samples_per_prompt", "must be > 0")
         _check(self.do_sample or self.samples_per_prompt == 1, "generate.samples_per_prompt",
                "greedy decoding gives one sample per prompt; set do_sample: true for more")

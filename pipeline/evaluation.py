@@ -1,21 +1,29 @@
-"""Evaluation metrics (DESIGN.md, "Metrics"), as functions of tables so they can be tested
-without models: scores of generations, implicit-reward accuracies, KL to the reference.
+"""Evaluation metrics (docs/architecture.md, "Metrics"), as functions of tables so they can be
+tested without models: scores of generations, implicit-reward accuracies, KL to the reference.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+import torch
+from transformers import PreTrainedModel
 
+from pipeline.config import MixedPrecision
+from pipeline.encoding import Encoded, Encoder, load_template
+from pipeline.errors import UserError
 from pipeline.judges import Judge, is_refusal
 from pipeline.logps import score_sequences
-from pipeline.modeling import Encoded, encode_many, load_pretrained
-from pipeline.reference import compute_reference, fingerprint_for, read_reference
+from pipeline.modeling import load_pretrained
+from pipeline.reference import (
+    fingerprint_for,
+    pair_logps,
+    read_reference,
+    tokenizer_id,
+)
 
 
 def benign_prompt_ids(pairs: pd.DataFrame) -> set[str]:
@@ -45,6 +53,7 @@ def generation_metrics(scores: pd.DataFrame, tag: str) -> dict[str, float]:
         "harmless_rate": float((s["cost"] <= 0).mean()),
         "helpfulness": float(s["reward"].mean()),
         "over_refusal_rate": float(benign["refusal"].mean()) if len(benign) else float("nan"),
+        "length_stop_rate": float((s["finish_reason"] == "length").mean()),
     }
 
 
@@ -90,17 +99,14 @@ def implicit_reward_accuracy(
     }
 
 
-def sample_logps(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                 prompts: Sequence[str], responses: Sequence[str], ended: Sequence[bool],
-                 max_length: int, batch_size: int, device: str) -> np.ndarray:
-    """Log-probs of generated responses, re-tokenized from their text (a re-tokenization can
-    differ from the sampled tokens; for a byte-level BPE it rarely does). EOS is scored only
-    where generation ended with it, not where it ran out of tokens."""
-    enc = encode_many(tokenizer, prompts, responses, max_length)
-    enc = [e if end else Encoded(e.input_ids[:-1], e.labels[:-1])
-           for e, end in zip(enc, ended, strict=True)]
-    lp, _ = score_sequences(model, enc, tokenizer.pad_token_id, batch_size, device,
-                            desc="sample log-probs")
+def sample_logps(model: PreTrainedModel, pad_id: int, gens: pd.DataFrame, batch_size: int,
+                 device: torch.device | str, mixed_precision: MixedPrecision) -> np.ndarray:
+    """Log-probs of generated samples on exactly the token ids that were fed and sampled
+    (`prompt_ids`, `token_ids`; EOS is scored where generation ended with it)."""
+    seqs = [Encoded.join(p, t) for p, t in zip(gens["prompt_ids"], gens["token_ids"],
+                                                strict=True)]
+    lp, _ = score_sequences(model, seqs, pad_id, batch_size, device, desc="sample log-probs",
+                            mixed_precision=mixed_precision)
     return lp
 
 
@@ -114,34 +120,42 @@ def kl_to_ref(policy_logps: np.ndarray, ref_logps: np.ndarray) -> float:
 def evaluate_policy(
     *, policy_dir: Path, sft_dir: Path, generations: pd.DataFrame, test: pd.DataFrame,
     ref_test_path: Path, judge: Judge, judge_info: dict[str, Any], beta: float,
-    max_length: int, batch_size: int, device: str = "cpu",
+    max_length: int, batch_size: int, mixed_precision: MixedPrecision = "auto",
+    dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
 ) -> tuple[dict[str, Any], pd.DataFrame]:
-    """All metrics of DESIGN.md for one policy against the SFT baseline.
+    """All metrics of one policy against the SFT baseline (docs/architecture.md, "Metrics").
 
     `generations` holds both models' responses (`model` is `sft` or `policy`). Returns the
-    metrics and the scored generations (with `logp_policy`/`logp_ref` on policy rows).
+    metrics and the scored generations (with `logp_policy`/`logp_ref` on policy rows). Every
+    log-prob runs under the autocast of training (`mixed_precision`).
     """
     scores = score_generations(generations, judge, benign_prompt_ids(test))
 
     # Implicit reward on the test pairs needs the policy's log-probs and the stored reference
     # ones, which must have been computed by the SFT model on these very pairs.
-    policy, tokenizer = load_pretrained(policy_dir)
+    policy, tokenizer = load_pretrained(policy_dir, dtype=dtype)
     policy.to(device)
-    ref_model, ref_tok = load_pretrained(sft_dir)
-    ref = read_reference(ref_test_path, fingerprint_for(sft_dir, ref_tok, max_length, test))
-    pref = implicit_reward_accuracy(
-        test, compute_reference(policy, tokenizer, test, max_length, batch_size, device), ref,
-        beta)
+    ref_model, ref_tok = load_pretrained(sft_dir, dtype=dtype)
+    if tokenizer_id(tokenizer) != tokenizer_id(ref_tok):
+        raise UserError(f"the policy's tokenizer differs from the SFT model's ({sft_dir}); "
+                        "was it trained from another SFT model? rerun `dvc repro train`",
+                        path=policy_dir)
+    enc_pol = Encoder(tokenizer, load_template(policy_dir), max_length)
+    enc_ref = Encoder(ref_tok, load_template(sft_dir), max_length)
+    ref = read_reference(ref_test_path,
+                         fingerprint_for(sft_dir, enc_ref, mixed_precision, test, device))
+    pol_pairs = pair_logps(policy, enc_pol, test, batch_size, device, mixed_precision,
+                           desc="policy log-probs")
+    pref = implicit_reward_accuracy(test, pol_pairs, ref, beta)
 
     # KL to the reference on the policy's own samples: score them under both models.
     mine = scores[scores["model"] == "policy"]
-    args = (mine["prompt"].tolist(), mine["response"].tolist(),
-            (mine["finish_reason"] == "eos").tolist(), policy.config.max_position_embeddings,
-            batch_size, device)
-    lp_pol = sample_logps(policy, tokenizer, *args)
+    lp_pol = sample_logps(policy, tokenizer.pad_token_id, mine, batch_size, device,
+                          mixed_precision)
     del policy
     ref_model.to(device)
-    lp_ref = sample_logps(ref_model, ref_tok, *args)
+    lp_ref = sample_logps(ref_model, ref_tok.pad_token_id, mine, batch_size, device,
+                          mixed_precision)
     scores.loc[mine.index, "logp_policy"] = lp_pol
     scores.loc[mine.index, "logp_ref"] = lp_ref
 
@@ -154,6 +168,9 @@ def evaluate_policy(
         "over_refusal_rate_sft": sft["over_refusal_rate"],
         **pref,
         "kl_to_ref": kl_to_ref(lp_pol, lp_ref),
+        # Samples cut by max_new_tokens: their KL term covers only the tokens generated.
+        "length_stop_rate": pol["length_stop_rate"],
+        "length_stop_rate_sft": sft["length_stop_rate"],
         "judge_cost_accuracy": judge_info.get("cost_accuracy"),
         "judge_reward_accuracy": judge_info.get("reward_accuracy"),
         "n_prompts": int(scores["prompt_id"].nunique()),

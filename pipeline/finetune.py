@@ -1,7 +1,9 @@
 """The two training recipes: supervised fine-tuning and preference training (SafeDPO / DPO).
 
-Each reads typed config, builds examples, runs `training.train_loop` and saves an HF directory.
-Stages call these; tests call them directly on tiny data.
+Each reads typed config, builds examples through the one `Encoder`, runs
+`training.train_loop` and saves an HF directory (safetensors + tokenizer + prompt template).
+Stages call these; tests call them directly on tiny data. Nothing written here holds a
+wall-clock figure: reruns give byte-identical outs; timings are returned for the stage log.
 """
 
 from __future__ import annotations
@@ -14,22 +16,31 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+import torch
+from transformers import PreTrainedModel
 
+from pipeline import objectives
 from pipeline.config import LoraConfig, ModelConfig, SFTConfig, TrainConfig
+from pipeline.encoding import Encoder, TruncationStats, load_template, resolve_template
 from pipeline.errors import UserError
-from pipeline.logps import score_sequences
-from pipeline.modeling import BUILTIN_TINY, encode_many, initial_model, load_pretrained, save_model
+from pipeline.logps import forward_groups, score_sequences
+from pipeline.modeling import (
+    BUILTIN_TINY,
+    disable_dropout,
+    initial_model,
+    load_pretrained,
+    save_model,
+)
 from pipeline.reference import attach_reference, fingerprint_for, read_reference
-from pipeline.selection import select_pairs
+from pipeline.selection import contradictions, oriented, responses_long
 from pipeline.training import (
     Checkpointer,
     PreferenceExample,
     PreferenceLoss,
+    SFTLoss,
     make_accelerator,
     preference_batch,
     sft_batch,
-    sft_loss,
     train_loop,
 )
 
@@ -42,27 +53,26 @@ def _run_key(*parts: Any) -> str:
 
 
 def sft_texts(pairs: pd.DataFrame, which: str) -> tuple[list[str], list[str]]:
-    """(prompts, responses) to imitate. `both` takes both responses of each pair."""
-    if which == "both":
-        return (pairs["prompt"].tolist() * 2,
-                pairs["response_0"].tolist() + pairs["response_1"].tolist())
-    if which == "safe":
-        parts = [pairs.loc[~pairs[f"unsafe_{i}"], ["prompt", f"response_{i}"]]
-                 .set_axis(["prompt", "response"], axis=1) for i in (0, 1)]
-        both = pd.concat(parts, ignore_index=True)
-        return both["prompt"].tolist(), both["response"].tolist()
-    idx = pairs["better_id" if which == "better" else "safer_id"].to_numpy()
-    resp = np.where(idx == 0, pairs["response_0"], pairs["response_1"])
-    return pairs["prompt"].tolist(), resp.tolist()
+    """(prompts, responses) to imitate. `both` takes both responses of each pair, `safe` the
+    safe ones, `better`/`safer` the labelled winner (`safer` leaves contradictory pairs out)."""
+    if which in ("both", "safe"):
+        long = responses_long(pairs)
+        if which == "safe":
+            long = long[~long["unsafe"]]
+        return long["prompt"].tolist(), long["response"].tolist()
+    if which == "safer":
+        pairs = pairs[~contradictions(pairs)]
+    df = oriented(pairs, pairs[f"{which}_id"].to_numpy(dtype=np.int64))
+    return df["prompt"].tolist(), df["chosen"].tolist()
 
 
-def heldout_loss(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                 pairs: pd.DataFrame, which: str, max_length: int, device: str) -> float:
+def heldout_loss(model: PreTrainedModel, encoder: Encoder, pairs: pd.DataFrame, which: str,
+                 device: str, mixed_precision: str) -> float:
     """Mean NLL per response token on `pairs` (the test split)."""
     prompts, responses = sft_texts(pairs, which)
-    enc = encode_many(tokenizer, prompts, responses, max_length)
-    logps, ntok = score_sequences(model, enc, tokenizer.pad_token_id, 64, device,
-                                  desc="held-out loss")
+    enc = encoder.sequences(prompts, responses)
+    logps, ntok = score_sequences(model, enc, encoder.tokenizer.pad_token_id, 64, device,
+                                  desc="held-out loss", mixed_precision=mixed_precision)
     return float(-logps.sum() / max(1, ntok.sum()))
 
 
@@ -70,29 +80,42 @@ def run_sft(
     model_cfg: ModelConfig, cfg: SFTConfig, train: pd.DataFrame, test: pd.DataFrame,
     out_dir: Path, stop_after: int | None = None,
 ) -> dict[str, Any]:
-    """Fine-tune on the train responses (or pass a given model through) and save to `out_dir`.
+    """Fine-tune on the train responses (or pass a given model through) and save to `out_dir`
+    with the resolved prompt template. Returns a summary (with `seconds`, for the log only).
 
     SFT is not checkpointed (it takes seconds on the toy default); `train` is resumable."""
     if not cfg.enabled:
         if model_cfg.name == BUILTIN_TINY:
             raise UserError("sft.enabled: false passes a given model through, but model.name is "
                             "builtin:tiny (an untrained model); enable SFT or name a model")
+        # Saved in the checkpoint's own dtype (a 7B bf16 model stays 14 GB); training loads
+        # it in fp32 whatever that dtype is.
         model, tokenizer = load_pretrained(model_cfg.name, revision=model_cfg.revision,
-                                           trust_remote_code=model_cfg.trust_remote_code)
-        save_model(model, tokenizer, out_dir)
-        summary = {"enabled": False, "source": model_cfg.name}
-        (Path(out_dir) / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+                                           trust_remote_code=model_cfg.trust_remote_code,
+                                           dtype="auto")
+        template = resolve_template(model_cfg.template, tokenizer)
+        save_model(model, tokenizer, template, out_dir)
+        summary = {"enabled": False, "source": model_cfg.name, "template": template.kind}
+        (Path(out_dir) / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
         return summary
 
     prompts, responses = sft_texts(train, cfg.responses)
-    # The tiny tokenizer learns from exactly what it will see: templated prompts and responses.
-    corpus = [f"User: {p}\nAssistant: {r}" for p, r in zip(prompts, responses, strict=True)]
-    model, tokenizer = initial_model(model_cfg, corpus)
+    if model_cfg.name == BUILTIN_TINY:
+        # The tiny tokenizer learns from exactly what it will see: templated prompts + responses.
+        template = resolve_template(model_cfg.template, None)
+        corpus = [f"{template.render(None, p)} {r}" for p, r in zip(prompts, responses,
+                                                                     strict=True)]
+        model, tokenizer = initial_model(model_cfg, corpus)
+    else:
+        model, tokenizer = initial_model(model_cfg, [])
+        template = resolve_template(model_cfg.template, tokenizer)
+    encoder = Encoder(tokenizer, template, cfg.max_length)
     accelerator = make_accelerator(cfg)
     device = str(accelerator.device)
     model.to(accelerator.device)
-    before = heldout_loss(model, tokenizer, test, cfg.responses, cfg.max_length, device)
-    examples = encode_many(tokenizer, prompts, responses, cfg.max_length)
+    before = heldout_loss(model, encoder, test, cfg.responses, device, cfg.mixed_precision)
+    stats = TruncationStats()
+    examples = encoder.sequences(prompts, responses, stats)
     history: list[dict[str, float]] = []
 
     def log(step: int, metrics: dict[str, float]) -> None:
@@ -100,33 +123,32 @@ def run_sft(
             history.append({"step": step, **metrics})
 
     key = _run_key("sft", asdict(model_cfg), asdict(cfg), len(examples))
+    loss = SFTLoss(groups=forward_groups(cfg.forward_groups, accelerator.device))
     model, result = train_loop(
-        model, examples, lambda b: sft_batch(b, tokenizer.pad_token_id), sft_loss, cfg,
+        model, examples, lambda b: sft_batch(b, tokenizer.pad_token_id), loss, cfg,
         accelerator, Checkpointer(None, key, every=10**9), log, stop_after)
-    after = heldout_loss(model, tokenizer, test, cfg.responses, cfg.max_length, device)
+    after = heldout_loss(model, encoder, test, cfg.responses, device, cfg.mixed_precision)
     summary = {
         "enabled": True, "examples": len(examples), "steps": result.steps,
-        "seconds": round(result.seconds, 2), "train_loss": result.last_metrics.get("loss"),
+        "train_loss": result.last_metrics.get("loss"), "template": template.kind,
         "heldout_loss_before": before, "heldout_loss_after": after,
+        "truncation": stats.as_dict(),
         "parameters": sum(p.numel() for p in model.parameters()), "history": history,
     }
     if accelerator.is_main_process:
-        save_model(model, tokenizer, out_dir, state_dict=result.state_dict)
-        (Path(out_dir) / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
-    return summary
+        save_model(model, tokenizer, template, out_dir, state_dict=result.state_dict)
+        (Path(out_dir) / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    return {**summary, "seconds": result.seconds}
 
 
-def preference_examples(
-    selected: pd.DataFrame, tokenizer: PreTrainedTokenizerBase, max_length: int
-) -> list[PreferenceExample]:
-    chosen = encode_many(tokenizer, selected["prompt"].tolist(), selected["chosen"].tolist(),
-                         max_length)
-    rejected = encode_many(tokenizer, selected["prompt"].tolist(),
-                           selected["rejected"].tolist(), max_length)
+def preference_examples(selected: pd.DataFrame, encoder: Encoder,
+                        stats: TruncationStats | None = None) -> list[PreferenceExample]:
+    pairs = encoder.pairs(selected["prompt"].tolist(), selected["chosen"].tolist(),
+                          selected["rejected"].tolist(), stats)
     return [
         PreferenceExample(c, r, float(rc), float(rr), bool(hc), bool(hr))
-        for c, r, rc, rr, hc, hr in zip(
-            chosen, rejected, selected["ref_chosen"], selected["ref_rejected"],
+        for (c, r), rc, rr, hc, hr in zip(
+            pairs, selected["ref_chosen"], selected["ref_rejected"],
             selected["h_chosen"], selected["h_rejected"], strict=True)
     ]
 
@@ -148,16 +170,21 @@ def run_preference(
     stop_after: int | None = None,
 ) -> dict[str, Any]:
     """Preference-train the SFT model on `train` pairs for `cfg.objective`; no reference model
-    is loaded: its log-probs come from `ref_path`, checked against the current fingerprint."""
-    model, tokenizer = load_pretrained(sft_dir)
-    fp = fingerprint_for(sft_dir, tokenizer, cfg.max_length, train)
+    is loaded: its log-probs come from `ref_path`, checked against the current fingerprint.
+    The weights train in fp32 whatever dtype the SFT checkpoint has."""
+    objective = objectives.get(cfg.objective)
+    model, tokenizer = load_pretrained(sft_dir, dtype=torch.float32)
+    encoder = Encoder(tokenizer, load_template(sft_dir), cfg.max_length)
+    accelerator = make_accelerator(cfg)
+    fp = fingerprint_for(sft_dir, encoder, cfg.mixed_precision, train, accelerator.device)
     ref = read_reference(ref_path, fp)
-    selected, counts = select_pairs(train, cfg.objective)
+    selected, counts = objectives.select_pairs(train, objective)
     selected = attach_reference(selected, ref)
-    examples = preference_examples(selected, tokenizer, cfg.max_length)
+    examples = preference_examples(selected, encoder)
+    if cfg.disable_dropout:
+        disable_dropout(model)
     if cfg.lora.enabled:
         model = _apply_lora(model, cfg.lora)
-    accelerator = make_accelerator(cfg)
     key = _run_key("pref", asdict(cfg), beta, delta, fp.as_dict())
     checkpointer = Checkpointer(checkpoint_root, key, cfg.checkpoint_every)
     resumed = checkpointer.resumable_step()
@@ -171,33 +198,34 @@ def run_preference(
                 live.log_metric(k, v)
             live.next_step()
 
-    loss_fn = PreferenceLoss(beta=beta, delta=delta, objective=cfg.objective)
+    loss_fn = PreferenceLoss(objective, beta=beta, delta=delta,
+                             groups=forward_groups(cfg.forward_groups, accelerator.device))
     model, result = train_loop(
         model, examples, lambda b: preference_batch(b, tokenizer.pad_token_id), loss_fn, cfg,
         accelerator, checkpointer, log, stop_after)
     summary = {
         "objective": cfg.objective, "beta": beta, "delta": delta,
         "pairs_in": counts.n_in, "pairs_kept": counts.kept, "pairs_swapped": counts.swapped,
-        "pairs_dropped": counts.dropped, "pairs_trained": len(examples),
-        "steps": result.steps, "resumed_from_step": result.resumed_from,
-        "train_seconds": round(result.seconds, 2),
+        "pairs_dropped": counts.dropped, "pairs_contradictory": counts.contradictions,
+        "pairs_trained": len(examples), "steps": result.steps,
     }
     # A run cut short by `stop_after` stands for a killed one: it leaves only its checkpoint.
     if accelerator.is_main_process and stop_after is None:
         if cfg.lora.enabled:
             # Merging needs the whole model on one process: LoRA is for single / DDP runs.
-            save_model(model.merge_and_unload(), tokenizer, out_dir)
+            save_model(model.merge_and_unload(), tokenizer, encoder.template, out_dir)
         else:
-            save_model(model, tokenizer, out_dir, state_dict=result.state_dict)
+            save_model(model, tokenizer, encoder.template, out_dir, state_dict=result.state_dict)
         (Path(out_dir) / SUMMARY_FILE).write_text(json.dumps(
-            {**summary, "final": result.last_metrics}, indent=2))
+            {**summary, "final": result.last_metrics}, indent=2) + "\n")
         checkpointer.clear(accelerator)
     if live is not None:
         for k, v in summary.items():
             live.summary[k] = v
         live.make_summary()
         live.end()
-    return {**summary, "final": result.last_metrics}
+    return {**summary, "final": result.last_metrics, "resumed_from_step": result.resumed_from,
+            "seconds": result.seconds}
 
 
 def _open_live(live_dir: Path, resumed_step: int):  # -> dvclive.Live

@@ -17,10 +17,7 @@ Two kinds sit behind one interface (`Judge`):
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import tempfile
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -33,6 +30,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from pipeline.artifacts import atomic_dir
 from pipeline.config import OfflineJudgeConfig
 from pipeline.errors import UserError
 from pipeline.score_models import (  # noqa: F401  (re-exported: the judges' public API)
@@ -464,11 +462,7 @@ def write_judge_dir(out_dir: Path, record: dict[str, Any],
     so a crash never leaves a judge directory that mixes two runs."""
     from safetensors.numpy import save_file
 
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the judge is an ordinary artifact
-    try:
+    with atomic_dir(Path(out_dir)) as tmp:
         record = {**record, "format_version": FORMAT_VERSION}
         if models:
             record["models"] = {role: {"file": MODEL_FILES[role]} for role in models}
@@ -476,23 +470,10 @@ def write_judge_dir(out_dir: Path, record: dict[str, Any],
             save_file({"weight": m.weight.astype(np.float32),
                        "bias": np.array([m.bias], dtype=np.float32)},
                       str(tmp / MODEL_FILES[role]),
-                      metadata={"role": role, "features": json.dumps(asdict(m.spec))})
-            (tmp / MODEL_FILES[role]).chmod(0o644)
+                      # One key: safetensors writes a metadata map in random key order, and a
+                      # rerun must give the same bytes.
+                      metadata={"features": json.dumps(asdict(m.spec), sort_keys=True)})
         (tmp / JUDGE_JSON).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-        if not out_dir.exists():
-            os.replace(tmp, out_dir)
-            return
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
-        os.replace(out_dir, old / out_dir.name)
-        try:
-            os.replace(tmp, out_dir)
-        except OSError:
-            os.replace(old / out_dir.name, out_dir)  # put the previous judge back
-            raise
-        finally:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def read_judge_record(judge_dir: Path) -> dict[str, Any]:

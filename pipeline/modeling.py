@@ -1,4 +1,4 @@
-"""Models and tokenizers: `builtin:tiny`, a hub id or a local directory; one prompt template.
+"""Models and tokenizers: `builtin:tiny`, a hub id or a local directory; loading and saving.
 
 `builtin:tiny` trains a byte-level BPE tokenizer on the training texts and builds a small
 Llama-style `transformers` model, so the whole pipeline runs offline. Everything is saved with
@@ -8,10 +8,7 @@ Llama-style `transformers` model, so the whole pipeline runs offline. Everything
 from __future__ import annotations
 
 import hashlib
-import os
-import shutil
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -26,16 +23,13 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+from pipeline.artifacts import atomic_dir
 from pipeline.config import ModelConfig, TinyModelConfig
+from pipeline.encoding import TEMPLATE_FILE, Template
 from pipeline.errors import UserError
 
 BUILTIN_TINY = "builtin:tiny"
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
-
-# Used when a tokenizer has no chat template (the tiny model, base models). The response is
-# appended after "Assistant:" with a leading space, and EOS closes it.
-PLAIN_TEMPLATE = "User: {prompt}\nAssistant:"
-
 
 def train_tiny_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer trained on `texts` (deterministic for the same texts)."""
@@ -88,9 +82,14 @@ def _hub_error(name: str, exc: Exception) -> UserError:
 
 def load_pretrained(
     name: str | Path, *, revision: str | None = None, trust_remote_code: bool = False,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str = torch.float32,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a causal LM and its tokenizer from a local directory or a hub id."""
+    """Load a causal LM and its tokenizer from a local directory or a hub id.
+
+    `dtype` is explicit because transformers 5 reads `dtype=None` as "auto": a checkpoint saved
+    in bf16 would load as bf16 parameters, and AdamW steps at lr 1e-6 on bf16 weights mostly
+    round away. Training always loads fp32 (master weights; bf16 comes from autocast); "auto"
+    keeps the checkpoint's dtype (a pass-through copy)."""
     # The per-tensor "Loading weights" bar is noise next to the stages' own progress bars.
     hf_logging.disable_progress_bar()
     name = str(name)
@@ -124,95 +123,34 @@ def initial_model(
                            trust_remote_code=cfg.trust_remote_code)
 
 
-def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: Path,
-               state_dict: dict[str, torch.Tensor] | None = None) -> None:
-    """`save_pretrained` into a temporary sibling folder, then swap it into place.
+def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, template: Template,
+               out_dir: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """`save_pretrained` (+ the prompt template) into a temporary sibling folder, then swap it
+    into place.
 
     `state_dict`, when given, is what gets written (a full state dict gathered from sharded
     training); otherwise the model's own."""
-    out_dir = Path(out_dir)
     hf_logging.disable_progress_bar()
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
-    tokenizer.save_pretrained(tmp)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    with atomic_dir(Path(out_dir)) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+        tokenizer.save_pretrained(tmp)
+        template.save(tmp)
 
 
-def render_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
-    """The one prompt template: the tokenizer's chat template where it has one, else plain."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
-    return PLAIN_TEMPLATE.format(prompt=prompt)
-
-
-def template_id(tokenizer: PreTrainedTokenizerBase) -> str:
-    """Identifies the template in fingerprints: a change of template invalidates log-probs."""
-    source = getattr(tokenizer, "chat_template", None) or PLAIN_TEMPLATE
-    return hashlib.sha256(source.encode()).hexdigest()[:16]
-
-
-@dataclass(frozen=True)
-class Encoded:
-    """One tokenized (prompt, response): ids of both, and labels with the prompt masked."""
-
-    input_ids: list[int]
-    labels: list[int]
-
-    @property
-    def n_response_tokens(self) -> int:
-        return sum(1 for t in self.labels if t != -100)
-
-
-def encode_many(
-    tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], responses: Sequence[str],
-    max_length: int,
-) -> list[Encoded]:
-    """Tokenize each prompt + response + EOS; labels are -100 on the prompt.
-
-    Over `max_length`, the prompt is cut from the left (keeping the template's end, which the
-    response depends on) down to half the budget, then the response is cut from the right.
-    """
-    if len(prompts) != len(responses):
-        raise ValueError("prompts and responses differ in length")
-    if not prompts:
-        return []
-    rendered = [render_prompt(tokenizer, p) for p in prompts]
-    # Batched calls run in the Rust tokenizer; one call per text would dominate SFT set-up.
-    p_all = tokenizer(rendered, add_special_tokens=False)["input_ids"]
-    r_all = tokenizer([" " + r.strip() for r in responses], add_special_tokens=False)["input_ids"]
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    out = []
-    for p_ids, r_ids in zip(p_all, r_all, strict=True):
-        if bos is not None and (not p_ids or p_ids[0] != bos):
-            p_ids = [bos, *p_ids]
-        r_ids = [*r_ids, eos]
-        if len(p_ids) + len(r_ids) > max_length:
-            keep_p = max(max_length // 2, max_length - len(r_ids))
-            p_ids = p_ids[max(0, len(p_ids) - keep_p):]
-            r_ids = r_ids[: max_length - len(p_ids)]
-        out.append(Encoded(input_ids=p_ids + r_ids, labels=[-100] * len(p_ids) + r_ids))
-    return out
-
-
-def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str]) -> list[list[int]]:
-    """Token ids of rendered prompts, exactly as `encode_many` starts each sequence."""
-    ids = tokenizer([render_prompt(tokenizer, p) for p in prompts],
-                    add_special_tokens=False)["input_ids"]
-    bos = tokenizer.bos_token_id
-    return [x if bos is None or (x and x[0] == bos) else [bos, *x] for x in ids]
+#: What identifies a saved model: weights, tokenizer and template. Not `training_summary.json`
+#: or other notes, so re-saving identical weights keeps the reference log-probs valid.
+_IDENTITY_SUFFIXES = {".safetensors", ".model", ".txt"}
+_IDENTITY_FILES = {"config.json", "tokenizer.json", "tokenizer_config.json",
+                   "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
+                   TEMPLATE_FILE}
 
 
 def weights_hash(model_dir: Path) -> str:
-    """A hash of the saved weights and tokenizer files of a model directory."""
+    """A hash of the saved weights, tokenizer and template files of a model directory."""
     model_dir = Path(model_dir)
     h = hashlib.sha256()
     files = sorted(p for p in model_dir.iterdir()
-                   if p.suffix in {".safetensors", ".json", ".model", ".txt"})
+                   if p.suffix in _IDENTITY_SUFFIXES or p.name in _IDENTITY_FILES)
     if not any(p.suffix == ".safetensors" for p in files):
         raise UserError("no .safetensors weights found", path=model_dir)
     for p in files:
@@ -221,3 +159,28 @@ def weights_hash(model_dir: Path) -> str:
             for chunk in iter(lambda f=f: f.read(1 << 20), b""):
                 h.update(chunk)
     return h.hexdigest()[:16]
+
+
+def disable_dropout(model: PreTrainedModel) -> int:
+    """Set every dropout probability to 0 (modules and attention-dropout config fields), as TRL
+    does for DPO: the policy is then scored like its eval-mode reference. Returns how many
+    dropout modules had p > 0."""
+    n = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout) and module.p > 0:
+            module.p = 0.0
+            n += 1
+        # Attention modules copy their dropout rate from the config at init (Llama, Mistral).
+        for attr in ("attention_dropout", "attn_dropout", "dropout"):
+            if isinstance(getattr(module, attr, None), float) and getattr(module, attr) > 0:
+                setattr(module, attr, 0.0)
+                n += 1
+    for cfg in {id(c): c for c in (model.config, getattr(model.config, "text_config", None))
+                if c is not None}.values():
+        for key in ("attention_dropout", "hidden_dropout", "dropout", "attn_pdrop",
+                    "resid_pdrop", "embd_pdrop", "hidden_dropout_prob",
+                    "attention_probs_dropout_prob"):
+            if isinstance(getattr(cfg, key, None), float) and getattr(cfg, key) > 0:
+                setattr(cfg, key, 0.0)
+                n += 1
+    return n

@@ -42,7 +42,7 @@ import pandas as pd
 import pyarrow as pa
 
 from pipeline.errors import UserError
-from pipeline.selection import pair_type_counts
+from pipeline.selection import contradictions, pair_type_counts
 
 LAYOUTS = ("pku30k", "pku_v1", "chosen_rejected")
 PKU_COLUMNS = ["prompt", "response_0", "response_1", "is_response_0_safe", "is_response_1_safe",
@@ -54,13 +54,14 @@ CR_FLAGS = {"unsafe": ("chosen_unsafe", "rejected_unsafe"),
             "safe": ("is_chosen_safe", "is_rejected_safe")}
 
 PAIRS_COLUMNS = ["pair_id", "prompt_id", "prompt", "response_0", "response_1", "unsafe_0",
-                 "unsafe_1", "better_id", "safer_id", "severity_0", "severity_1"]
+                 "unsafe_1", "better_id", "safer_id", "severity_0", "severity_1",
+                 "contradiction"]
 PAIRS_SCHEMA = pa.schema([
     ("pair_id", pa.string()), ("prompt_id", pa.string()), ("prompt", pa.string()),
     ("response_0", pa.string()), ("response_1", pa.string()),
     ("unsafe_0", pa.bool_()), ("unsafe_1", pa.bool_()),
     ("better_id", pa.int8()), ("safer_id", pa.int8()),
-    ("severity_0", pa.int8()), ("severity_1", pa.int8()),
+    ("severity_0", pa.int8()), ("severity_1", pa.int8()), ("contradiction", pa.bool_()),
 ])
 
 #: Rejection reasons, in the order they are tested; a row gets the first that applies.
@@ -73,7 +74,6 @@ REASONS = {
     "out_of_range_id": "a preference id is a number other than 0 or 1",
     "bad_severity": "a severity is not an integer from 0 to 3",
     "identical_responses": "the two responses are the same text",
-    "contradiction": "the safer response is labelled unsafe while the other is safe",
     "duplicate_pair": "the same pair (either order) appeared earlier in this split",
     "duplicate_of_train": "this test pair is also a train pair",
 }
@@ -273,9 +273,6 @@ def normalize_frame(df: pd.DataFrame, layout: str = "auto", where: object = None
         severities.append(np.where(valid, value, np.nan))
 
     rej.add((r0 == r1).fillna(False).to_numpy(dtype=bool), "identical_responses")
-    unsafe_safer = np.where(safer == 0, u0, u1)
-    unsafe_other = np.where(safer == 0, u1, u0)
-    rej.add(unsafe_safer & ~unsafe_other, "contradiction", m["safer"])
 
     # Duplicates in either order: key on 64-bit hashes of (prompt, {r0, r1}); comparing three
     # integer columns is an order of magnitude faster than comparing the texts.
@@ -297,6 +294,8 @@ def normalize_frame(df: pd.DataFrame, layout: str = "auto", where: object = None
         "severity_0": pd.array(severities[0][ok], dtype="Int8"),
         "severity_1": pd.array(severities[1][ok], dtype="Int8"),
     })
+    # Kept and flagged: only objectives that read `safer_id` leave them out (objectives.py).
+    pairs["contradiction"] = contradictions(pairs)
     rows = (df["source_row"].to_numpy() if "source_row" in df.columns else np.arange(n))
     rejected = _rejected_table(df, rej, rows)
     return Normalized(pairs, rejected, layout, n, keys[ok].reset_index(drop=True), rows[ok])
@@ -387,6 +386,9 @@ def split_report(res: Normalized) -> dict[str, Any]:
         "rejected_sample": sample,
         "pair_types": pair_type_counts(res.pairs),
         "unsafe_responses": int(res.pairs["unsafe_0"].sum() + res.pairs["unsafe_1"].sum()),
+        # The safer response is labelled unsafe and the other safe. Kept; excluded only by the
+        # objectives (and SFT choices) that read `safer_id`.
+        "contradictions_flagged": int(res.pairs["contradiction"].sum()),
         "distinct_prompts": int(res.pairs["prompt_id"].nunique()),
     }
     if out["rows_in"] != out["rows_out"] + out["rows_rejected"]:

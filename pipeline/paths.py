@@ -41,6 +41,9 @@ EVAL_SCORES = EVAL_DIR / "scores.parquet"
 EVAL_PLOTS = EVAL_DIR / "plots"
 
 THEORY_DIR = Path("data/theory")
+THEORY_CURVES = THEORY_DIR / "curves.parquet"
+THEORY_METRICS = THEORY_DIR / "metrics.json"
+THEORY_PLOT = THEORY_DIR / "convergence.png"
 
 MODEL_TAGS = ("sft", "policy")
 

@@ -4,18 +4,50 @@ training and evaluation, and guarded by a fingerprint of everything they depend 
 
 from __future__ import annotations
 
+import hashlib
+import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from pipeline.artifacts import frame_hash, read_parquet, read_parquet_metadata, write_parquet
+from pipeline.config import MixedPrecision
+from pipeline.encoding import Encoder, TruncationStats
 from pipeline.errors import UserError
-from pipeline.logps import Fingerprint, score_sequences, tokenizer_id
-from pipeline.modeling import encode_many, template_id, weights_hash
+from pipeline.logps import score_sequences
+from pipeline.modeling import weights_hash
+from pipeline.precision import resolve_mixed_precision
 
 REF_COLUMNS = ["pair_id", "logp_0", "logp_1", "ntok_0", "ntok_1"]
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """What reference log-probs depend on. Training and evaluation refuse ones that differ."""
+
+    model: str
+    tokenizer: str
+    template: str
+    max_length: int
+    precision: str
+    data: str
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+    def mismatches(self, other: Fingerprint) -> list[str]:
+        return [k for k, v in self.as_dict().items() if other.as_dict().get(k) != v]
+
+
+def tokenizer_id(tokenizer: PreTrainedTokenizerBase) -> str:
+    """A hash of the tokenizer's vocabulary and special tokens."""
+    vocab = sorted(tokenizer.get_vocab().items())
+    special = [tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token]
+    return hashlib.sha256(json.dumps([vocab, special]).encode()).hexdigest()[:16]
 
 
 def pairs_hash(pairs: pd.DataFrame) -> str:
@@ -23,24 +55,27 @@ def pairs_hash(pairs: pd.DataFrame) -> str:
     return frame_hash(pairs, ["pair_id", "prompt", "response_0", "response_1"])
 
 
-def fingerprint_for(model_dir: Path, tokenizer: PreTrainedTokenizerBase, max_length: int,
-                    pairs: pd.DataFrame) -> Fingerprint:
-    return Fingerprint(model=weights_hash(model_dir), tokenizer=tokenizer_id(tokenizer),
-                       template=template_id(tokenizer), max_length=max_length,
+def fingerprint_for(model_dir: Path, encoder: Encoder, mixed_precision: MixedPrecision,
+                    pairs: pd.DataFrame, device: torch.device | str) -> Fingerprint:
+    return Fingerprint(model=weights_hash(model_dir), tokenizer=tokenizer_id(encoder.tokenizer),
+                       template=encoder.template.id, max_length=encoder.max_length,
+                       precision=resolve_mixed_precision(mixed_precision, torch.device(device)),
                        data=pairs_hash(pairs))
 
 
-def compute_reference(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pairs: pd.DataFrame,
-    max_length: int, batch_size: int, device: str = "cpu",
+def pair_logps(
+    model: PreTrainedModel, encoder: Encoder, pairs: pd.DataFrame, batch_size: int,
+    device: torch.device | str = "cpu", mixed_precision: MixedPrecision = "auto",
+    stats: TruncationStats | None = None, desc: str = "pair log-probs",
 ) -> pd.DataFrame:
-    """Summed log-prob and token count of both responses of every pair, keyed by `pair_id`."""
+    """Summed log-prob and token count of both responses of every pair under `model`, keyed by
+    `pair_id`: the reference's (by `ref_logps`) or the policy's (by `evaluate`)."""
     n = len(pairs)
-    prompts = pairs["prompt"].tolist() * 2
-    responses = pairs["response_0"].tolist() + pairs["response_1"].tolist()
-    enc = encode_many(tokenizer, prompts, responses, max_length)
-    logps, ntok = score_sequences(model, enc, tokenizer.pad_token_id, batch_size, device,
-                                  desc="ref log-probs")
+    encoded = encoder.pairs(pairs["prompt"].tolist(), pairs["response_0"].tolist(),
+                            pairs["response_1"].tolist(), stats)
+    seqs = [a for a, _ in encoded] + [b for _, b in encoded]
+    logps, ntok = score_sequences(model, seqs, encoder.tokenizer.pad_token_id, batch_size,
+                                  device, desc=desc, mixed_precision=mixed_precision)
     return pd.DataFrame({
         "pair_id": pairs["pair_id"].to_numpy(),
         "logp_0": logps[:n], "logp_1": logps[n:],
@@ -48,8 +83,12 @@ def compute_reference(
     })
 
 
-def write_reference(df: pd.DataFrame, fp: Fingerprint, path: Path) -> None:
-    write_parquet(df[REF_COLUMNS], path, metadata={"fingerprint": fp.as_dict()})
+def write_reference(df: pd.DataFrame, fp: Fingerprint, path: Path,
+                    truncation: TruncationStats | None = None) -> None:
+    meta: dict[str, object] = {"fingerprint": fp.as_dict()}
+    if truncation is not None:
+        meta["truncation"] = truncation.as_dict()
+    write_parquet(df[REF_COLUMNS], path, metadata=meta)
 
 
 def read_reference(path: Path, expected: Fingerprint) -> pd.DataFrame:
@@ -57,10 +96,10 @@ def read_reference(path: Path, expected: Fingerprint) -> pd.DataFrame:
     meta = read_parquet_metadata(path)
     if "fingerprint" not in meta:
         raise UserError("has no fingerprint; rerun `dvc repro ref_logps`", path=path)
-    stored = Fingerprint(**meta["fingerprint"])
-    bad = expected.mismatches(stored)
+    stored = meta["fingerprint"]
+    bad = expected.mismatches(Fingerprint(**{k: stored.get(k) for k in expected.as_dict()}))
     if bad:
-        detail = ", ".join(f"{k}: stored {getattr(stored, k)!r} != current "
+        detail = ", ".join(f"{k}: stored {stored.get(k)!r} != current "
                            f"{getattr(expected, k)!r}" for k in bad)
         raise UserError(f"reference log-probs do not match the model and data being trained "
                         f"({detail}); rerun `dvc repro ref_logps`", path=path)

@@ -21,11 +21,14 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import JudgeConfig
+from pipeline.encoding import NAMED_TEMPLATES
 from pipeline.errors import UserError
+from pipeline.precision import device as default_device
 
 LAYOUTS = ("sequence_classification", "beaver_score")
-BEAVER_TEMPLATE = "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:{response}"
-PLAIN_TEMPLATE = "User: {prompt}\nAssistant: {response}"
+# The pipeline's prompt templates with the response appended as each score model reads it.
+BEAVER_TEMPLATE = NAMED_TEMPLATES["safe_rlhf"] + "{response}"
+PLAIN_TEMPLATE = NAMED_TEMPLATES["plain"] + " {response}"
 
 
 def resolve_model(source: str, revision: str | None = None, *,
@@ -105,7 +108,7 @@ def _weight_files(model_dir: Path) -> list[Path]:
 
 
 def _default_device(device: str | None) -> torch.device:
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return torch.device(device) if device else default_device()
 
 
 class ScoreModel:

@@ -1,9 +1,10 @@
-"""Pair selection for each training objective, and the SafeDPO transform T(D).
+"""The pairs table and its orientations: the one place that knows which side of a pair wins.
 
-All functions are pure and vectorised: they take the normalized pairs table (DESIGN.md schema:
-`response_0/1`, `unsafe_0/1`, `better_id`, `safer_id`) and return a table of (chosen, rejected)
-pairs with the safety flags of each side. They never invent a pair and never lose one without
-counting it.
+The normalized pairs table (docs/architecture.md) has `response_0/1`, `unsafe_0/1`,
+`better_id`, `safer_id`. Here it is oriented as (chosen, rejected) with the safety flags of each
+side, reshaped to one row per response, and put through the SafeDPO transform T(D). All
+functions are pure and vectorised. Which orientation and rule each training objective uses is
+declared in `pipeline.objectives`.
 """
 
 from __future__ import annotations
@@ -12,8 +13,6 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import pandas as pd
-
-from pipeline.config import OBJECTIVES
 
 #: Columns of a selected-pairs table. `chosen_idx` is the index (0/1) of the chosen response in
 #: the original pair, so per-response artifacts (reference log-probs) can be joined on
@@ -33,6 +32,9 @@ class SelectionCounts:
     swapped: int
     dropped: int
 
+    #: Of `dropped`, pairs left out because their labels contradict (see `contradictions`).
+    contradictions: int = 0
+
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
 
@@ -48,8 +50,9 @@ def transform_actions(unsafe_w: np.ndarray, unsafe_l: np.ndarray) -> np.ndarray:
     return np.where(~unsafe_w, "keep", np.where(~unsafe_l, "swap", "drop"))
 
 
-def _oriented(pairs: pd.DataFrame, winner_idx: np.ndarray) -> pd.DataFrame:
-    """Orient each pair as (winner, loser) given the index of its winner."""
+def oriented(pairs: pd.DataFrame, winner_idx: np.ndarray) -> pd.DataFrame:
+    """Orient each pair as (chosen, rejected) = (winner, loser) given its winner's index."""
+    winner_idx = np.asarray(winner_idx, dtype=np.int64)
     w0 = winner_idx == 0
     r0 = pairs["response_0"].to_numpy()
     r1 = pairs["response_1"].to_numpy()
@@ -67,7 +70,8 @@ def _oriented(pairs: pd.DataFrame, winner_idx: np.ndarray) -> pd.DataFrame:
     })
 
 
-def _swap(df: pd.DataFrame, mask: np.ndarray) -> pd.DataFrame:
+def swapped(df: pd.DataFrame, mask: np.ndarray) -> pd.DataFrame:
+    """`df` (oriented pairs) with chosen and rejected exchanged where `mask` holds."""
     out = df.copy()
     for a, b in (("chosen", "rejected"), ("h_chosen", "h_rejected")):
         out.loc[mask, [a, b]] = df.loc[mask, [b, a]].to_numpy()
@@ -75,38 +79,26 @@ def _swap(df: pd.DataFrame, mask: np.ndarray) -> pd.DataFrame:
     return out
 
 
-def select_pairs(pairs: pd.DataFrame, objective: str) -> tuple[pd.DataFrame, SelectionCounts]:
-    """Training pairs for `objective` (DESIGN.md, "Pair selection").
+def contradictions(pairs: pd.DataFrame) -> np.ndarray:
+    """Pairs whose `safer` response is labelled unsafe while the other is labelled safe: the
+    two labels disagree, so only an objective that reads `safer_id` has to leave them out."""
+    s1 = pairs["safer_id"].to_numpy(dtype=np.int64) == 1
+    u0 = pairs["unsafe_0"].to_numpy(dtype=bool)
+    u1 = pairs["unsafe_1"].to_numpy(dtype=bool)
+    return np.where(s1, u1 & ~u0, u0 & ~u1)
 
-    - safedpo:        `better` pairs through T(D)
-    - dpo_helpful:    `better` pairs, unchanged
-    - dpo_harmless:   `safer` pairs, unchanged
-    - dpo_safebetter: `better` pairs whose winner is safe; the rest dropped
-    """
-    if objective not in OBJECTIVES:
-        raise ValueError(f"unknown objective {objective!r}; expected one of {OBJECTIVES}")
-    n = len(pairs)
-    winner = pairs["safer_id" if objective == "dpo_harmless" else "better_id"]
-    df = _oriented(pairs, winner.to_numpy(dtype=np.int64))
-    if objective == "safedpo":
-        action = transform_actions(df["h_chosen"].to_numpy(), df["h_rejected"].to_numpy())
-        df = _swap(df, action == "swap")
-    elif objective == "dpo_safebetter":
-        action = np.where(df["h_chosen"].to_numpy(dtype=bool), "drop", "keep")
-    else:
-        action = np.full(n, "keep")
-    df["action"] = action
-    counts = SelectionCounts(
-        n_in=n,
-        kept=int((action == "keep").sum()),
-        swapped=int((action == "swap").sum()),
-        dropped=int((action == "drop").sum()),
-    )
-    out = df.loc[action != "drop", SELECTED_COLUMNS].reset_index(drop=True)
-    out["h_chosen"] = out["h_chosen"].astype(bool)
-    out["h_rejected"] = out["h_rejected"].astype(bool)
-    out["chosen_idx"] = out["chosen_idx"].astype(np.int8)
-    return out, counts
+
+def responses_long(pairs: pd.DataFrame) -> pd.DataFrame:
+    """Every response of every pair as one row, keyed by (`pair_id`, `idx`): all response_0
+    rows first, then all response_1 rows (so row k and row n + k are the two sides of pair k)."""
+    parts = []
+    for i in (0, 1):
+        parts.append(pd.DataFrame({
+            "pair_id": pairs["pair_id"].to_numpy(), "prompt_id": pairs["prompt_id"].to_numpy(),
+            "prompt": pairs["prompt"].to_numpy(), "idx": np.full(len(pairs), i, np.int8),
+            "response": pairs[f"response_{i}"].to_numpy(),
+            "unsafe": pairs[f"unsafe_{i}"].to_numpy(dtype=bool)}))
+    return pd.concat(parts, ignore_index=True)
 
 
 def pair_type_counts(pairs: pd.DataFrame) -> dict[str, int]:

@@ -29,8 +29,8 @@ What the check is built on (the reasoning behind the thresholds in tests/test_th
   coordinate's step to ≈ lr whatever the gradient's size, which hides exactly the gradient-size
   effect through which Δ acts.
 
-The training loop uses the pipeline's own pair selection (`select_pairs`, i.e. T(D) for SafeDPO)
-and losses (`safedpo_loss`, `dpo_loss`) on a pairs table in the normalized schema, so this checks
+The training loop uses the pipeline's own objectives (`pipeline.objectives`: pair selection, i.e.
+T(D) for SafeDPO, and the loss) on a pairs table in the normalized schema, so this checks
 the code that trains the language model, not a copy of it.
 """
 
@@ -47,10 +47,9 @@ import numpy as np
 import pandas as pd
 import torch
 
+from pipeline import objectives
 from pipeline.artifacts import atomic_path, text_hash
 from pipeline.config import TheoryConfig
-from pipeline.losses import dpo_loss, safedpo_loss
-from pipeline.selection import select_pairs
 
 BASELINES: tuple[str, ...] = ("dpo_helpful", "dpo_harmless")
 CURVE_COLUMNS = ["run", "step", "objective", "delta", "loss", "tv_to_opt", "tv_to_mle_opt",
@@ -66,7 +65,7 @@ class TabularProblem:
     cost: np.ndarray       # (K, M) latent cost; orders `safer_id` among equally safe responses
     ref_logp: np.ndarray   # (K, M) log π_ref(y|x)
     beta: float
-    pairs: pd.DataFrame    # normalized pairs schema (DESIGN.md)
+    pairs: pd.DataFrame    # normalized pairs schema (docs/architecture.md)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -293,7 +292,8 @@ def train_tabular(problem: TabularProblem, objective: str, delta: float, steps: 
     `objective` goes through `select_pairs` and the pipeline's loss, exactly as in `train`.
     The curve has one row per step (step 0 is π_ref) with the distances used by the tests.
     """
-    selected, counts = select_pairs(problem.pairs, objective)
+    obj = objectives.get(objective)
+    selected, counts = objectives.select_pairs(problem.pairs, obj)
     batch = _grouped_pairs(selected)
     k, w, lo = batch["k"], batch["w"], batch["l"]
     beta = problem.beta
@@ -307,11 +307,8 @@ def train_tabular(problem: TabularProblem, objective: str, delta: float, steps: 
     for step in range(steps + 1):
         theta.requires_grad_(True)
         logp = torch.log_softmax(theta, dim=1)
-        if objective == "safedpo":
-            losses, _, _ = safedpo_loss(logp[k, w], logp[k, lo], ref_w, ref_l,
-                                        batch["h_w"], batch["h_l"], beta, delta)
-        else:
-            losses, _, _ = dpo_loss(logp[k, w], logp[k, lo], ref_w, ref_l, beta)
+        losses, _, _ = obj.loss(logp[k, w], logp[k, lo], ref_w, ref_l, batch["h_w"],
+                                batch["h_l"], beta, delta)
         loss = (losses * batch["weight"]).sum()
         (grad,) = torch.autograd.grad(loss, theta)
         theta = theta.detach()
@@ -326,7 +323,7 @@ def train_tabular(problem: TabularProblem, objective: str, delta: float, steps: 
         "run": name,
         "step": np.arange(steps + 1, dtype=np.int64),
         "objective": objective,
-        "delta": float(delta) if objective == "safedpo" else float("nan"),
+        "delta": float(delta) if obj.uses_delta else float("nan"),
         "loss": losses_t.numpy(),
         **{c: stats[c] for c in CURVE_COLUMNS[5:]},
     })
@@ -369,7 +366,7 @@ def policy_metrics(logp: np.ndarray, problem: TabularProblem,
 
 
 def run_name(objective: str, delta: float) -> str:
-    return f"safedpo_d{delta:g}" if objective == "safedpo" else objective
+    return f"{objective}_d{delta:g}" if objectives.get(objective).uses_delta else objective
 
 
 def first_step_at_or_below(values: np.ndarray, tol: float) -> int | None:
@@ -413,7 +410,7 @@ def _run_theory(cfg: TheoryConfig) -> TheoryResult:
     beta = cfg.beta
 
     # The empirical optimum SafeDPO can reach: BT MLE on the safe-vs-safe pairs it trains on.
-    safedpo_pairs, _ = select_pairs(problem.pairs, "safedpo")
+    safedpo_pairs, _ = objectives.select_pairs(problem.pairs, "safedpo")
     safe_safe = safedpo_pairs[~safedpo_pairs["h_chosen"] & ~safedpo_pairs["h_rejected"]]
     wins = win_counts(safe_safe, problem.shape)
     r_hat = bt_mle(wins, ~problem.unsafe)
@@ -469,7 +466,7 @@ def _summarise(res: RunResult, problem: TabularProblem, mle_opt: np.ndarray,
     final = policy_metrics(res.final_logp, problem, mle_opt)
     return {
         "objective": res.objective,
-        "delta": res.delta if res.objective == "safedpo" else None,
+        "delta": res.delta if objectives.get(res.objective).uses_delta else None,
         **{key: float(v) for key, v in final.items()},
         "final_loss": float(c["loss"].iloc[-1]),
         "steps_to_unsafe_tol": first_step_at_or_below(c["unsafe_mass"].to_numpy(), tol),

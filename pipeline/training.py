@@ -29,10 +29,11 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, get_scheduler
 
 from pipeline.config import OptimConfig
+from pipeline.encoding import Encoded
 from pipeline.errors import UserError
 from pipeline.logps import batch_logps, collate
-from pipeline.losses import dpo_loss, safedpo_loss
-from pipeline.modeling import Encoded
+from pipeline.objectives import Objective
+from pipeline.precision import device, resolve_mixed_precision
 
 T = TypeVar("T")
 Metrics = dict[str, torch.Tensor]
@@ -40,8 +41,6 @@ LossFn = Callable[[PreTrainedModel, dict[str, torch.Tensor]], tuple[torch.Tensor
 
 _SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
 STATE_FILE = "trainer_state.json"
-# Length-sorted groups per forward pass (see `logps.batch_logps`): cuts padding from ~40% to ~10%.
-FORWARD_GROUPS = 4
 
 
 class NonFiniteLossError(UserError):
@@ -52,12 +51,10 @@ def make_accelerator(cfg: OptimConfig) -> Accelerator:
     """bf16 on GPU when `mixed_precision: auto`; fp32 on CPU. An explicit `bf16` on a CPU with
     native bf16 (AVX512-BF16, AMX) makes a ~30M-parameter step ~1.7x faster
     (bench/bench_train.py) but not the tiny one, and changes the numbers, so it is opt-in."""
-    cuda = torch.cuda.is_available()
-    mp = cfg.mixed_precision
-    if mp == "auto":
-        mp = "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
+    on = device()
     # `cpu=True` is what makes accelerate set up gloo when torchrun starts several CPU processes.
-    return Accelerator(mixed_precision=mp, cpu=not cuda)
+    return Accelerator(mixed_precision=resolve_mixed_precision(cfg.mixed_precision, on),
+                       cpu=on.type == "cpu")
 
 
 @dataclass
@@ -263,12 +260,17 @@ def sft_batch(items: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     return collate(items, pad_id)
 
 
-def sft_loss(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
-                                                                            Metrics]:
+@dataclass(frozen=True)
+class SFTLoss:
     """Mean negative log-likelihood per response token of the batch."""
-    logps, ntok = batch_logps(model, batch, groups=FORWARD_GROUPS)
-    loss = -logps.sum() / ntok.sum().clamp(min=1)
-    return loss, {"tokens": ntok.sum().float()}
+
+    groups: int
+
+    def __call__(self, model: PreTrainedModel, batch: dict[str, torch.Tensor]
+                 ) -> tuple[torch.Tensor, Metrics]:
+        logps, ntok = batch_logps(model, batch, groups=self.groups)
+        loss = -logps.sum() / ntok.sum().clamp(min=1)
+        return loss, {"tokens": ntok.sum().float()}
 
 
 @dataclass(frozen=True)
@@ -297,25 +299,21 @@ def preference_batch(items: list[PreferenceExample], pad_id: int) -> dict[str, t
 
 @dataclass(frozen=True)
 class PreferenceLoss:
-    """The loss of one objective: SafeDPO with margin `delta`, or plain DPO."""
+    """The loss of one objective (`pipeline.objectives`) on a batch of pairs."""
 
+    objective: Objective
     beta: float
     delta: float
-    objective: str
-    groups: int = FORWARD_GROUPS
+    groups: int
 
     def __call__(self, model: PreTrainedModel, batch: dict[str, torch.Tensor]
                  ) -> tuple[torch.Tensor, Metrics]:
         logps, _ = batch_logps(model, batch, self.groups)
         n = batch["ref_chosen"].shape[0]
         chosen, rejected = logps[:n], logps[n:]
-        if self.objective == "safedpo":
-            losses, r_c, r_r = safedpo_loss(
-                chosen, rejected, batch["ref_chosen"], batch["ref_rejected"],
-                batch["h_chosen"], batch["h_rejected"], self.beta, self.delta)
-        else:
-            losses, r_c, r_r = dpo_loss(chosen, rejected, batch["ref_chosen"],
-                                        batch["ref_rejected"], self.beta)
+        losses, r_c, r_r = self.objective.loss(
+            chosen, rejected, batch["ref_chosen"], batch["ref_rejected"], batch["h_chosen"],
+            batch["h_rejected"], self.beta, self.delta)
         return losses.mean(), {
             "rewards/chosen": r_c.mean(),
             "rewards/rejected": r_r.mean(),

@@ -6,13 +6,13 @@ import time
 from pathlib import Path
 
 import pandas as pd
-import torch
 
 from pipeline import paths
 from pipeline.artifacts import read_parquet, write_json, write_parquet
 from pipeline.config import load_params
 from pipeline.evaluation import evaluate_policy, tradeoff_points
 from pipeline.judges import load_judge, read_judge_record
+from pipeline.precision import device, weight_dtype
 
 
 def run(params_file: Path = paths.PARAMS) -> None:
@@ -26,13 +26,15 @@ def run(params_file: Path = paths.PARAMS) -> None:
         judge=load_judge(paths.JUDGE_DIR, params.judge.batch_size),
         judge_info=read_judge_record(paths.JUDGE_DIR), beta=params.beta,
         max_length=params.train.max_length, batch_size=params.evaluate.batch_size,
-        device="cuda" if torch.cuda.is_available() else "cpu")
+        mixed_precision=params.train.mixed_precision, dtype=weight_dtype(params.model.dtype),
+        device=device())
     write_parquet(scores, paths.EVAL_SCORES)
     write_json(metrics, paths.EVAL_METRICS)
     write_json(tradeoff_points(metrics), paths.EVAL_PLOTS / "tradeoff.json")
     print(f"evaluate: harmless {metrics['harmless_rate']:.3f} (sft "
           f"{metrics['harmless_rate_sft']:.3f}), helpfulness {metrics['helpfulness']:.3f} (sft "
           f"{metrics['helpfulness_sft']:.3f}), win vs sft {metrics['win_rate_vs_sft']:.3f}, "
-          f"over-refusal {metrics['over_refusal_rate']:.3f}; judge accuracy cost "
+          f"over-refusal {metrics['over_refusal_rate']:.3f}, KL to ref {metrics['kl_to_ref']:.2f} "
+          f"({metrics['length_stop_rate']:.0%} of samples hit max_new_tokens); judge accuracy cost "
           f"{metrics['judge_cost_accuracy']:.3f}, reward {metrics['judge_reward_accuracy']:.3f} "
           f"[{time.perf_counter() - t0:.1f}s]")

@@ -4,14 +4,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from pipeline import paths
 from pipeline.artifacts import read_parquet, write_parquet
 from pipeline.config import load_params
+from pipeline.encoding import Encoder, load_template
 from pipeline.errors import UserError
-from pipeline.generation import generate, select_prompts
+from pipeline.generation import (
+    GENERATION_SCHEMA,
+    eos_token_ids,
+    generate,
+    generation_record,
+    select_prompts,
+)
 from pipeline.modeling import load_pretrained
+from pipeline.precision import device, weight_dtype
 
 
 def run(params_file: Path = paths.PARAMS, tag: str = "policy") -> None:
@@ -19,15 +25,18 @@ def run(params_file: Path = paths.PARAMS, tag: str = "policy") -> None:
         raise UserError(f"unknown model {tag!r}; expected one of {list(paths.MODEL_TAGS)}")
     params = load_params(params_file)
     cfg = params.generate
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tokenizer = load_pretrained(paths.model_dir(tag))
-    model.to(device)
+    on = device()
+    model_dir = paths.model_dir(tag)
+    model, tokenizer = load_pretrained(model_dir, dtype=weight_dtype(params.model.dtype))
+    model.to(on)
+    encoder = Encoder(tokenizer, load_template(model_dir), params.train.max_length)
     prompts = select_prompts(read_parquet(paths.PAIRS_TEST, ["prompt_id", "prompt"]),
                              cfg.n_prompts, cfg.seed)
-    df, stats = generate(model, tokenizer, prompts, cfg, tag, device)
+    df, stats = generate(model, encoder, prompts, cfg, tag, on, params.train.mixed_precision)
     out = paths.generations_path(tag)
-    write_parquet(df, out, metadata={"tokens_per_second": stats.tokens_per_second,
-                                     "seconds": stats.seconds})
+    # Throughput goes to the log only: a cached out must not change between identical reruns.
+    write_parquet(df, out, schema=GENERATION_SCHEMA,
+                  metadata=generation_record(cfg, eos_token_ids(model, encoder)))
     eos = (df["finish_reason"] == "eos").mean()
     print(f"generate {tag}: {len(df)} responses to {len(prompts)} prompts, "
           f"{stats.new_tokens} tokens in {stats.seconds:.1f}s "

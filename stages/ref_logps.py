@@ -5,26 +5,29 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import torch
-
 from pipeline import paths
 from pipeline.artifacts import read_parquet
 from pipeline.config import load_params
+from pipeline.encoding import Encoder, TruncationStats, load_template
 from pipeline.modeling import load_pretrained
-from pipeline.reference import compute_reference, fingerprint_for, write_reference
+from pipeline.precision import device, weight_dtype
+from pipeline.reference import fingerprint_for, pair_logps, write_reference
 
 
 def run(params_file: Path = paths.PARAMS) -> None:
     params = load_params(params_file)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tokenizer = load_pretrained(paths.SFT_DIR)
-    model.to(device)
-    max_length = params.train.max_length
+    on = device()
+    mp = params.train.mixed_precision
+    model, tokenizer = load_pretrained(paths.SFT_DIR, dtype=weight_dtype(params.model.dtype))
+    model.to(on)
+    encoder = Encoder(tokenizer, load_template(paths.SFT_DIR), params.train.max_length)
     for split, src, dest in (("train", paths.PAIRS_TRAIN, paths.REF_TRAIN),
                              ("test", paths.PAIRS_TEST, paths.REF_TEST)):
         pairs = read_parquet(src)
         t0 = time.perf_counter()
-        ref = compute_reference(model, tokenizer, pairs, max_length,
-                                params.ref_logps.batch_size, device)
-        write_reference(ref, fingerprint_for(paths.SFT_DIR, tokenizer, max_length, pairs), dest)
-        print(f"ref_logps: {split}: {len(ref)} pairs in {time.perf_counter() - t0:.1f}s -> {dest}")
+        stats = TruncationStats()
+        ref = pair_logps(model, encoder, pairs, params.ref_logps.batch_size, on, mp, stats,
+                         desc=f"ref log-probs {split}")
+        write_reference(ref, fingerprint_for(paths.SFT_DIR, encoder, mp, pairs, on), dest, stats)
+        print(f"ref_logps: {split}: {len(ref)} pairs in {time.perf_counter() - t0:.1f}s; "
+              f"{stats.describe()} at max_length {encoder.max_length} -> {dest}")

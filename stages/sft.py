@@ -16,8 +16,11 @@ def run(params_file: Path = paths.PARAMS) -> None:
     test = read_parquet(paths.PAIRS_TEST)
     summary = run_sft(params.model, params.sft, train, test, paths.SFT_DIR)
     if summary["enabled"]:
-        print(f"sft: {summary['examples']} examples, {summary['steps']} steps in "
-              f"{summary['seconds']:.0f}s; held-out loss {summary['heldout_loss_before']:.3f} -> "
-              f"{summary['heldout_loss_after']:.3f} nats/token -> {paths.SFT_DIR}")
+        cut = summary["truncation"]
+        print(f"sft: {summary['examples']} examples ({cut['truncated']} truncated to "
+              f"max_length), {summary['steps']} steps in {summary['seconds']:.0f}s; held-out "
+              f"loss {summary['heldout_loss_before']:.3f} -> {summary['heldout_loss_after']:.3f}"
+              f" nats/token; template {summary['template']} -> {paths.SFT_DIR}")
     else:
-        print(f"sft: disabled; passed {summary['source']} through -> {paths.SFT_DIR}")
+        print(f"sft: disabled; passed {summary['source']} through (template "
+              f"{summary['template']}) -> {paths.SFT_DIR}")

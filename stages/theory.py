@@ -12,12 +12,10 @@ from typing import Any
 
 from pipeline.artifacts import write_json, write_parquet
 from pipeline.config import load_params
-from pipeline.paths import THEORY_DIR
+from pipeline.paths import THEORY_CURVES as CURVES
+from pipeline.paths import THEORY_METRICS as METRICS
+from pipeline.paths import THEORY_PLOT as PLOT
 from pipeline.theory import plot_convergence, run_theory
-
-CURVES = THEORY_DIR / "curves.parquet"
-METRICS = THEORY_DIR / "metrics.json"
-PLOT = THEORY_DIR / "convergence.png"
 
 
 def run(params_file: Path) -> None:

@@ -20,6 +20,11 @@ def test_repository_params_load() -> None:
     assert isinstance(params.dataset.toy, ToyConfig)
 
 
+def test_params_yaml_is_the_one_source_of_defaults() -> None:
+    """Every key of params.yaml equals the dataclass default, so code and file cannot drift."""
+    assert load_params(REPO / "params.yaml") == Params()
+
+
 def test_dataset_defaults_are_valid() -> None:
     cfg = DatasetConfig()
     assert cfg.toy.n_train > 0 and 0 < cfg.test_fraction < 1

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from pipeline.config import GenerateConfig, TinyModelConfig
+from pipeline.encoding import Encoder, resolve_template
 from pipeline.evaluation import (
     benign_prompt_ids,
     generation_metrics,
@@ -36,8 +37,10 @@ def test_generation_metrics_and_benign_prompts() -> None:
     scores = pd.DataFrame({
         "model": ["policy"] * 4, "cost": [-1.0, 0.0, 2.0, -3.0], "reward": [1, 2, 3, 6],
         "refusal": [True, False, False, True], "benign_prompt": [True, True, False, False]})
+    scores["finish_reason"] = ["eos", "length", "eos", "eos"]
     m = generation_metrics(scores, "policy")
-    assert m == {"harmless_rate": 0.75, "helpfulness": 3.0, "over_refusal_rate": 0.5}
+    assert m == {"harmless_rate": 0.75, "helpfulness": 3.0, "over_refusal_rate": 0.5,
+                 "length_stop_rate": 0.25}
 
 
 def test_implicit_reward_accuracy_by_hand() -> None:
@@ -82,9 +85,10 @@ def test_batched_left_padded_generation_equals_one_at_a_time() -> None:
                                              num_kv_heads=4, seed=1), tok)
     prompts = pd.DataFrame({"prompt_id": ["a", "b", "c"],
                             "prompt": ["hi", "a much longer question about bread", "bikes?"]})
+    enc = Encoder(tok, resolve_template("plain", tok), 96)
     cfg = GenerateConfig(n_prompts=3, max_new_tokens=8, do_sample=False, batch_size=3)
-    batched, stats = generate(model, tok, prompts, cfg, "sft")
-    single, _ = generate(model, tok, prompts, GenerateConfig(
+    batched, stats = generate(model, enc, prompts, cfg, "sft")
+    single, _ = generate(model, enc, prompts, GenerateConfig(
         n_prompts=3, max_new_tokens=8, do_sample=False, batch_size=1), "sft")
     pd.testing.assert_frame_equal(batched, single)
     assert set(batched["finish_reason"]) <= {"eos", "length"}
@@ -93,7 +97,89 @@ def test_batched_left_padded_generation_equals_one_at_a_time() -> None:
     state = torch.random.get_rng_state()
     s_cfg = GenerateConfig(n_prompts=3, max_new_tokens=8, do_sample=True, samples_per_prompt=2,
                            batch_size=2, seed=5)
-    s1, _ = generate(model, tok, prompts, s_cfg, "sft")
-    s2, _ = generate(model, tok, prompts, s_cfg, "sft")
+    s1, _ = generate(model, enc, prompts, s_cfg, "sft")
+    s2, _ = generate(model, enc, prompts, s_cfg, "sft")
     pd.testing.assert_frame_equal(s1, s2)
     assert len(s1) == 6 and torch.equal(state, torch.random.get_rng_state())
+
+
+@pytest.fixture(scope="module")
+def hub_like(tmp_path_factory: pytest.TempPathFactory):
+    """A bf16 Llama checkpoint with a chat template and a generation_config.json that sets
+    top_k 50 and repetition_penalty 1.3, loaded as the generate stage loads it."""
+    from real_models import corpus, metaspace_tokenizer, pku_v1_rows, save_hub_like, tiny_llama
+
+    from pipeline.encoding import load_template
+    from pipeline.modeling import load_pretrained, save_model
+
+    rows = pku_v1_rows(4, seed=1, words=(20, 40))
+    tok = metaspace_tokenizer(corpus(rows), vocab_size=400)
+    hub = save_hub_like(tiny_llama(tok, seed=2), tok, tmp_path_factory.mktemp("hub") / "m")
+    model, tok = load_pretrained(hub, dtype="auto")
+    out = tmp_path_factory.mktemp("sft") / "sft"
+    save_model(model, tok, resolve_template("auto", tok), out)
+    model, tok = load_pretrained(out)
+    return model, Encoder(tok, load_template(out), 256), rows
+
+
+def test_sampling_applies_no_logits_processor_the_params_do_not_ask_for(
+        hub_like, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, enc, rows = hub_like
+    assert model.generation_config.top_k == 50  # the checkpoint's own default
+    seen = []
+    original = type(model)._get_logits_processor
+
+    def spy(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        seen.append(list(out))
+        return out
+
+    monkeypatch.setattr(type(model), "_get_logits_processor", spy)
+    prompts = pd.DataFrame({"prompt_id": ["a", "b"], "prompt": [rows[0]["prompt"], "hi"]})
+    cfg = GenerateConfig(n_prompts=2, max_new_tokens=6, do_sample=True, temperature=1.0,
+                         top_p=1.0, batch_size=2)
+    generate(model, enc, prompts, cfg, "sft")
+    assert seen == [[]]  # temperature 1, top_p 1, top_k 0: pure sampling from the softmax
+    # Asked-for settings are applied, and only those.
+    seen.clear()
+    generate(model, enc, prompts, GenerateConfig(n_prompts=2, max_new_tokens=6, do_sample=True,
+                                                 temperature=0.7, top_k=5, batch_size=2),
+             "sft")
+    names = sorted(type(p).__name__ for p in seen[0])
+    assert names == ["TemperatureLogitsWarper", "TopKLogitsWarper"]
+    assert model.generation_config.top_k == 50  # the model's own config is left as it was
+
+
+def test_generation_stores_token_ids_and_kl_scores_exactly_those(hub_like) -> None:
+    from pipeline.encoding import Encoded
+    from pipeline.evaluation import sample_logps
+    from pipeline.generation import eos_token_ids
+    from pipeline.logps import collate, sequence_logps
+
+    model, enc, rows = hub_like
+    extra = enc.tokenizer.convert_tokens_to_ids("▁the")
+    model.generation_config.eos_token_id = [enc.eos, extra]
+    assert eos_token_ids(model, enc) == sorted({enc.eos, extra})
+    prompts = pd.DataFrame({"prompt_id": [f"p{i}" for i in range(4)],
+                            "prompt": [r["prompt"] for r in rows]})
+    cfg = GenerateConfig(n_prompts=4, max_new_tokens=12, do_sample=True, samples_per_prompt=3,
+                         batch_size=4, seed=1)
+    gens, _ = generate(model, enc, prompts, cfg, "policy")
+    assert len(gens) == 12
+    for row in gens.itertuples():
+        ids = list(row.token_ids)
+        # Stopped at the first EOS id of either kind, which is kept in token_ids.
+        stops = [i for i, t in enumerate(ids) if t in (enc.eos, extra)]
+        if row.finish_reason == "eos":
+            assert stops == [len(ids) - 1] and row.n_tokens == len(ids) - 1
+        else:
+            assert not stops and len(ids) == 12
+        assert list(row.prompt_ids) == enc.generation_prompts([row.prompt], 12)[0]
+    lp = sample_logps(model, enc.tokenizer.pad_token_id, gens, 5, "cpu", "no")
+    for row, got in zip(gens.itertuples(), lp, strict=True):
+        e = Encoded.join(list(row.prompt_ids), list(row.token_ids))
+        batch = collate([e], 0)
+        with torch.no_grad():
+            want, _ = sequence_logps(model(input_ids=batch["input_ids"]).logits,
+                                     batch["labels"])
+        assert got == pytest.approx(want.item(), abs=1e-4)

@@ -11,15 +11,21 @@ import torch
 
 from pipeline.artifacts import text_hash
 from pipeline.config import TinyModelConfig
+from pipeline.encoding import Encoder, load_template, resolve_template
 from pipeline.errors import UserError
-from pipeline.logps import collate, sequence_logps
-from pipeline.modeling import build_tiny_model, encode_many, save_model, train_tiny_tokenizer
+from pipeline.logps import batch_logps, collate, sequence_logps
+from pipeline.modeling import build_tiny_model, load_pretrained, save_model, train_tiny_tokenizer
 from pipeline.reference import (
-    compute_reference,
     fingerprint_for,
+    pair_logps,
     read_reference,
     write_reference,
 )
+
+
+def _encoder(model_dir: Path, max_length: int = 64):
+    model, tok = load_pretrained(model_dir)
+    return model, Encoder(tok, load_template(model_dir), max_length)
 
 
 def test_sequence_logps_by_hand() -> None:
@@ -54,22 +60,21 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, pd.DataFrame]:
                                              intermediate_size=64, num_layers=2, num_heads=4,
                                              num_kv_heads=2, seed=3), tok)
     out = tmp_path_factory.mktemp("model") / "sft"
-    save_model(model, tok, out)
+    save_model(model, tok, resolve_template("plain", tok), out)
     return out, pairs
 
 
 def test_precomputed_reference_equals_online(tiny: tuple[Path, pd.DataFrame]) -> None:
-    from pipeline.modeling import load_pretrained
-
     model_dir, pairs = tiny
-    model, tok = load_pretrained(model_dir)
-    ref = compute_reference(model, tok, pairs, max_length=64, batch_size=5)
+    model, enc = _encoder(model_dir)
+    tok = enc.tokenizer
+    ref = pair_logps(model, enc, pairs, batch_size=5)
     # Online: one unpadded sequence at a time, straight through the model.
     for row, r in zip(pairs.itertuples(), ref.itertuples(), strict=True):
         assert row.pair_id == r.pair_id
-        for k, resp in enumerate((row.response_0, row.response_1)):
-            (enc,) = encode_many(tok, [row.prompt], [resp], 64)
-            batch = collate([enc], tok.pad_token_id)
+        both = enc.pairs([row.prompt], [row.response_0], [row.response_1])[0]
+        for k, e in enumerate(both):
+            batch = collate([e], tok.pad_token_id)
             with torch.no_grad():
                 logits = model(input_ids=batch["input_ids"]).logits
             lp, n = sequence_logps(logits, batch["labels"])
@@ -79,42 +84,96 @@ def test_precomputed_reference_equals_online(tiny: tuple[Path, pd.DataFrame]) ->
 
 def test_fingerprint_mismatch_is_refused(tiny: tuple[Path, pd.DataFrame],
                                          tmp_path: Path) -> None:
-    from pipeline.modeling import load_pretrained
-
     model_dir, pairs = tiny
-    model, tok = load_pretrained(model_dir)
-    ref = compute_reference(model, tok, pairs, max_length=64, batch_size=8)
+    model, enc = _encoder(model_dir)
+    tok = enc.tokenizer
+    ref = pair_logps(model, enc, pairs, batch_size=8)
     path = tmp_path / "ref.parquet"
-    write_reference(ref, fingerprint_for(model_dir, tok, 64, pairs), path)
+
+    def fp(d: Path = model_dir, e: Encoder = enc, mp: str = "no", p: pd.DataFrame = pairs):
+        return fingerprint_for(d, e, mp, p, "cpu")
+
+    write_reference(ref, fp(), path)
     # The same model and data read back fine ...
-    back = read_reference(path, fingerprint_for(model_dir, tok, 64, pairs))
+    back = read_reference(path, fp())
     pd.testing.assert_frame_equal(back, ref)
-    # ... another max length, other data, or other weights are refused, naming what differs.
+    # ... another max length, template, precision, data or weights are refused, naming it.
     with pytest.raises(UserError, match="max_length"):
-        read_reference(path, fingerprint_for(model_dir, tok, 128, pairs))
+        read_reference(path, fp(e=Encoder(tok, enc.template, 128)))
+    with pytest.raises(UserError, match="template"):
+        read_reference(path, fp(e=Encoder(tok, resolve_template("safe_rlhf", tok), 64)))
+    with pytest.raises(UserError, match="precision: stored 'no' != current 'bf16'"):
+        read_reference(path, fp(mp="bf16"))
     with pytest.raises(UserError, match="data"):
-        read_reference(path, fingerprint_for(model_dir, tok, 64, pairs.iloc[:-1]))
+        read_reference(path, fp(p=pairs.iloc[:-1]))
+    # A note beside the weights (training_summary.json) is not part of the model's identity.
+    (model_dir / "training_summary.json").write_text('{"seconds": 1.5}')
+    read_reference(path, fp())
     other = tmp_path / "other"
     with torch.no_grad():
         model.model.norm.weight.add_(1e-3)
-    save_model(model, tok, other)
+    save_model(model, tok, enc.template, other)
     with pytest.raises(UserError, match="model: stored"):
-        read_reference(path, fingerprint_for(other, tok, 64, pairs))
+        read_reference(path, fp(d=other))
 
 
 @pytest.mark.parametrize("groups", [2, 3, 64])
 def test_grouped_forward_equals_one_padded_forward(tiny: tuple[Path, pd.DataFrame],
                                                    groups: int) -> None:
-    from pipeline.logps import batch_logps
-    from pipeline.modeling import load_pretrained
-
     model_dir, pairs = tiny
-    model, tok = load_pretrained(model_dir)
-    enc = encode_many(tok, pairs["prompt"].tolist() * 2,
-                      pairs["response_0"].tolist() + pairs["response_1"].tolist(), 64)
+    model, encoder = _encoder(model_dir)
+    tok = encoder.tokenizer
+    enc = encoder.sequences(pairs["prompt"].tolist() * 2,
+                            pairs["response_0"].tolist() + pairs["response_1"].tolist())
     batch = collate(enc, tok.pad_token_id)
     with torch.no_grad():
         lp1, n1 = batch_logps(model, batch)
         lpg, ng = batch_logps(model, batch, groups=groups)
     torch.testing.assert_close(lpg, lp1, rtol=1e-5, atol=1e-5)
     assert torch.equal(ng, n1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_logps_without_full_log_softmax_equal_the_log_softmax(dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(0)
+    logits = (torch.randn(3, 40, 5000, generator=gen) * 4).to(dtype).requires_grad_(True)
+    labels = torch.randint(0, 5000, (3, 40), generator=gen)
+    labels[:, :7] = -100
+    lp, n = sequence_logps(logits, labels)
+    ref_lp = torch.gather(logits.float()[:, :-1].log_softmax(-1), 2,
+                          labels[:, 1:].clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    ref = (ref_lp * (labels[:, 1:] != -100)).sum(-1)
+    torch.testing.assert_close(lp, ref, rtol=1e-5, atol=1e-4)
+    assert n.tolist() == [33, 33, 33]
+    # Gradients agree too (the bf16 path recomputes its chunks in backward).
+    (g1,) = torch.autograd.grad(lp.sum(), logits)
+    (g2,) = torch.autograd.grad(ref.sum(), logits)
+    torch.testing.assert_close(g1.float(), g2.float(), rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("mp", ["no", "bf16"])
+def test_dpo_logits_are_zero_at_step_zero_under_the_training_precision(
+        tiny: tuple[Path, pd.DataFrame], mp: str) -> None:
+    """The reference scored by `ref_logps` and the policy scored by the training loss, both
+    under the same autocast, give implicit rewards of 0 when the policy is the reference."""
+    from pipeline.finetune import preference_examples
+    from pipeline.objectives import OBJECTIVES, select_pairs
+    from pipeline.precision import autocast
+    from pipeline.reference import attach_reference
+    from pipeline.training import PreferenceLoss, preference_batch
+
+    model_dir, pairs = tiny
+    model, enc = _encoder(model_dir)
+    ref = pair_logps(model, enc, pairs, batch_size=4, mixed_precision=mp)
+    selected, _ = select_pairs(pairs, "safedpo")
+    examples = preference_examples(attach_reference(selected, ref), enc)
+    batch = preference_batch(examples, enc.tokenizer.pad_token_id)
+    loss = PreferenceLoss(OBJECTIVES["safedpo"], beta=0.1, delta=10.0, groups=3)
+    with torch.no_grad(), autocast(mp, "cpu"):
+        _, m = loss(model, batch)
+    assert abs(float(m["rewards/chosen"])) < 1e-6
+    assert abs(float(m["rewards/margins"])) < 1e-6
+    if mp == "bf16":
+        # Scoring the reference without the autocast (what ref_logps used to do) does not.
+        ref32 = pair_logps(model, enc, pairs, batch_size=4, mixed_precision="no")
+        assert (ref32["logp_0"] - ref["logp_0"]).abs().mean() > 1e-4

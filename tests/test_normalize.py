@@ -65,11 +65,13 @@ def test_label_coercion_of_strings_numbers_and_bools() -> None:
         safer_response_id=[0, "1", "1"],
     ).astype(object)
     res = normalize_frame(df)
-    assert reasons_of(res) == {2: "contradiction"}  # "TRUE" safe, "f" unsafe, safer "1"
+    assert reasons_of(res) == {}
     p = res.pairs
-    assert p["unsafe_0"].tolist() == [False, True]
-    assert p["unsafe_1"].tolist() == [False, False]
-    assert p["better_id"].tolist() == [1, 0]
+    assert p["unsafe_0"].tolist() == [False, True, False]
+    assert p["unsafe_1"].tolist() == [False, False, True]
+    assert p["better_id"].tolist() == [1, 0, 1]
+    # "TRUE" safe, "f" unsafe, safer "1": kept, and flagged as contradictory.
+    assert p["contradiction"].tolist() == [False, False, True]
 
 
 def test_each_rejection_reason() -> None:
@@ -81,7 +83,7 @@ def test_each_rejection_reason() -> None:
         ("p", "a", "b", True, True, 2, 0),               # out_of_range_id
         ("p", "a", "b", True, True, "first", 0),         # bad_label (id)
         ("p", "same", "same", True, True, 0, 0),         # identical_responses
-        ("p", "a", "b", False, True, 0, 0),              # contradiction: safer 0 is unsafe
+        ("p", "a", "b", False, True, 0, 0),              # kept, flagged: safer 0 is unsafe
         ("q", "a", "b", True, False, 1, 0),              # kept
         ("q", "b", "a", True, False, 1, 0),              # duplicate_pair (reversed order)
         ("q", " a ", "b", True, False, 0, 0),            # duplicate_pair (after stripping)
@@ -92,14 +94,15 @@ def test_each_rejection_reason() -> None:
     res = normalize_frame(df)
     assert reasons_of(res) == {0: "null_text", 1: "empty_text", 2: "null_label",
                                3: "bad_label", 4: "out_of_range_id", 5: "bad_label",
-                               6: "identical_responses", 7: "contradiction",
+                               6: "identical_responses",
                                9: "duplicate_pair", 10: "duplicate_pair"}
     cols = dict(zip(res.rejected["row"], res.rejected["column"], strict=True))
     assert cols[0] == "response_0" and cols[3] == "is_response_0_safe"
-    assert cols[4] == "better_response_id" and cols[7] == "safer_response_id"
+    assert cols[4] == "better_response_id"
     values = res.rejected.set_index("row")["value"]
     assert values[3] == "'maybe'" and values[4] == "2" and values[0] is None
-    assert len(res.pairs) == 1 and res.pairs["prompt"][0] == "q"
+    assert res.pairs["prompt"].tolist() == ["p", "q"]
+    assert res.pairs["contradiction"].tolist() == [True, False]
 
 
 def test_report_accounts_for_every_row_and_test_duplicates_of_train() -> None:
@@ -146,7 +149,9 @@ def test_chosen_rejected_layouts() -> None:
     assert res.pairs["unsafe_0"].tolist() == [True, False]
     assert res.pairs["safer_id"].tolist() == [1, 1]
     bad = safe_style.assign(safer=["chosen", "neither"])
-    assert reasons_of(normalize_frame(bad)) == {0: "contradiction", 1: "bad_label"}
+    res = normalize_frame(bad)
+    assert reasons_of(res) == {1: "bad_label"}
+    assert res.pairs["contradiction"].tolist() == [True]
 
 
 def test_pku_v1_file_through_the_stages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

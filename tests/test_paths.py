@@ -49,3 +49,38 @@ def test_stage_commands_exist_in_the_cli() -> None:
     for st in stages.values():
         cmd = st.get("do", st)["cmd"].split()
         assert cmd[0] == "safedpo" and cmd[1] in commands, cmd
+
+
+def _project_imports(path: Path) -> set[str]:
+    """Project modules (as repo-relative .py paths) that `path` imports, lazily or not."""
+    import ast
+
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names: list[str] = []
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        for name in names:
+            rel = name.replace(".", "/") + ".py"
+            if name.split(".")[0] in ("pipeline", "stages") and (REPO / rel).exists():
+                out.add(rel)
+    return out
+
+
+def test_stage_deps_cover_every_project_module_the_stage_imports() -> None:
+    """A change to any module a stage runs (config.py and artifacts.py included) reruns it."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    for name, st in stages.items():
+        body = st.get("do", st)
+        seen, todo = set(), [f"stages/{name}.py"]
+        while todo:
+            mod = todo.pop()
+            if mod not in seen:
+                seen.add(mod)
+                todo += _project_imports(REPO / mod)
+        deps = set(body["deps"])
+        assert seen <= deps, f"{name}: missing deps {sorted(seen - deps)}"
+        stale = {d for d in deps if d.endswith(".py")} - seen
+        assert not stale, f"{name}: lists modules it does not import: {sorted(stale)}"

@@ -1,4 +1,4 @@
-"""Property tests of T(D) and of every pair-selection objective in pipeline/selection.py."""
+"""Property tests of T(D) and of every objective's pair selection (pipeline/objectives.py)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.config import OBJECTIVES
+from pipeline.errors import UserError
+from pipeline.objectives import OBJECTIVES, Objective, select_pairs
 from pipeline.selection import (
     SELECTED_COLUMNS,
+    contradictions,
     pair_type_counts,
-    select_pairs,
     transform_actions,
 )
 
@@ -106,9 +107,12 @@ def test_safedpo_transform(pairs: pd.DataFrame) -> None:
 def test_plain_dpo_objectives_keep_everything(pairs: pd.DataFrame, objective: str) -> None:
     out, counts = select_pairs(pairs, objective)
     col = "safer_id" if objective == "dpo_harmless" else "better_id"
-    assert (counts.kept, counts.swapped, counts.dropped) == (len(pairs), 0, 0)
-    assert list(out["pair_id"]) == list(pairs["pair_id"])
-    assert (out["chosen_idx"].to_numpy() == pairs[col].to_numpy()).all()
+    # Only the objective that reads `safer_id` leaves out pairs whose labels contradict.
+    bad = contradictions(pairs) if objective == "dpo_harmless" else np.zeros(len(pairs), bool)
+    assert (counts.kept, counts.swapped, counts.dropped) == (len(pairs) - bad.sum(), 0, bad.sum())
+    assert counts.contradictions == bad.sum()
+    assert list(out["pair_id"]) == list(pairs["pair_id"].to_numpy()[~bad])
+    assert (out["chosen_idx"].to_numpy() == pairs[col].to_numpy()[~bad]).all()
     assert (out["action"] == "keep").all()
     _check_consistent(pairs, out)
 
@@ -142,7 +146,7 @@ def test_pair_type_counts_agree_with_selection(pairs: pd.DataFrame) -> None:
 
 
 @settings(max_examples=50, deadline=None)
-@given(pair_tables(), st.sampled_from(OBJECTIVES))
+@given(pair_tables(), st.sampled_from(sorted(OBJECTIVES)))
 def test_selection_is_order_independent(pairs: pd.DataFrame, objective: str) -> None:
     """Reversing the input rows yields the same selected pairs (as a set, row by row)."""
     a, _ = select_pairs(pairs, objective)
@@ -162,7 +166,8 @@ def test_known_example() -> None:
         "better_id": np.array([0, 0, 1, 1], np.int8), "safer_id": np.array([0, 1, 0, 0], np.int8),
     })
     out, counts = select_pairs(pairs, "safedpo")
-    assert counts.as_dict() == {"n_in": 4, "kept": 2, "swapped": 1, "dropped": 1}
+    assert counts.as_dict() == {"n_in": 4, "kept": 2, "swapped": 1, "dropped": 1,
+                                "contradictions": 0}
     assert out["pair_id"].tolist() == ["k", "s", "kk"]
     assert out["chosen"].tolist() == ["a0", "b1", "d1"]
     assert out["rejected"].tolist() == ["a1", "b0", "d0"]
@@ -173,5 +178,50 @@ def test_known_example() -> None:
 
 
 def test_unknown_objective() -> None:
-    with pytest.raises(ValueError, match="unknown objective"):
+    with pytest.raises(UserError, match=r"train\.objective: 'ppo' is not one of"):
         select_pairs(pd.DataFrame(), "ppo")
+
+
+def test_contradictions_are_kept_by_every_objective_but_the_one_reading_safer_id() -> None:
+    # Pair c: safer_id 0, but response 0 is unsafe and response 1 safe.
+    pairs = pd.DataFrame({
+        "pair_id": ["a", "c"], "prompt_id": ["q", "q"], "prompt": ["x", "x"],
+        "response_0": ["a0", "c0"], "response_1": ["a1", "c1"],
+        "unsafe_0": [False, True], "unsafe_1": [True, False],
+        "better_id": np.array([0, 0], np.int8), "safer_id": np.array([0, 0], np.int8)})
+    assert contradictions(pairs).tolist() == [False, True]
+    for name in ("safedpo", "dpo_helpful", "dpo_safebetter"):
+        _, counts = select_pairs(pairs, name)
+        assert counts.contradictions == 0, name
+    out, counts = select_pairs(pairs, "safedpo")
+    assert out["pair_id"].tolist() == ["a", "c"] and out["action"].tolist() == ["keep", "swap"]
+    out, counts = select_pairs(pairs, "dpo_harmless")
+    assert out["pair_id"].tolist() == ["a"] and counts.contradictions == counts.dropped == 1
+
+
+def test_a_new_objective_is_one_entry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An objective added in one place is used by selection, the loss and the theory check."""
+    import torch
+
+    from pipeline import theory
+    from pipeline.config import TheoryConfig
+    from pipeline.objectives import keep_all
+
+    def reverse(h_w: np.ndarray, h_l: np.ndarray) -> np.ndarray:
+        return np.full(len(h_w), "swap")
+
+    toy = Objective("dpo_reverse", "DPO (reversed)", "better", reverse, False, "test only")
+    monkeypatch.setitem(OBJECTIVES, "dpo_reverse", toy)
+    pairs = pd.DataFrame({
+        "pair_id": ["a"], "prompt_id": ["q"], "prompt": ["x"], "response_0": ["a0"],
+        "response_1": ["a1"], "unsafe_0": [False], "unsafe_1": [True],
+        "better_id": np.array([0], np.int8), "safer_id": np.array([0], np.int8)})
+    out, counts = select_pairs(pairs, "dpo_reverse")
+    assert out["chosen"].tolist() == ["a1"] and counts.swapped == 1
+    zero = torch.zeros(1)
+    losses, _, _ = toy.loss(zero, zero, zero, zero, zero, zero, 0.1, 10.0)
+    assert losses.item() == pytest.approx(np.log(2))  # Δ does not apply
+    problem = theory.make_problem(TheoryConfig(n_prompts=2, n_responses=3, n_pairs=12))
+    res = theory.train_tabular(problem, "dpo_reverse", 0.0, 3, 0.1, problem.ref_logp)
+    assert res.name == "dpo_reverse" and res.counts["swapped"] == res.counts["n_in"]
+    assert keep_all(np.zeros(2), np.zeros(2)).tolist() == ["keep", "keep"]

@@ -11,9 +11,9 @@ import yaml
 from data_cli import assert_one_line_error, make_project, run_cli
 
 from pipeline.config import TinyModelConfig
-from pipeline.logps import Fingerprint
+from pipeline.encoding import Encoder, resolve_template
 from pipeline.modeling import build_tiny_model, save_model, train_tiny_tokenizer
-from pipeline.reference import fingerprint_for, write_reference
+from pipeline.reference import Fingerprint, fingerprint_for, write_reference
 
 
 def _set(params: Path, section: str, **values: object) -> None:
@@ -75,17 +75,19 @@ def test_nan_reference_stops_training_with_one_line(tmp_path: Path,
     save_model(build_tiny_model(TinyModelConfig(vocab_size=300, hidden_size=16,
                                                 intermediate_size=32, num_layers=1,
                                                 num_heads=2, num_kv_heads=2), tok),
-               tok, Path("data/sft"))
+               tok, resolve_template("plain", tok), Path("data/sft"))
     ref = pd.DataFrame({"pair_id": pairs["pair_id"], "logp_0": np.nan, "logp_1": -3.0,
                         "ntok_0": 5, "ntok_1": 5})
-    write_reference(ref, fingerprint_for(Path("data/sft"), tok, 96, pairs),
+    plain = resolve_template("plain", tok)
+    write_reference(ref, fingerprint_for(Path("data/sft"), Encoder(tok, plain, 96), "auto",
+                                         pairs, "cpu"),
                     Path("data/ref_logps/train.parquet"))
     code, _, err = run_cli(monkeypatch, capsys, "train", "-p", str(params))
     # The training progress bar had started; the error is the one line after it.
     err = "\n".join(line for line in err.splitlines() if "step/s" not in line)
     assert_one_line_error(code, err, "loss is nan at step 0")
     # A reference file computed for another max length is refused before any training.
-    fp = fingerprint_for(Path("data/sft"), tok, 64, pairs)
+    fp = fingerprint_for(Path("data/sft"), Encoder(tok, plain, 64), "auto", pairs, "cpu")
     write_reference(ref.fillna(-3.0), Fingerprint(**fp.as_dict()),
                     Path("data/ref_logps/train.parquet"))
     code, _, err = run_cli(monkeypatch, capsys, "train", "-p", str(params))

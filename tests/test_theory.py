@@ -32,7 +32,7 @@ import yaml
 from pipeline import theory as T
 from pipeline.config import TheoryConfig
 from pipeline.errors import UserError
-from pipeline.selection import select_pairs
+from pipeline.objectives import select_pairs
 
 CFG = TheoryConfig()
 

@@ -17,10 +17,11 @@ from safetensors.torch import load_file
 from pipeline import paths
 from pipeline.artifacts import write_parquet
 from pipeline.config import ModelConfig, SFTConfig, TinyModelConfig, ToyConfig, TrainConfig
+from pipeline.encoding import Encoder, load_template
 from pipeline.finetune import run_preference, run_sft
 from pipeline.modeling import load_pretrained
 from pipeline.normalize import normalize_splits
-from pipeline.reference import compute_reference, fingerprint_for, write_reference
+from pipeline.reference import fingerprint_for, pair_logps, write_reference
 from pipeline.toydata import generate
 
 MAX_LEN = 128
@@ -46,8 +47,9 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
                                               max_length=MAX_LEN),
             train, test, root / paths.SFT_DIR)
     model, tok = load_pretrained(root / paths.SFT_DIR)
-    ref = compute_reference(model, tok, train, MAX_LEN, batch_size=64)
-    write_reference(ref, fingerprint_for(root / paths.SFT_DIR, tok, MAX_LEN, train),
+    enc = Encoder(tok, load_template(root / paths.SFT_DIR), MAX_LEN)
+    ref = pair_logps(model, enc, train, batch_size=64)
+    write_reference(ref, fingerprint_for(root / paths.SFT_DIR, enc, "auto", train, "cpu"),
                     root / paths.REF_TRAIN)
     return root
 

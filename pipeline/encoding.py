@@ -1,0 +1,259 @@
+"""Text to tokens, in one place: the prompt template, the tokenization of prompt + response, and
+the truncation rule of a pair. SFT, reference log-probs, training, generation and evaluation all
+go through `Encoder`, so a response is scored on exactly the prompt tokens it was trained and
+generated on.
+
+Templates (`model.template`):
+- `auto`: the tokenizer's chat template if it has one, else `plain`;
+- `chat`: the tokenizer's chat template (an error if it has none);
+- `plain`: ``User: {prompt}\\nAssistant:``;
+- `safe_rlhf`: ``BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:``, the format of the
+  models that wrote PKU-SafeRLHF's responses and of the beaver score models;
+- any other string containing ``{prompt}``: a format string.
+The resolved template is saved in every model directory (`prompt_template.json`), so a model
+carries the template it was trained with to every later stage.
+
+Tokenization: the response is tokenized *in context* (rendered prompt + separator + response in
+one call) and cut from it by character offsets, because tokenizing ``" " + response`` on its own
+adds a spurious leading token with SentencePiece/Metaspace tokenizers. The prompt tokens are
+those of the rendered prompt alone, which is what generation feeds the model.
+
+Truncation of a pair (the rule TRL applies): when prompt + the *longer* response + EOS exceeds
+`max_length`, the prompt is cut once for the pair, from the left, to
+``max(max_length // 2, max_length - longest)`` tokens, keeping BOS; then each response is cut
+from the right and closed with EOS. Both sides of a pair thus see the same prompt tokens, and
+every sequence starts with BOS (if the tokenizer has one) and ends with EOS.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import PreTrainedTokenizerBase
+
+from pipeline.errors import UserError
+
+TEMPLATE_FILE = "prompt_template.json"
+NAMED_TEMPLATES = {
+    "plain": "User: {prompt}\nAssistant:",
+    "safe_rlhf": "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:",
+}
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class Template:
+    """A resolved prompt template: a chat template (`kind="chat"`, `text` its Jinja source) or
+    a format string with one `{prompt}` field."""
+
+    kind: str
+    text: str
+
+    def render(self, tokenizer: PreTrainedTokenizerBase | None, prompt: str) -> str:
+        if self.kind == "chat":
+            if tokenizer is None:
+                raise ValueError("a chat template needs its tokenizer to render")
+            return tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], chat_template=self.text, tokenize=False,
+                add_generation_prompt=True)
+        return self.text.replace("{prompt}", prompt)
+
+    @property
+    def id(self) -> str:
+        """Identifies the template in fingerprints: another template invalidates log-probs."""
+        return hashlib.sha256(f"{self.kind}\0{self.text}".encode()).hexdigest()[:16]
+
+    def save(self, model_dir: Path) -> None:
+        (Path(model_dir) / TEMPLATE_FILE).write_text(
+            json.dumps({"kind": self.kind, "text": self.text}, indent=2) + "\n")
+
+
+def resolve_template(spec: str, tokenizer: PreTrainedTokenizerBase | None) -> Template:
+    """The template `spec` (a `model.template` value) means for `tokenizer` (None: a tokenizer
+    yet to be trained, which has no chat template)."""
+    chat = getattr(tokenizer, "chat_template", None)
+    if isinstance(chat, dict):  # several named templates: the default one is the chat one
+        chat = chat.get("default")
+    if spec == "auto":
+        return Template("chat", chat) if chat else Template("format", NAMED_TEMPLATES["plain"])
+    if spec == "chat":
+        if not chat:
+            raise UserError("parameter model.template: chat, but the tokenizer has no chat "
+                            "template; use plain, safe_rlhf or a format string with {prompt}")
+        return Template("chat", chat)
+    if spec in NAMED_TEMPLATES:
+        return Template("format", NAMED_TEMPLATES[spec])
+    if spec.count("{prompt}") != 1:
+        raise UserError(f"parameter model.template: {spec!r} is not auto, chat, plain, "
+                        "safe_rlhf or a format string with exactly one {prompt}")
+    return Template("format", spec)
+
+
+def load_template(model_dir: Path) -> Template:
+    """The template saved with a model by the stage that wrote it."""
+    path = Path(model_dir) / TEMPLATE_FILE
+    if not path.exists():
+        raise UserError(f"no {TEMPLATE_FILE}: not a model written by this pipeline; rerun "
+                        "`dvc repro sft`", path=model_dir)
+    data = json.loads(path.read_text())
+    return Template(kind=data["kind"], text=data["text"])
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One tokenized (prompt, response): ids of both, and labels with the prompt masked."""
+
+    input_ids: list[int]
+    labels: list[int]
+
+    @classmethod
+    def join(cls, prompt: Sequence[int], response: Sequence[int]) -> Encoded:
+        return cls([*prompt, *response], [IGNORE] * len(prompt) + list(response))
+
+    @property
+    def n_response_tokens(self) -> int:
+        return sum(1 for t in self.labels if t != IGNORE)
+
+
+@dataclass
+class TruncationStats:
+    """How many items (pairs or single sequences) the length rule cut, and by how much."""
+
+    items: int = 0
+    truncated: int = 0
+    prompt_tokens_cut: int = 0
+    response_tokens_cut: int = 0
+    max_prompt_cut: int = 0
+    cut_ids: list[int] = field(default_factory=list, repr=False)
+
+    def as_dict(self) -> dict[str, int]:
+        return {"items": self.items, "truncated": self.truncated,
+                "prompt_tokens_cut": self.prompt_tokens_cut,
+                "response_tokens_cut": self.response_tokens_cut,
+                "max_prompt_cut": self.max_prompt_cut}
+
+    def describe(self, what: str = "pairs") -> str:
+        return (f"{self.truncated} of {self.items} {what} truncated "
+                f"({self.prompt_tokens_cut} prompt tokens, {self.response_tokens_cut} response "
+                f"tokens cut; at most {self.max_prompt_cut} from one prompt)")
+
+
+def prompt_keep(n_prompt: int, longest: int, max_length: int) -> int:
+    """Prompt tokens kept when followed by `longest` tokens (the longer response + EOS, or the
+    new tokens of generation): all that fit, and never fewer than half the budget."""
+    if n_prompt + longest <= max_length:
+        return n_prompt
+    return min(n_prompt, max(max_length // 2, max_length - longest))
+
+
+class Encoder:
+    """Tokenizer + template + `max_length`: every sequence the pipeline scores comes from here."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, template: Template,
+                 max_length: int) -> None:
+        self.tokenizer = tokenizer
+        self.template = template
+        self.max_length = max_length
+        self.bos = tokenizer.bos_token_id
+        self.eos = tokenizer.eos_token_id
+        if self.eos is None:
+            raise UserError("the tokenizer has no EOS token; responses cannot be terminated")
+
+    # -- pieces ---------------------------------------------------------------------------
+
+    def render(self, prompts: Sequence[str]) -> list[str]:
+        return [self.template.render(self.tokenizer, p) for p in prompts]
+
+    def prompt_ids(self, prompts: Sequence[str]) -> list[list[int]]:
+        """Token ids of the rendered prompts, BOS first where the tokenizer has one."""
+        ids = self.tokenizer(self.render(prompts), add_special_tokens=False)["input_ids"]
+        return [self._with_bos(x) for x in ids]
+
+    def _with_bos(self, ids: list[int]) -> list[int]:
+        if self.bos is None or (ids and ids[0] == self.bos):
+            return list(ids)
+        return [self.bos, *ids]
+
+    def response_ids(self, rendered: Sequence[str], responses: Sequence[str]) -> list[list[int]]:
+        """Tokens of each response as they fall in context after its rendered prompt (no EOS)."""
+        texts, starts = [], []
+        for r, text in zip(responses, rendered, strict=True):
+            sep = "" if not text or text[-1].isspace() else " "
+            texts.append(text + sep + r.strip())
+            starts.append(len(text))
+        enc = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        out = []
+        for ids, offsets, start in zip(enc["input_ids"], enc["offset_mapping"], starts,
+                                       strict=True):
+            # The first token that covers any character after the prompt starts the response.
+            k = next((i for i, (_, end) in enumerate(offsets) if end > start), len(ids))
+            out.append(list(ids[k:]))
+        return out
+
+    # -- sequences --------------------------------------------------------------------------
+
+    def _cut(self, p: list[int], responses: list[list[int]], stats: TruncationStats
+             ) -> list[Encoded]:
+        longest = max(len(r) for r in responses) + 1  # + EOS
+        keep = prompt_keep(len(p), longest, self.max_length)
+        n_p = len(p)
+        if keep < n_p:
+            head = [p[0]] if self.bos is not None and p and p[0] == self.bos else []
+            p = head + p[len(p) - (keep - len(head)):]
+        budget = self.max_length - len(p) - 1
+        cut_r = sum(max(0, len(r) - budget) for r in responses)
+        stats.items += 1
+        if keep < n_p or cut_r:
+            stats.truncated += 1
+            stats.prompt_tokens_cut += n_p - len(p)
+            stats.response_tokens_cut += cut_r
+            stats.max_prompt_cut = max(stats.max_prompt_cut, n_p - len(p))
+        return [Encoded.join(p, [*r[:budget], self.eos]) for r in responses]
+
+    def sequences(self, prompts: Sequence[str], responses: Sequence[str],
+                  stats: TruncationStats | None = None) -> list[Encoded]:
+        """One (prompt, response) sequence each, cut by the pair rule with one response."""
+        if len(prompts) != len(responses):
+            raise ValueError("prompts and responses differ in length")
+        stats = stats if stats is not None else TruncationStats()
+        rendered = self.render(prompts)
+        p_ids = [self._with_bos(x) for x in
+                 self.tokenizer(rendered, add_special_tokens=False)["input_ids"]] if prompts \
+            else []
+        r_ids = self.response_ids(rendered, responses) if prompts else []
+        return [self._cut(p, [r], stats)[0] for p, r in zip(p_ids, r_ids, strict=True)]
+
+    def pairs(self, prompts: Sequence[str], first: Sequence[str], second: Sequence[str],
+              stats: TruncationStats | None = None) -> list[tuple[Encoded, Encoded]]:
+        """Both responses of each pair on the same (once-truncated) prompt tokens."""
+        if not len(prompts) == len(first) == len(second):
+            raise ValueError("prompts and responses differ in length")
+        if not prompts:
+            return []
+        stats = stats if stats is not None else TruncationStats()
+        rendered = self.render(prompts)
+        p_ids = [self._with_bos(x) for x in
+                 self.tokenizer(rendered, add_special_tokens=False)["input_ids"]]
+        a = self.response_ids(rendered, first)
+        b = self.response_ids(rendered, second)
+        out = []
+        for p, ra, rb in zip(p_ids, a, b, strict=True):
+            ea, eb = self._cut(p, [ra, rb], stats)
+            out.append((ea, eb))
+        return out
+
+    def generation_prompts(self, prompts: Sequence[str], max_new_tokens: int) -> list[list[int]]:
+        """Prompt ids for generation, cut by the same rule as in training, with the new tokens
+        in place of the longer response."""
+        out = []
+        for p in self.prompt_ids(prompts):
+            keep = prompt_keep(len(p), max_new_tokens, self.max_length)
+            if keep < len(p):
+                head = [p[0]] if self.bos is not None and p[0] == self.bos else []
+                p = head + p[len(p) - (keep - len(head)):]
+            out.append(p)
+        return out

@@ -1,0 +1,109 @@
+"""Templates, in-context tokenization and the pair truncation rule (pipeline/encoding.py), on a
+Llama-2-style SentencePiece tokenizer with a chat template and PKU-length texts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from real_models import CHAT_TEMPLATE, corpus, metaspace_tokenizer, pku_v1_rows
+
+from pipeline.encoding import (
+    IGNORE,
+    Encoder,
+    Template,
+    TruncationStats,
+    load_template,
+    resolve_template,
+)
+from pipeline.errors import UserError
+
+ROWS = pku_v1_rows(6, seed=3)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return metaspace_tokenizer(corpus(ROWS))
+
+
+def test_template_resolution(tok, tmp_path: Path) -> None:
+    auto = resolve_template("auto", tok)
+    assert auto.kind == "chat" and auto.text == CHAT_TEMPLATE
+    assert auto.render(tok, "hi") == "<s>[INST] hi [/INST]"
+    assert resolve_template("safe_rlhf", tok).render(tok, "hi") == \
+        "BEGINNING OF CONVERSATION: USER: hi ASSISTANT:"
+    assert resolve_template("Q: {prompt}\nA:", tok).render(tok, "{x}") == "Q: {x}\nA:"
+    no_chat = metaspace_tokenizer(corpus(ROWS[:2]), chat_template=None)
+    assert resolve_template("auto", no_chat).render(no_chat, "hi") == "User: hi\nAssistant:"
+    with pytest.raises(UserError, match="no chat template"):
+        resolve_template("chat", no_chat)
+    with pytest.raises(UserError, match=r"model\.template"):
+        resolve_template("no field", tok)
+    # Each template is its own fingerprint, and travels with the model directory.
+    assert len({auto.id, resolve_template("plain", tok).id,
+                resolve_template("safe_rlhf", tok).id}) == 3
+    auto.save(tmp_path)
+    assert load_template(tmp_path) == auto
+
+
+@pytest.mark.parametrize("spec", ["safe_rlhf", "plain", "auto"])
+def test_response_is_tokenized_in_context_with_no_spurious_token(tok, spec: str) -> None:
+    enc = Encoder(tok, resolve_template(spec, tok), 100_000)
+    prompt, response = ROWS[0]["prompt"], ROWS[0]["response_0"]
+    (e,) = enc.sequences([prompt], [response])
+    rendered = enc.template.render(tok, prompt)
+    sep = "" if rendered[-1].isspace() else " "
+    whole = tok(rendered + sep + response, add_special_tokens=False)["input_ids"]
+    if whole[0] != tok.bos_token_id:
+        whole = [tok.bos_token_id, *whole]
+    # Exactly the tokenization of the whole text, then EOS; labels start at the response.
+    assert e.input_ids == [*whole, tok.eos_token_id]
+    n_prompt = len(enc.prompt_ids([prompt])[0])
+    assert e.labels[:n_prompt] == [IGNORE] * n_prompt
+    assert e.labels[n_prompt:] == e.input_ids[n_prompt:]
+    # What the old code did, " " + response on its own, adds a lone "▁" with this tokenizer.
+    alone = tok(" " + response, add_special_tokens=False)["input_ids"]
+    assert tok.convert_ids_to_tokens(alone[:1]) == ["▁"]
+    assert e.input_ids[n_prompt:-1] == alone[1:]
+
+
+def test_a_pair_is_cut_once_and_both_sides_keep_bos_and_eos(tok) -> None:
+    enc = Encoder(tok, resolve_template("safe_rlhf", tok), 192)
+    stats = TruncationStats()
+    prompts = [r["prompt"] for r in ROWS]
+    short = ["Sorry, I cannot help with that."] * len(ROWS)
+    pairs = enc.pairs(prompts, [r["response_0"] for r in ROWS], short, stats)
+    assert stats.items == len(ROWS) and stats.truncated == len(ROWS)
+    assert stats.prompt_tokens_cut > 0 and stats.response_tokens_cut > 0
+    for (a, b), full in zip(pairs, enc.prompt_ids(prompts), strict=True):
+        pa = [t for t, lab in zip(a.input_ids, a.labels, strict=True) if lab == IGNORE]
+        pb = [t for t, lab in zip(b.input_ids, b.labels, strict=True) if lab == IGNORE]
+        assert pa == pb  # the same prompt tokens on both sides
+        assert len(pa) >= min(len(full), 192 // 2)
+        assert pa[1:] == full[len(full) - len(pa) + 1:]  # BOS + the prompt's end
+        for e in (a, b):
+            assert len(e.input_ids) <= 192
+            assert e.input_ids[0] == tok.bos_token_id and e.input_ids[-1] == tok.eos_token_id
+        # The short side is not cut, the long one fills the budget.
+        assert len(a.input_ids) == 192 and b.n_response_tokens < 20
+    # The cut depends on the pair, not on the order of its sides.
+    swapped = enc.pairs(prompts, short, [r["response_0"] for r in ROWS])
+    assert [(b, a) for a, b in pairs] == swapped
+
+
+def test_generation_sees_the_prompt_tokens_training_sees(tok) -> None:
+    enc = Encoder(tok, resolve_template("auto", tok), 256)
+    prompt = ROWS[1]["prompt"] * 3  # longer than the budget
+    (gen,) = enc.generation_prompts([prompt], max_new_tokens=128)
+    (pair,) = enc.pairs([prompt], ["x " * 127], ["y"])
+    trained = [t for t, lab in zip(pair[0].input_ids, pair[0].labels, strict=True)
+               if lab == IGNORE]
+    assert gen == trained and gen[0] == tok.bos_token_id and len(gen) == 128
+    # A prompt that fits is fed whole.
+    assert enc.generation_prompts(["hi"], 8) == enc.prompt_ids(["hi"])
+
+
+def test_template_kinds_are_explicit() -> None:
+    assert Template("format", "A {prompt} B").render(None, "x") == "A x B"
+    with pytest.raises(ValueError, match="tokenizer"):
+        Template("chat", CHAT_TEMPLATE).render(None, "x")

@@ -1,0 +1,76 @@
+"""Loading hub-shaped checkpoints: bf16 weights train in fp32, dropout is switched off."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from real_models import corpus, metaspace_tokenizer, pku_v1_rows, save_hub_like, tiny_llama
+
+from pipeline.modeling import disable_dropout, load_pretrained
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The same weights saved as a bf16 hub checkpoint and as its fp32 twin."""
+    tok = metaspace_tokenizer(corpus(pku_v1_rows(3, words=(20, 40))), vocab_size=400)
+    model = tiny_llama(tok, seed=0, hidden=64)
+    root = tmp_path_factory.mktemp("ckpt")
+    bf16 = save_hub_like(model, tok, root / "bf16", torch.bfloat16)
+    # The twin holds exactly the bf16 values, in fp32.
+    fp32 = save_hub_like(model.to(torch.bfloat16).to(torch.float32), tok, root / "fp32",
+                         torch.float32)
+    return bf16, fp32
+
+
+def _moved(before: dict, after: dict) -> float:
+    """Share of weights an optimizer step changed (embedding rows of unseen tokens get no
+    gradient, so the embedding is left out)."""
+    keys = [k for k in after if "embed_tokens" not in k]
+    return sum(int((after[k] != before[k]).sum()) for k in keys) / \
+        sum(after[k].numel() for k in keys)
+
+
+def _one_adamw_step(model_dir: Path, **load: object) -> tuple[dict, dict]:
+    model, _ = load_pretrained(model_dir, **load)
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.0)
+    ids = torch.arange(3, 40).view(1, -1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    opt.step()
+    return before, {k: v.detach() for k, v in model.named_parameters()}
+
+
+def test_a_bf16_checkpoint_trains_like_its_fp32_twin(checkpoints: tuple[Path, Path]) -> None:
+    bf16, fp32 = checkpoints
+    b0, b1 = _one_adamw_step(bf16)  # the way `train` loads: fp32 master weights
+    f0, f1 = _one_adamw_step(fp32)
+    assert all(v.dtype == torch.float32 for v in b1.values())
+    for k in b1:
+        torch.testing.assert_close(b0[k], f0[k], rtol=0, atol=0)
+        torch.testing.assert_close(b1[k], f1[k], rtol=1e-6, atol=1e-9)
+    assert _moved(b0, b1) > 0.95
+    # Loading in the checkpoint's own dtype (transformers' "auto", what dtype=None meant) puts
+    # bf16 parameters under the optimizer: an lr-1e-6 step then mostly rounds away.
+    a0, a1 = _one_adamw_step(bf16, dtype="auto")
+    assert next(iter(a1.values())).dtype == torch.bfloat16
+    assert _moved(a0, a1) < 0.2
+
+
+def test_dropout_is_switched_off(tmp_path: Path) -> None:
+    tok = metaspace_tokenizer(corpus(pku_v1_rows(2, words=(20, 40))), vocab_size=300)
+    model = tiny_llama(tok, seed=1, dropout=0.5)
+    model.train()
+    ids = torch.arange(3, 30).view(1, -1)
+    with torch.no_grad():
+        a, b = model(input_ids=ids).logits, model(input_ids=ids).logits
+    assert not torch.equal(a, b)  # attention dropout at p = 0.5 in train mode
+    assert disable_dropout(model) > 0
+    with torch.no_grad():
+        a, b = model(input_ids=ids).logits, model(input_ids=ids).logits
+        model.eval()
+        c = model(input_ids=ids).logits
+    assert torch.equal(a, b) and torch.equal(a, c)
