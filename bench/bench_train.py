@@ -56,9 +56,12 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 import pipeline.training as training
 from pipeline.config import TinyModelConfig, ToyConfig, TrainConfig
-from pipeline.modeling import build_tiny_model, encode_many, train_tiny_tokenizer
+from pipeline.encoding import Encoder, resolve_template
+from pipeline.finetune import preference_examples
+from pipeline.logps import forward_groups
+from pipeline.modeling import build_tiny_model, train_tiny_tokenizer
 from pipeline.normalize import normalize_splits
-from pipeline.selection import select_pairs
+from pipeline.objectives import OBJECTIVES, select_pairs
 from pipeline.toydata import generate
 from pipeline.training import (
     Checkpointer,
@@ -241,21 +244,17 @@ def build(name: str, pairs: Any, max_length: int, seed: int
     # As `run_sft` does: the tokenizer learns from the templated texts it will see.
     prompts = pairs["prompt"].tolist() * 2
     responses = pairs["response_0"].tolist() + pairs["response_1"].tolist()
-    corpus = [f"User: {p}\nAssistant: {r}" for p, r in zip(prompts, responses, strict=True)]
+    template = resolve_template("plain", None)
+    corpus = [f"{template.render(None, p)} {r}" for p, r in zip(prompts, responses, strict=True)]
     tokenizer = train_tiny_tokenizer(corpus, cfg.vocab_size)
     selected, _ = select_pairs(pairs, "safedpo")
     # As `preference_examples` does, with random reference log-probs (cost does not depend on
     # them; a scale like real summed log-probs keeps the loss finite).
     rng = np.random.default_rng(seed)
-    chosen = encode_many(tokenizer, selected["prompt"].tolist(), selected["chosen"].tolist(),
-                         max_length)
-    rejected = encode_many(tokenizer, selected["prompt"].tolist(),
-                           selected["rejected"].tolist(), max_length)
     ref = -rng.uniform(50, 300, size=(len(selected), 2))
-    examples = [PreferenceExample(c, r, float(rc), float(rr), bool(hc), bool(hr))
-                for c, r, (rc, rr), hc, hr in zip(
-                    chosen, rejected, ref, selected["h_chosen"], selected["h_rejected"],
-                    strict=True)]
+    examples = preference_examples(
+        selected.assign(ref_chosen=ref[:, 0], ref_rejected=ref[:, 1]),
+        Encoder(tokenizer, template, max_length))
     model = build_tiny_model(cfg, tokenizer)
     if model.config.vocab_size < cfg.vocab_size:
         # Toy text saturates BPE at ~2.8k tokens; real data would fill the vocabulary, and the
@@ -383,8 +382,9 @@ def run_one(opt: Options) -> Result:
     accelerator = make_accelerator(cfg)
     # The peak of the dtype the matmuls run in: bf16 autocast runs them in bf16.
     peak_dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
-    loss_fn: training.LossFn = PreferenceLoss(beta=BETA, delta=DELTA, objective="safedpo",
-                                              groups=opt.chunks)
+    groups = forward_groups(opt.chunks, accelerator.device)
+    loss_fn: training.LossFn = PreferenceLoss(OBJECTIVES["safedpo"], beta=BETA, delta=DELTA,
+                                              groups=groups)
     reference = None
     if opt.reference_model:
         reference = build(opt.config, pairs, opt.max_length, seed=0)[0].eval()
@@ -428,7 +428,7 @@ def run_one(opt: Options) -> Result:
     masks = [m for s in timed for m in per_step[s]]
     lengths = np.concatenate([m.sum(1).numpy() for m in masks])
     padded = sum(m.numel() for m in masks)
-    groups = [g for m in masks for g in executed_groups(m, opt.chunks)]
+    groups = [g for m in masks for g in executed_groups(m, groups)]
     executed = sum(len(g) * int(g[0]) for g in groups)
     model_flops = shape.flops(lengths)
     executed_flops = sum(shape.flops(g) for g in groups)
@@ -537,9 +537,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--attn", choices=["sdpa", "eager"], default=None,
                     help="attention implementation (default: the model's, sdpa)")
-    ap.add_argument("--chunks", type=int, default=training.FORWARD_GROUPS,
-                    help="length-sorted groups per forward pass (library default; 1 = one "
-                         "padded forward)")
+    ap.add_argument("--chunks", type=int, default=None,
+                    help="length-sorted groups per forward pass (default: the library's choice "
+                         "for the device, logps.forward_groups; 1 = one padded forward)")
     ap.add_argument("--reference-model", action="store_true",
                     help="counterfactual: hold a reference model and run it every step")
     ap.add_argument("--compile", action="store_true",

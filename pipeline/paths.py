@@ -61,7 +61,7 @@ def model_dir(tag: str) -> Path:
         raise ValueError(f"unknown model tag {tag!r}; expected one of {MODEL_TAGS}")
     return SFT_DIR if tag == "sft" else POLICY_DIR
 
-# `safedpo results` (outside the DVC DAG: it trains one policy per objective).
+# `safedpo compare`: the table of its DVC experiments (a report, not a stage's out).
 RESULTS_DIR = Path("data/results")
 RESULTS_TABLE = RESULTS_DIR / "results.parquet"
 RESULTS_MARKDOWN = RESULTS_DIR / "results.md"

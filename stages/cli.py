@@ -56,10 +56,24 @@ def generate(
     _run_stage("generate", params_file=params, tag=model)
 
 
-@app.command(help="Train, generate and evaluate one policy per objective (the paper's main "
-                  "table) from the pipeline's SFT model; needs `dvc repro` first.")
-def results(params: Path = PARAMS_OPT) -> None:
-    _run_stage("results", params_file=params)
+@app.command(help="The paper's method comparison as DVC experiments: one experiment per "
+                  "objective (and per Δ for SafeDPO), queued and run with `dvc exp`, reused "
+                  "when it exists; writes data/results/{results.md,results.parquet,tradeoff.png}.")
+def compare(
+    objective: list[str] = typer.Option(None, "--objective", "-o",
+                                        help="Objectives to compare (default: all)."),
+    delta: list[float] = typer.Option(None, "--delta", "-d",
+                                      help="Δ values for SafeDPO (default: 0 and params' delta)."),
+    params: Path = PARAMS_OPT,
+) -> None:
+    from pipeline import objectives
+    from pipeline.compare import methods, run_comparison, to_markdown, write_results
+    from pipeline.config import load_params
+
+    deltas = delta or sorted({0.0, load_params(params).delta})
+    table = run_comparison(methods(objective or list(objectives.OBJECTIVES), deltas))
+    write_results(table)
+    typer.echo(to_markdown(table))
 
 
 @app.command(help="Print a Parquet artifact's schema, row count, key statistics and first rows.")

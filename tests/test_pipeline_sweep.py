@@ -101,9 +101,13 @@ def test_repro_runs_every_stage_then_a_delta_change_reruns_only_downstream(
     assert _ran(exp) == DOWNSTREAM, exp[-2000:]
 
 
-def test_queued_sweep_shows_metrics_per_run(project: Path) -> None:
-    _run([str(BIN / "dvc"), "exp", "run", "--queue", "-S", "delta=0,2"], project)
-    _run([str(BIN / "dvc"), "exp", "run", "--run-all", "-j", "1"], project)
+def test_compare_runs_one_experiment_per_method_and_reuses_them(project: Path) -> None:
+    """`safedpo compare` queues a named DVC experiment per method, tabulates their metrics from
+    `dvc exp show --json`, and a second call queues and runs nothing."""
+    args = [str(BIN / "safedpo"), "compare", "-o", "safedpo", "-o", "dpo_helpful",
+            "-d", "0", "-d", "2"]
+    out = _run(args, project)
+    assert out.count("compare: queued") == 3 and "3 experiment(s) run, 0 reused" in out
     shown = json.loads(_run([str(BIN / "dvc"), "exp", "show", "--json"], project))
     deltas = {}
     for commit in shown:
@@ -112,7 +116,11 @@ def test_queued_sweep_shows_metrics_per_run(project: Path) -> None:
                 data = rev.get("data") or {}
                 params = data.get("params", {}).get("params.yaml", {}).get("data", {})
                 metrics = data.get("metrics", {}).get("data/eval/metrics.json", {}).get("data")
-                if metrics:
+                if metrics and params["train"]["objective"] == "safedpo":
                     deltas[params.get("delta")] = metrics
     assert {0, 2} <= set(deltas), deltas.keys()
-    assert all("harmless_rate" in m and "helpfulness" in m for m in deltas.values())
+    table = (project / "data/results/results.md").read_text()
+    for label in ("| SFT |", "| SafeDPO (Δ=0) |", "| SafeDPO (Δ=2) |", "| DPO (helpful) |"):
+        assert label in table, table
+    again = _run(args, project)
+    assert "compare: queued" not in again and "0 experiment(s) run, 3 reused" in again

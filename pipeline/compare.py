@@ -1,0 +1,171 @@
+"""The paper's method comparison as DVC experiments: one experiment per method, run through the
+normal stages, compared from `dvc exp show --json`.
+
+Each method (an objective of `pipeline.objectives`, with each Δ where Δ applies) is a named
+experiment `cmp-<objective>[-d<Δ>]` that sets `train.objective` (and `delta`) on top of the
+committed params. Only `train`, `generate@policy` and `evaluate` rerun in an experiment; DVC's
+run cache restores anything it has seen. A method whose experiment already exists on the
+current commit is not queued again, so a second `safedpo compare` recomputes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from pipeline import objectives, paths
+from pipeline.artifacts import atomic_path, write_parquet
+from pipeline.errors import UserError
+
+METRIC_COLUMNS = ["harmless_rate", "helpfulness", "win_rate_vs_sft", "over_refusal_rate",
+                  "kl_to_ref", "length_stop_rate", "pref_accuracy_helpful",
+                  "pref_accuracy_safety", "judge_cost_accuracy", "judge_reward_accuracy",
+                  "n_prompts"]
+COLUMNS = ["method", "experiment", "objective", "delta", *METRIC_COLUMNS]
+
+
+@dataclass(frozen=True)
+class Method:
+    objective: str
+    delta: float
+
+    @property
+    def experiment(self) -> str:
+        obj = objectives.get(self.objective)
+        suffix = f"-d{self.delta:g}".replace(".", "p") if obj.uses_delta else ""
+        return f"cmp-{self.objective}{suffix}".replace("_", "-")
+
+    @property
+    def label(self) -> str:
+        return objectives.get(self.objective).label(self.delta)
+
+    def set_params(self) -> list[str]:
+        out = ["-S", f"train.objective={self.objective}"]
+        if objectives.get(self.objective).uses_delta:
+            out += ["-S", f"delta={self.delta:g}"]
+        return out
+
+
+def methods(names: Sequence[str], deltas: Sequence[float]) -> list[Method]:
+    """One method per objective, and per Δ for the objectives that use Δ."""
+    out = []
+    for name in names:
+        obj = objectives.get(name)
+        out += [Method(name, d) for d in deltas] if obj.uses_delta else [Method(name, 0.0)]
+    return out
+
+
+def _dvc(args: list[str], cwd: Path) -> str:
+    env = {**os.environ, "DVC_NO_ANALYTICS": "true"}
+    try:
+        proc = subprocess.run(["dvc", *args], cwd=cwd, env=env, capture_output=True, text=True)
+    except FileNotFoundError:
+        raise UserError("dvc is not on PATH (activate the project's virtualenv)") from None
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
+        raise UserError(f"`dvc {' '.join(args)}` failed: {tail[0]}")
+    return proc.stdout
+
+
+def experiment_metrics(shown: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Metrics of `data/eval/metrics.json` for each named experiment of the current commit, from
+    the output of `dvc exp show --json` (experiments without metrics are left out)."""
+    out: dict[str, dict[str, Any]] = {}
+    for commit in shown:
+        for exp in commit.get("experiments") or []:
+            for rev in exp.get("revs") or []:
+                name = rev.get("name")
+                data = rev.get("data") or {}
+                metrics = (data.get("metrics") or {}).get(str(paths.EVAL_METRICS), {})
+                if name and metrics.get("data"):
+                    out[name] = metrics["data"]
+    return out
+
+
+def run_comparison(chosen: Sequence[Method], cwd: Path = Path()) -> pd.DataFrame:
+    """Queue the methods that have no experiment yet, run them, and tabulate every method."""
+    have = experiment_metrics(json.loads(_dvc(["exp", "show", "--json"], cwd)))
+    todo = [m for m in chosen if m.experiment not in have]
+    for m in todo:
+        _dvc(["exp", "run", "--queue", "-n", m.experiment, *m.set_params()], cwd)
+        print(f"compare: queued {m.experiment} ({m.label})")
+    if todo:
+        _dvc(["exp", "run", "--run-all", "-j", "1"], cwd)
+        have = experiment_metrics(json.loads(_dvc(["exp", "show", "--json"], cwd)))
+    missing = [m.experiment for m in chosen if m.experiment not in have]
+    if missing:
+        raise UserError(f"experiments {missing} have no metrics; see `dvc queue logs NAME`")
+    print(f"compare: {len(todo)} experiment(s) run, {len(chosen) - len(todo)} reused")
+    return table(chosen, have)
+
+
+def table(chosen: Sequence[Method], metrics: dict[str, dict[str, Any]]) -> pd.DataFrame:
+    """One row per method plus the SFT baseline (its numbers are in every experiment)."""
+    first = metrics[chosen[0].experiment]
+    rows = [{"method": "SFT", "experiment": "", "objective": "", "delta": float("nan"),
+             "harmless_rate": first.get("harmless_rate_sft"),
+             "helpfulness": first.get("helpfulness_sft"), "win_rate_vs_sft": 0.5,
+             "over_refusal_rate": first.get("over_refusal_rate_sft"), "kl_to_ref": 0.0,
+             "length_stop_rate": first.get("length_stop_rate_sft"),
+             "judge_cost_accuracy": first.get("judge_cost_accuracy"),
+             "judge_reward_accuracy": first.get("judge_reward_accuracy"),
+             "n_prompts": first.get("n_prompts")}]
+    for m in chosen:
+        got = metrics[m.experiment]
+        delta = m.delta if objectives.get(m.objective).uses_delta else float("nan")
+        rows.append({"method": m.label, "experiment": m.experiment, "objective": m.objective,
+                     "delta": delta, **{k: got.get(k) for k in METRIC_COLUMNS}})
+    df = pd.DataFrame(rows, columns=COLUMNS)
+    df[METRIC_COLUMNS] = df[METRIC_COLUMNS].astype(float)
+    return df
+
+
+def to_markdown(df: pd.DataFrame) -> str:
+    head = ["method", "harmless", "helpfulness", "win vs SFT", "over-refusal", "KL to ref",
+            "hit max_new_tokens", "safety pref. acc."]
+    keys = ["harmless_rate", "helpfulness", "win_rate_vs_sft", "over_refusal_rate", "kl_to_ref",
+            "length_stop_rate", "pref_accuracy_safety"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in df.to_dict("records"):
+        cells = ["–" if pd.isna(r[k]) else f"{r[k]:.3f}" for k in keys]
+        lines.append(f"| {r['method']} | " + " | ".join(cells) + " |")
+    r0 = df.iloc[0]
+    lines += ["", f"Judges (held-out test pairs): cost accuracy {r0.judge_cost_accuracy:.3f}, "
+                  f"reward accuracy {r0.judge_reward_accuracy:.3f}; {int(r0.n_prompts)} prompts."]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(df: pd.DataFrame, out_dir: Path = paths.RESULTS_DIR) -> None:
+    out_dir = Path(out_dir)
+    write_parquet(df, out_dir / paths.RESULTS_TABLE.name)
+    with atomic_path(out_dir / paths.RESULTS_MARKDOWN.name) as tmp:
+        tmp.write_text(to_markdown(df))
+    plot_tradeoff(df, out_dir / paths.RESULTS_PLOT.name)
+
+
+def plot_tradeoff(df: pd.DataFrame, dest: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for r in df.itertuples():
+        ax.scatter(r.helpfulness, r.harmless_rate, s=60)
+        ax.annotate(r.method, (r.helpfulness, r.harmless_rate), textcoords="offset points",
+                    xytext=(6, 4), fontsize=9)
+    ax.set_xlabel("helpfulness (mean judge reward)")
+    ax.set_ylabel("harmless rate (judge cost <= 0)")
+    ax.set_title("Safety vs helpfulness, one DVC experiment per method")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(dest) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, metadata={"Software": None})
+    plt.close(fig)
