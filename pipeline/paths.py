@@ -14,6 +14,7 @@ RAW_DIR = Path("data/raw")
 RAW_TRAIN = RAW_DIR / "train.parquet"
 RAW_TEST = RAW_DIR / "test.parquet"
 SOURCE_JSON = RAW_DIR / "source.json"
+SOURCE_KEY = Path("data/source_key.json")
 
 PAIRS_DIR = Path("data/pairs")
 PAIRS_TRAIN = PAIRS_DIR / "train.parquet"

@@ -54,10 +54,49 @@ def test_dvc_repro_normalize(tmp_path: Path) -> None:
         assert pq.read_metadata(project / f"data/pairs/{split}.parquet").num_rows == n
     assert (project / "dvc.lock").exists()
     # Nothing else was run or written.
-    assert sorted(p.name for p in (project / "data").iterdir()) == ["pairs", "raw"]
+    assert sorted(p.name for p in (project / "data").iterdir()) == ["pairs", "raw",
+                                                                 "source_key.json"]
 
-    again = _run([str(DVC), "repro", "normalize"], project, env)
-    assert "Running stage" not in again.stdout
+    again = _run([str(DVC), "repro", "normalize"], project, env).stdout
+    # Only the always-run `source` stage, which rewrote the same key.
+    assert "Running stage 'download'" not in again and "Running stage 'normalize'" not in again
     metrics = _run([str(DVC), "metrics", "show", "--json"], project, env)
     shown = json.loads(metrics.stdout)
     assert "data/pairs/report.json" in json.dumps(shown)
+
+
+@pytest.mark.skipif(not DVC.exists(), reason="dvc is not installed in this environment")
+def test_editing_a_local_data_file_reruns_download(tmp_path: Path) -> None:
+    """A local `dataset.name` is a dependency: editing it reruns download and normalize; an
+    unchanged file leaves them cached."""
+    project = tmp_path / "project"
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for folder in ("pipeline", "stages"):
+        shutil.copytree(REPO / folder, project / folder, ignore=ignore)
+    for name in ("dvc.yaml", "params.yaml", "pyproject.toml"):
+        shutil.copy2(REPO / name, project / name)
+    rows = [{"prompt": f"question {i}", "response_0": f"answer {i}", "response_1": "I can't.",
+             "is_response_0_safe": True, "is_response_1_safe": True,
+             "better_response_id": 0, "safer_response_id": 1} for i in range(40)]
+    data = project / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows[:30]))
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["dataset"].update(name="pairs.jsonl", test_fraction=0.3)
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = dict(os.environ, DVC_NO_ANALYTICS="true", PYTHONPATH=str(project),
+               PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    _run([str(DVC), "init", "--no-scm", "-q"], project, env)
+
+    def rows_in() -> int:
+        report = json.loads((project / "data/pairs/report.json").read_text())
+        return report["train"]["rows_in"] + report["test"]["rows_in"]
+
+    assert "Running stage 'download'" in _run([str(DVC), "repro", "normalize"], project,
+                                               env).stdout
+    assert rows_in() == 30
+    same = _run([str(DVC), "repro", "normalize"], project, env).stdout
+    assert "Running stage 'download'" not in same and "Running stage 'normalize'" not in same
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))  # 10 rows added
+    edited = _run([str(DVC), "repro", "normalize"], project, env).stdout
+    assert "Running stage 'download'" in edited and "Running stage 'normalize'" in edited
+    assert rows_in() == 40

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-STAGES = {"download", "normalize", "sft", "ref_logps", "train", "judge", "generate@sft",
+STAGES = {"source", "download", "normalize", "sft", "ref_logps", "train", "judge", "generate@sft",
           "generate@policy", "evaluate"}
 MAX_LEN = 256
 
