@@ -10,9 +10,12 @@ current commit is not queued again, so a second `safedpo compare` recomputes not
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import subprocess
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,9 +66,15 @@ def methods(names: Sequence[str], deltas: Sequence[float]) -> list[Method]:
 
 
 def _dvc(args: list[str], cwd: Path) -> str:
-    env = {**os.environ, "DVC_NO_ANALYTICS": "true"}
+    # Queue workers run `safedpo` from a temporary copy of the repository: put this
+    # interpreter's scripts directory on PATH as an absolute path, so an unactivated
+    # `.venv/bin/safedpo compare` works too.
+    scripts = os.path.dirname(os.path.abspath(sys.executable))
+    env = {**os.environ, "DVC_NO_ANALYTICS": "true",
+           "PATH": os.pathsep.join([scripts, os.environ.get("PATH", "")])}
+    dvc = shutil.which("dvc", path=env["PATH"]) or "dvc"
     try:
-        proc = subprocess.run(["dvc", *args], cwd=cwd, env=env, capture_output=True, text=True)
+        proc = subprocess.run([dvc, *args], cwd=cwd, env=env, capture_output=True, text=True)
     except FileNotFoundError:
         raise UserError("dvc is not on PATH (activate the project's virtualenv)") from None
     if proc.returncode != 0:
@@ -74,34 +83,52 @@ def _dvc(args: list[str], cwd: Path) -> str:
     return proc.stdout
 
 
-def experiment_metrics(shown: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Metrics of `data/eval/metrics.json` for each named experiment of the current commit, from
-    the output of `dvc exp show --json` (experiments without metrics are left out)."""
-    out: dict[str, dict[str, Any]] = {}
+def experiment_metrics(shown: list[dict[str, Any]]
+                       ) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """From the output of `dvc exp show --json`: the metrics of `data/eval/metrics.json` of each
+    named experiment of the current commit that succeeded, and the failed ones with their log.
+
+    A failed experiment still shows metrics: the baseline's git-tracked metrics file, copied
+    into its workspace. They are not its own, so a failed run must never be read as a result.
+    """
+    ok: dict[str, dict[str, Any]] = {}
+    failed: dict[str, str] = {}
     for commit in shown:
         for exp in commit.get("experiments") or []:
+            executor = exp.get("executor") or {}
             for rev in exp.get("revs") or []:
                 name = rev.get("name")
+                if not name:
+                    continue
+                if executor.get("state") == "failed" or rev.get("error"):
+                    failed[name] = str((executor.get("local") or {}).get("log") or "")
+                    continue
                 data = rev.get("data") or {}
                 metrics = (data.get("metrics") or {}).get(str(paths.EVAL_METRICS), {})
-                if name and metrics.get("data"):
-                    out[name] = metrics["data"]
-    return out
+                if metrics.get("data"):
+                    ok[name] = metrics["data"]
+    return ok, failed
 
 
 def run_comparison(chosen: Sequence[Method], cwd: Path = Path()) -> pd.DataFrame:
     """Queue the methods that have no experiment yet, run them, and tabulate every method."""
-    have = experiment_metrics(json.loads(_dvc(["exp", "show", "--json"], cwd)))
+    have, failed = experiment_metrics(json.loads(_dvc(["exp", "show", "--json"], cwd)))
     todo = [m for m in chosen if m.experiment not in have]
+    stale = [m.experiment for m in todo if m.experiment in failed]
+    if stale:  # a failed run of an earlier call: run it again
+        _dvc(["exp", "remove", *stale], cwd)
     for m in todo:
         _dvc(["exp", "run", "--queue", "-n", m.experiment, *m.set_params()], cwd)
         print(f"compare: queued {m.experiment} ({m.label})")
     if todo:
-        _dvc(["exp", "run", "--run-all", "-j", "1"], cwd)
-        have = experiment_metrics(json.loads(_dvc(["exp", "show", "--json"], cwd)))
+        # Which ones failed is read from `exp show` below.
+        with contextlib.suppress(UserError):
+            _dvc(["exp", "run", "--run-all", "-j", "1"], cwd)
+        have, failed = experiment_metrics(json.loads(_dvc(["exp", "show", "--json"], cwd)))
     missing = [m.experiment for m in chosen if m.experiment not in have]
     if missing:
-        raise UserError(f"experiments {missing} have no metrics; see `dvc queue logs NAME`")
+        logs = "; ".join(f"{n}: {failed.get(n) or 'no metrics'}" for n in missing)
+        raise UserError(f"experiment(s) {missing} failed ({logs}); see `dvc queue logs NAME`")
     print(f"compare: {len(todo)} experiment(s) run, {len(chosen) - len(todo)} reused")
     return table(chosen, have)
 

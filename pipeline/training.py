@@ -199,27 +199,38 @@ def train_loop(
                desc="train", unit="step", disable=not accelerator.is_local_main_process)
     for step in bar:
         sums: dict[str, torch.Tensor] = {}
+        bad = torch.zeros((), device=accelerator.device)
         micro = plan.micro_batches(step, cfg.seed, accelerator.process_index)
         for m, idx in enumerate(micro):
-            batch = {k: v.to(accelerator.device)
+            batch = {k: v.to(accelerator.device, non_blocking=True)
                      for k, v in make_batch([examples[i] for i in idx]).items()}
             sync = m == len(micro) - 1
             ctx = accelerator.no_sync(model) if not sync else nullcontext()
             with ctx, accelerator.autocast():
                 loss, metrics = loss_fn(model, batch)
-                _check_finite(accelerator, loss, step)
                 accelerator.backward(loss / plan.grad_accum)
+            bad = bad + (~torch.isfinite(loss.detach())).float()
             for k, v in {"loss": loss.detach(), **metrics}.items():
                 sums[k] = sums.get(k, 0) + v.detach().float() / plan.grad_accum
-        accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        if norm is not None:  # (DeepSpeed clips inside its own step)
+            sums["grad_norm"] = torch.as_tensor(norm, device=accelerator.device).float()
+            bad = bad + (~torch.isfinite(sums["grad_norm"])).float()
+        # One host synchronisation per step: the metrics and the finiteness flags travel in one
+        # tensor, reduced over processes, read before the optimizer may apply a NaN.
+        keys = sorted(sums)
+        reduced = accelerator.reduce(torch.stack([*(sums[k] for k in keys), bad]),
+                                     reduction="mean").tolist()
+        last = dict(zip(keys, reduced[:-1], strict=True))
+        if reduced[-1] > 0:
+            what = "loss" if not math.isfinite(last["loss"]) else "grad_norm"
+            raise NonFiniteLossError(
+                f"{what} is {last[what]} at step {step} (on at least one process); lower the "
+                "learning rate or check the data and reference log-probs")
         lr = scheduler.get_last_lr()[0]  # the rate this step used, before the scheduler moves
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-
-        keys = sorted(sums)
-        reduced = accelerator.reduce(torch.stack([sums[k] for k in keys]), reduction="mean")
-        last = {k: float(v) for k, v in zip(keys, reduced.tolist(), strict=True)}
         last["lr"] = lr
         if accelerator.is_main_process:
             log(step + 1, last)
@@ -239,19 +250,6 @@ def train_loop(
     return accelerator.unwrap_model(model), LoopResult(
         steps=done, seconds=seconds, resumed_from=start, last_metrics=last,
         state_dict=state_dict)
-
-
-def _check_finite(accelerator: Accelerator, loss: torch.Tensor, step: int) -> None:
-    """Stop on a NaN or inf loss. Every process learns of it, so none is left waiting in an
-    all-reduce for a peer that has stopped."""
-    bad = torch.tensor(0.0 if torch.isfinite(loss) else 1.0, device=loss.device)
-    if accelerator.num_processes > 1:
-        bad = accelerator.reduce(bad, reduction="sum")
-    if bad.item() > 0:
-        where = f"is {loss.item()}" if not torch.isfinite(loss) else "is not finite on another " \
-            "process"
-        raise NonFiniteLossError(f"loss {where} at step {step}; lower the learning rate or "
-                                 "check the data and reference log-probs")
 
 
 # --- losses on batches ----------------------------------------------------------------------

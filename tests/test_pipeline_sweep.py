@@ -8,19 +8,14 @@ runs (`--queue -S delta=0,2` + `--run-all`) show up in `dvc exp show` with their
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from dvc_project import BIN, copy_project, run, stages_run
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 UPSTREAM = {"download", "normalize", "sft", "ref_logps", "judge", "generate@sft"}
 ALWAYS = {"source"}  # always_changed: writes the data source's key, the same bytes if unchanged
 DOWNSTREAM = {"train", "generate@policy", "evaluate"}
@@ -38,46 +33,15 @@ TINY_PARAMS = {
 }
 
 
-def _merge(base: dict, over: dict) -> dict:
-    return {k: _merge(base[k], v) if isinstance(v, dict) else v for k, v in over.items()} | \
-        {k: v for k, v in base.items() if k not in over}
-
-
-def _run(args: list[str], cwd: Path) -> str:
-    env = {**os.environ, "DVC_NO_ANALYTICS": "true", "GIT_AUTHOR_NAME": "t",
-           "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
-           "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"{args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc.stdout + proc.stderr
-
-
-def _ran(log: str) -> set[str]:
-    return {line.split("'")[1] for line in log.splitlines() if line.startswith("Running stage '")}
-
-
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("clone")
-    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True,
-                           check=True).stdout.split()
-    for f in files:
-        if f.startswith(("pipeline/", "stages/", ".dvc/")) or f in {
-                "dvc.yaml", "params.yaml", "pyproject.toml", ".gitignore", ".dvcignore"}:
-            (root / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / f, root / f)
-    params = _merge(yaml.safe_load((REPO / "params.yaml").read_text()), TINY_PARAMS)
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    _run(["git", "init", "-q", "-b", "main"], root)
-    _run(["git", "add", "-A"], root)
-    _run(["git", "commit", "-qm", "tiny project"], root)
-    return root
+    return copy_project(tmp_path_factory.mktemp("clone"), TINY_PARAMS)
 
 
 def test_repro_runs_every_stage_then_a_delta_change_reruns_only_downstream(
         project: Path) -> None:
-    log = _run([str(BIN / "dvc"), "repro"], project)
-    assert _ran(log) == ALWAYS | UPSTREAM | DOWNSTREAM | {"theory"}
+    log = run([str(BIN / "dvc"), "repro"], project)
+    assert stages_run(log) == ALWAYS | UPSTREAM | DOWNSTREAM | {"theory"}
     metrics = json.loads((project / "data/eval/metrics.json").read_text())
     for key in ("harmless_rate", "harmless_rate_sft", "helpfulness", "helpfulness_sft",
                 "win_rate_vs_sft", "over_refusal_rate", "pref_accuracy_helpful",
@@ -86,20 +50,20 @@ def test_repro_runs_every_stage_then_a_delta_change_reruns_only_downstream(
         assert key in metrics, key
     assert metrics["n_prompts"] == 8
     assert 0.0 <= metrics["harmless_rate"] <= 1.0
-    _run(["git", "add", "-A"], project)
-    _run(["git", "commit", "-qm", "baseline"], project)
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-qm", "baseline"], project)
 
     # Changing Δ: a dry run would start at `train` and leave every upstream stage cached ...
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["delta"] = 5.0
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    dry = _ran(_run([str(BIN / "dvc"), "repro", "--dry"], project))
+    dry = stages_run(run([str(BIN / "dvc"), "repro", "--dry"], project))
     assert "train" in dry and not dry & UPSTREAM, dry
-    _run(["git", "checkout", "params.yaml"], project)
+    run(["git", "checkout", "params.yaml"], project)
 
     # ... and `dvc exp run -S delta=0`, verbatim, runs only those.
-    exp = _run([str(BIN / "dvc"), "exp", "run", "-S", "delta=0"], project)
-    assert _ran(exp) == ALWAYS | DOWNSTREAM, exp[-2000:]
+    exp = run([str(BIN / "dvc"), "exp", "run", "-S", "delta=0"], project)
+    assert stages_run(exp) == ALWAYS | DOWNSTREAM, exp[-2000:]
 
 
 def test_compare_runs_one_experiment_per_method_and_reuses_them(project: Path) -> None:
@@ -107,9 +71,9 @@ def test_compare_runs_one_experiment_per_method_and_reuses_them(project: Path) -
     `dvc exp show --json`, and a second call queues and runs nothing."""
     args = [str(BIN / "safedpo"), "compare", "-o", "safedpo", "-o", "dpo_helpful",
             "-d", "0", "-d", "2"]
-    out = _run(args, project)
+    out = run(args, project)
     assert out.count("compare: queued") == 3 and "3 experiment(s) run, 0 reused" in out
-    shown = json.loads(_run([str(BIN / "dvc"), "exp", "show", "--json"], project))
+    shown = json.loads(run([str(BIN / "dvc"), "exp", "show", "--json"], project, stdout_only=True))
     deltas = {}
     for commit in shown:
         for exp in commit.get("experiments") or []:
@@ -120,8 +84,10 @@ def test_compare_runs_one_experiment_per_method_and_reuses_them(project: Path) -
                 if metrics and params["train"]["objective"] == "safedpo":
                     deltas[params.get("delta")] = metrics
     assert {0, 2} <= set(deltas), deltas.keys()
+    # Each experiment has metrics of its own (a failed one would show the baseline's).
+    assert deltas[0]["kl_to_ref"] != deltas[2]["kl_to_ref"]
     table = (project / "data/results/results.md").read_text()
     for label in ("| SFT |", "| SafeDPO (Δ=0) |", "| SafeDPO (Δ=2) |", "| DPO (helpful) |"):
         assert label in table, table
-    again = _run(args, project)
+    again = run(args, project)
     assert "compare: queued" not in again and "0 experiment(s) run, 3 reused" in again

@@ -1,0 +1,63 @@
+"""`safedpo compare` without running DVC: method names, reading `dvc exp show --json`, the table.
+(The whole command runs in tests/test_pipeline_sweep.py.)"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from pipeline.compare import Method, experiment_metrics, methods, table, to_markdown
+
+
+def _exp(name: str, metrics: dict, state: str = "success", error: bool = False) -> dict:
+    rev = {"name": name, "data": {"metrics": {"data/eval/metrics.json": {"data": metrics}}}}
+    if error:
+        rev["error"] = {"msg": "Experiment run failed", "type": ""}
+    return {"name": name, "executor": {"state": state, "local": {"log": f"/logs/{name}.out"}},
+            "revs": [rev]}
+
+
+def test_methods_and_experiment_names() -> None:
+    got = methods(["safedpo", "dpo_helpful"], [0.0, 2.5, 10.0])
+    assert [m.experiment for m in got] == ["cmp-safedpo-d0", "cmp-safedpo-d2p5",
+                                           "cmp-safedpo-d10", "cmp-dpo-helpful"]
+    assert got[1].set_params() == ["-S", "train.objective=safedpo", "-S", "delta=2.5"]
+    assert got[3].set_params() == ["-S", "train.objective=dpo_helpful"]
+    assert got[3].label == "DPO (helpful)" and got[2].label == "SafeDPO (Δ=10)"
+
+
+def test_a_failed_experiment_is_never_read_as_a_result() -> None:
+    """A failed run still shows the baseline's git-tracked metrics; they are not its own."""
+    base = {"harmless_rate": 0.9, "harmless_rate_sft": 0.8}
+    shown = [{"rev": "abc", "experiments": [
+        _exp("cmp-dpo-helpful", {**base, "harmless_rate": 0.5}),
+        _exp("cmp-safedpo-d10", base, state="failed", error=True),
+        _exp("cmp-dpo-harmless", {}),  # no metrics at all
+    ]}]
+    ok, failed = experiment_metrics(shown)
+    assert set(ok) == {"cmp-dpo-helpful"} and ok["cmp-dpo-helpful"]["harmless_rate"] == 0.5
+    assert failed == {"cmp-safedpo-d10": "/logs/cmp-safedpo-d10.out"}
+
+
+def test_table_has_the_sft_baseline_and_one_row_per_method() -> None:
+    m = {"harmless_rate": 0.99, "helpfulness": 0.4, "win_rate_vs_sft": 0.6,
+         "over_refusal_rate": 0.3, "kl_to_ref": 12.5, "length_stop_rate": 0.25,
+         "pref_accuracy_helpful": 0.7, "pref_accuracy_safety": 1.0, "judge_cost_accuracy": 1.0,
+         "judge_reward_accuracy": 0.9, "n_prompts": 200, "harmless_rate_sft": 0.85,
+         "helpfulness_sft": 0.3, "over_refusal_rate_sft": 0.2, "length_stop_rate_sft": 0.1}
+    chosen = [Method("safedpo", 10.0), Method("dpo_helpful", 0.0)]
+    df = table(chosen, {"cmp-safedpo-d10": m, "cmp-dpo-helpful": {**m, "harmless_rate": 0.5}})
+    assert df["method"].tolist() == ["SFT", "SafeDPO (Δ=10)", "DPO (helpful)"]
+    assert df["harmless_rate"].tolist() == [0.85, 0.99, 0.5]
+    assert df["delta"].iloc[1] == 10.0 and math.isnan(df["delta"].iloc[2])
+    md = to_markdown(df)
+    assert "| SafeDPO (Δ=10) | 0.990 | 0.400 | 0.600 | 0.300 | 12.500 | 0.250 | 1.000 |" in md
+    assert "| SFT | 0.850 | 0.300 | 0.500 | 0.200 | 0.000 | 0.100 | – |" in md
+
+
+def test_unknown_objective_is_one_line() -> None:
+    from pipeline.errors import UserError
+
+    with pytest.raises(UserError, match="not one of"):
+        methods(["ppo"], [0.0])
