@@ -186,9 +186,12 @@ class TrainConfig(OptimConfig):
 @dataclass(frozen=True)
 class RefLogpsConfig:
     batch_size: int = 64
+    # Padded tokens per batch: bounds the logits' memory (tokens × vocab) on long sequences.
+    max_tokens: int = 32768
 
     def __post_init__(self) -> None:
         _check(self.batch_size > 0, "ref_logps.batch_size", "must be > 0")
+        _check(self.max_tokens > 0, "ref_logps.max_tokens", "must be > 0")
 
 
 @dataclass(frozen=True)
@@ -274,9 +277,11 @@ class JudgeConfig:
 @dataclass(frozen=True)
 class EvaluateConfig:
     batch_size: int = 64
+    max_tokens: int = 32768
 
     def __post_init__(self) -> None:
         _check(self.batch_size > 0, "evaluate.batch_size", "must be > 0")
+        _check(self.max_tokens > 0, "evaluate.max_tokens", "must be > 0")
 
 
 @dataclass(frozen=True)

@@ -100,13 +100,14 @@ def implicit_reward_accuracy(
 
 
 def sample_logps(model: PreTrainedModel, pad_id: int, gens: pd.DataFrame, batch_size: int,
-                 device: torch.device | str, mixed_precision: MixedPrecision) -> np.ndarray:
+                 device: torch.device | str, mixed_precision: MixedPrecision,
+                 max_tokens: int | None = None) -> np.ndarray:
     """Log-probs of generated samples on exactly the token ids that were fed and sampled
     (`prompt_ids`, `token_ids`; EOS is scored where generation ended with it)."""
     seqs = [Encoded.join(p, t) for p, t in zip(gens["prompt_ids"], gens["token_ids"],
                                                 strict=True)]
     lp, _ = score_sequences(model, seqs, pad_id, batch_size, device, desc="sample log-probs",
-                            mixed_precision=mixed_precision)
+                            mixed_precision=mixed_precision, max_tokens=max_tokens)
     return lp
 
 
@@ -120,7 +121,8 @@ def kl_to_ref(policy_logps: np.ndarray, ref_logps: np.ndarray) -> float:
 def evaluate_policy(
     *, policy_dir: Path, sft_dir: Path, generations: pd.DataFrame, test: pd.DataFrame,
     ref_test_path: Path, judge: Judge, judge_info: dict[str, Any], beta: float,
-    max_length: int, batch_size: int, mixed_precision: MixedPrecision = "auto",
+    max_length: int, batch_size: int, max_tokens: int | None = None,
+    mixed_precision: MixedPrecision = "auto",
     dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
 ) -> tuple[dict[str, Any], pd.DataFrame]:
     """All metrics of one policy against the SFT baseline (docs/architecture.md, "Metrics").
@@ -145,17 +147,17 @@ def evaluate_policy(
     ref = read_reference(ref_test_path,
                          fingerprint_for(sft_dir, enc_ref, mixed_precision, test, device))
     pol_pairs = pair_logps(policy, enc_pol, test, batch_size, device, mixed_precision,
-                           desc="policy log-probs")
+                           desc="policy log-probs", max_tokens=max_tokens)
     pref = implicit_reward_accuracy(test, pol_pairs, ref, beta)
 
     # KL to the reference on the policy's own samples: score them under both models.
     mine = scores[scores["model"] == "policy"]
     lp_pol = sample_logps(policy, tokenizer.pad_token_id, mine, batch_size, device,
-                          mixed_precision)
+                          mixed_precision, max_tokens)
     del policy
     ref_model.to(device)
     lp_ref = sample_logps(ref_model, ref_tok.pad_token_id, mine, batch_size, device,
-                          mixed_precision)
+                          mixed_precision, max_tokens)
     scores.loc[mine.index, "logp_policy"] = lp_pol
     scores.loc[mine.index, "logp_ref"] = lp_ref
 

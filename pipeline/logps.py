@@ -103,24 +103,42 @@ def batch_logps(model: PreTrainedModel, batch: dict[str, torch.Tensor], groups: 
     return torch.cat(lps)[inverse], torch.cat(ns)[inverse]
 
 
+def token_batches(sorted_lengths: np.ndarray, max_rows: int, max_tokens: int | None
+                  ) -> list[tuple[int, int]]:
+    """(start, stop) of consecutive batches of ascending lengths: at most `max_rows` rows, and
+    rows × longest length at most `max_tokens` (a longer sequence still gets a batch alone)."""
+    out, start = [], 0
+    for i, n in enumerate(sorted_lengths):
+        rows = i - start + 1
+        if rows > max_rows or (max_tokens is not None and rows > 1 and rows * n > max_tokens):
+            out.append((start, i))
+            start = i
+    if len(sorted_lengths):
+        out.append((start, len(sorted_lengths)))
+    return out
+
+
 @torch.inference_mode()
 def score_sequences(
     model: PreTrainedModel, encoded: Sequence[Encoded], pad_id: int, batch_size: int,
     device: torch.device | str = "cpu", desc: str = "log-probs",
-    mixed_precision: MixedPrecision = "auto",
+    mixed_precision: MixedPrecision = "auto", max_tokens: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Summed response log-probs of many sequences, in their input order, under the autocast
     that training uses for `mixed_precision` (so a policy equal to its reference scores alike).
 
-    Batches are formed from length-sorted sequences, which cuts padding to a few percent.
+    Batches are formed from length-sorted sequences, which cuts padding to a few percent, and
+    hold at most `batch_size` rows and `max_tokens` padded tokens, so the logits of a batch of
+    long sequences stay within memory whatever their length.
     """
     model.eval()
-    order = np.argsort([len(e.input_ids) for e in encoded], kind="stable")
+    lengths = np.array([len(e.input_ids) for e in encoded], dtype=np.int64)
+    order = np.argsort(lengths, kind="stable")
     logps = np.zeros(len(encoded), dtype=np.float64)
     ntok = np.zeros(len(encoded), dtype=np.int64)
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch",
-                      disable=len(order) <= batch_size):
-        idx = order[start:start + batch_size]
+    batches = token_batches(lengths[order], batch_size, max_tokens)
+    for start, stop in tqdm(batches, desc=desc, unit="batch", disable=len(batches) <= 1):
+        idx = order[start:stop]
         batch = {k: v.to(device) for k, v in collate([encoded[i] for i in idx], pad_id).items()}
         with autocast(mixed_precision, device):
             lp, n = batch_logps(model, batch)

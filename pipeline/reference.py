@@ -67,6 +67,7 @@ def pair_logps(
     model: PreTrainedModel, encoder: Encoder, pairs: pd.DataFrame, batch_size: int,
     device: torch.device | str = "cpu", mixed_precision: MixedPrecision = "auto",
     stats: TruncationStats | None = None, desc: str = "pair log-probs",
+    max_tokens: int | None = None,
 ) -> pd.DataFrame:
     """Summed log-prob and token count of both responses of every pair under `model`, keyed by
     `pair_id`: the reference's (by `ref_logps`) or the policy's (by `evaluate`)."""
@@ -75,7 +76,8 @@ def pair_logps(
                             pairs["response_1"].tolist(), stats)
     seqs = [a for a, _ in encoded] + [b for _, b in encoded]
     logps, ntok = score_sequences(model, seqs, encoder.tokenizer.pad_token_id, batch_size,
-                                  device, desc=desc, mixed_precision=mixed_precision)
+                                  device, desc=desc, mixed_precision=mixed_precision,
+                                  max_tokens=max_tokens)
     return pd.DataFrame({
         "pair_id": pairs["pair_id"].to_numpy(),
         "logp_0": logps[:n], "logp_1": logps[n:],

@@ -26,6 +26,7 @@ def run(params_file: Path = paths.PARAMS) -> None:
         judge=load_judge(paths.JUDGE_DIR, params.judge.batch_size),
         judge_info=read_judge_record(paths.JUDGE_DIR), beta=params.beta,
         max_length=params.train.max_length, batch_size=params.evaluate.batch_size,
+        max_tokens=params.evaluate.max_tokens,
         mixed_precision=params.train.mixed_precision, dtype=weight_dtype(params.model.dtype),
         device=device())
     write_parquet(scores, paths.EVAL_SCORES)

@@ -27,7 +27,7 @@ def run(params_file: Path = paths.PARAMS) -> None:
         t0 = time.perf_counter()
         stats = TruncationStats()
         ref = pair_logps(model, encoder, pairs, params.ref_logps.batch_size, on, mp, stats,
-                         desc=f"ref log-probs {split}")
+                         desc=f"ref log-probs {split}", max_tokens=params.ref_logps.max_tokens)
         write_reference(ref, fingerprint_for(paths.SFT_DIR, encoder, mp, pairs, on), dest, stats)
         print(f"ref_logps: {split}: {len(ref)} pairs in {time.perf_counter() - t0:.1f}s; "
               f"{stats.describe()} at max_length {encoder.max_length} -> {dest}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -177,3 +178,23 @@ def test_dpo_logits_are_zero_at_step_zero_under_the_training_precision(
         # Scoring the reference without the autocast (what ref_logps used to do) does not.
         ref32 = pair_logps(model, enc, pairs, batch_size=4, mixed_precision="no")
         assert (ref32["logp_0"] - ref["logp_0"]).abs().mean() > 1e-4
+
+
+def test_token_batches_bound_rows_and_padded_tokens() -> None:
+    from pipeline.logps import token_batches
+
+    lengths = np.array([3, 4, 5, 10, 10, 40, 500])
+    assert token_batches(lengths, 64, None) == [(0, 7)]
+    assert token_batches(lengths, 2, None) == [(0, 2), (2, 4), (4, 6), (6, 7)]
+    # At most 40 padded tokens: [3, 4, 5, 10] is 4 × 10; 40 alone; 500 is alone however long.
+    assert token_batches(lengths, 64, 40) == [(0, 4), (4, 5), (5, 6), (6, 7)]
+    assert token_batches(np.array([], dtype=np.int64), 8, 40) == []
+
+
+def test_scoring_in_token_sized_batches_gives_the_same_log_probs(
+        tiny: tuple[Path, pd.DataFrame]) -> None:
+    model_dir, pairs = tiny
+    model, enc = _encoder(model_dir)
+    a = pair_logps(model, enc, pairs, batch_size=64)
+    b = pair_logps(model, enc, pairs, batch_size=64, max_tokens=100)
+    pd.testing.assert_frame_equal(a, b, rtol=1e-5, atol=1e-5)
