@@ -8,6 +8,7 @@ work starts. Unknown keys are rejected too: a typo must not silently fall back t
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -57,6 +58,8 @@ class DatasetConfig:
     test_fraction: float = 0.1
     split_seed: int = 0
     max_rows: int | None = None
+    # A test split whose prompts all occur in train is refused unless this is set.
+    allow_seen_test_prompts: bool = False
     toy: ToyConfig = field(default_factory=ToyConfig)
 
     def __post_init__(self) -> None:
@@ -342,6 +345,11 @@ class Params:
     def __post_init__(self) -> None:
         _check(self.beta > 0, "beta", "must be > 0")
         _check(self.delta >= 0, "delta", "must be >= 0 (Prop. 4.4 assumes a non-negative margin)")
+        if self.model.name == "builtin:tiny":
+            longest = max(self.sft.max_length, self.train.max_length)
+            _check(self.model.tiny.max_position_embeddings >= longest,
+                   "model.tiny.max_position_embeddings",
+                   f"must be >= the longest max_length ({longest}) of sft and train")
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -371,9 +379,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, bool):
             raise UserError(f"parameter {key}: expected a number, got {value!r}")
         try:
-            return float(value)
-        except (TypeError, ValueError):
+            number = float(value)
+        except (TypeError, ValueError, OverflowError):
             raise UserError(f"parameter {key}: expected a number, got {value!r}") from None
+        if not math.isfinite(number):
+            raise UserError(f"parameter {key}: must be a finite number, got {value!r}")
+        return number
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise UserError(f"parameter {key}: expected an integer, got {value!r}")
@@ -392,7 +403,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    unknown = sorted(str(k) for k in set(data) - names)
     if unknown:
         where = f" in {prefix}" if prefix else ""
         raise UserError(f"unknown parameter(s) {unknown}{where}; known: {sorted(names)}")
@@ -409,9 +420,17 @@ def load_params(path: Path | str = "params.yaml") -> Params:
     if not path.exists():
         raise UserError("parameter file not found", path=path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise UserError(f"invalid YAML: {str(exc).splitlines()[0]}", path=path) from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"not valid UTF-8 ({exc.reason} at byte {exc.start})", path=path) \
+            from None
+    except IsADirectoryError:
+        raise UserError("is a directory, not a parameter file", path=path) from None
+    if data is None:
+        # Running on built-in defaults when the file is empty would hide a lost file.
+        raise UserError("is empty; copy the repository's params.yaml and edit it", path=path)
     if not isinstance(data, dict):
         raise UserError("expected a mapping at the top level", path=path)
     try:

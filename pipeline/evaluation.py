@@ -4,6 +4,7 @@ tested without models: scores of generations, implicit-reward accuracies, KL to 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from pipeline.encoding import Encoded, Encoder, load_template
 from pipeline.errors import UserError
 from pipeline.judges import Judge, is_refusal
 from pipeline.logps import score_sequences
-from pipeline.modeling import load_pretrained
+from pipeline.modeling import SUMMARY_FILE, load_pretrained, weights_hash
 from pipeline.reference import (
     fingerprint_for,
     pair_logps,
@@ -118,6 +119,20 @@ def kl_to_ref(policy_logps: np.ndarray, ref_logps: np.ndarray) -> float:
     return float(np.mean(policy_logps - ref_logps)) if len(policy_logps) else float("nan")
 
 
+def check_lineage(policy_dir: Path, sft_dir: Path) -> None:
+    """The policy must have been trained from the SFT model it is evaluated against: its KL and
+    implicit rewards are meaningless against another reference."""
+    summary = Path(policy_dir) / SUMMARY_FILE
+    started = json.loads(summary.read_text()).get("sft_model") if summary.exists() else None
+    if started is None:
+        raise UserError(f"no record of the SFT model it was trained from ({SUMMARY_FILE}); "
+                        "rerun `dvc repro train`", path=policy_dir)
+    if started != weights_hash(sft_dir):
+        raise UserError(f"was trained from another SFT model than {sft_dir} (weights "
+                        f"{started} != {weights_hash(sft_dir)}); rerun `dvc repro train`",
+                        path=policy_dir)
+
+
 def evaluate_policy(
     *, policy_dir: Path, sft_dir: Path, generations: pd.DataFrame, test: pd.DataFrame,
     ref_test_path: Path, judge: Judge, judge_info: dict[str, Any], beta: float,
@@ -138,6 +153,7 @@ def evaluate_policy(
     policy, tokenizer = load_pretrained(policy_dir, dtype=dtype)
     policy.to(device)
     ref_model, ref_tok = load_pretrained(sft_dir, dtype=dtype)
+    check_lineage(policy_dir, sft_dir)
     if tokenizer_id(tokenizer) != tokenizer_id(ref_tok):
         raise UserError(f"the policy's tokenizer differs from the SFT model's ({sft_dir}); "
                         "was it trained from another SFT model? rerun `dvc repro train`",

@@ -26,6 +26,7 @@ from pipeline.errors import UserError
 from pipeline.logps import forward_groups, score_sequences
 from pipeline.modeling import (
     BUILTIN_TINY,
+    SUMMARY_FILE,
     disable_dropout,
     initial_model,
     load_pretrained,
@@ -43,8 +44,6 @@ from pipeline.training import (
     sft_batch,
     train_loop,
 )
-
-SUMMARY_FILE = "training_summary.json"
 
 
 def _run_key(*parts: Any) -> str:
@@ -204,6 +203,8 @@ def run_preference(
         model, examples, lambda b: preference_batch(b, tokenizer.pad_token_id), loss_fn, cfg,
         accelerator, checkpointer, log, stop_after)
     summary = {
+        # The SFT model this policy started from: evaluation checks it is its reference.
+        "sft_model": fp.model,
         "objective": cfg.objective, "beta": beta, "delta": delta,
         "pairs_in": counts.n_in, "pairs_kept": counts.kept, "pairs_swapped": counts.swapped,
         "pairs_dropped": counts.dropped, "pairs_contradictory": counts.contradictions,

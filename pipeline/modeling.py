@@ -29,6 +29,8 @@ from pipeline.encoding import TEMPLATE_FILE, Template
 from pipeline.errors import UserError
 
 BUILTIN_TINY = "builtin:tiny"
+#: Notes a training stage leaves beside the weights (not part of the model's identity).
+SUMMARY_FILE = "training_summary.json"
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 
 def train_tiny_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
@@ -99,8 +101,10 @@ def load_pretrained(
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             name, revision=revision, trust_remote_code=trust_remote_code)
+        # Safetensors only: a pickled `pytorch_model.bin` can run code when loaded.
         model = AutoModelForCausalLM.from_pretrained(
-            name, revision=revision, trust_remote_code=trust_remote_code, dtype=dtype)
+            name, revision=revision, trust_remote_code=trust_remote_code, dtype=dtype,
+            use_safetensors=True)
     except (OSError, ValueError) as exc:
         raise _hub_error(name, exc) from None
     if tokenizer.pad_token_id is None:

@@ -398,14 +398,30 @@ def split_report(res: Normalized) -> dict[str, Any]:
 
 
 def normalize_splits(train_raw: pd.DataFrame, test_raw: pd.DataFrame, layout: str = "auto",
-                     where: dict[str, object] | None = None
+                     where: dict[str, object] | None = None,
+                     allow_seen_test_prompts: bool = False,
                      ) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
-    """Normalize both splits; returns (train pairs, test pairs, report)."""
+    """Normalize both splits; returns (train pairs, test pairs, report).
+
+    Fails early, with one line, where later stages would fail or mislead: a split that ends up
+    empty, or a test split every prompt of which is also a train prompt (a held-out evaluation
+    in name only) unless `allow_seen_test_prompts`."""
     where = where or {}
     train = normalize_frame(train_raw, layout, where.get("train"))
     test = normalize_frame(test_raw, layout, where.get("test"))
     test = drop_train_duplicates(test, train)
-    test_prompts_in_train = int(test.pairs["prompt_id"].isin(train.pairs["prompt_id"]).sum())
+    for split, res in (("train", train), ("test", test)):
+        if len(res.pairs) == 0:
+            reasons = res.rejected["reason"].value_counts().to_dict()
+            raise UserError(f"no {split} pairs are left after normalization ({res.rows_in} rows "
+                            f"in, rejected: {reasons or 'none'}); is the test split the train "
+                            "split?", path=where.get(split))
+    seen = test.pairs["prompt_id"].isin(train.pairs["prompt_id"])
+    if seen.all() and not allow_seen_test_prompts:
+        raise UserError(f"every one of the {len(seen)} test pairs has a prompt that is also in "
+                        "train, so the test split measures nothing held out; use another split, "
+                        "or set dataset.allow_seen_test_prompts: true", path=where.get("test"))
+    test_prompts_in_train = int(seen.sum())
     report = {
         "train": split_report(train),
         "test": split_report(test) | {"pairs_with_prompt_in_train": test_prompts_in_train},

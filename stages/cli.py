@@ -87,10 +87,15 @@ def inspect(
     typer.echo(describe(path, rows=rows))
 
 
+VERBOSE = ("-v", "--verbose")
+
+
 def main() -> None:
-    """Entry point: a `UserError` becomes one line on stderr and exit code 2."""
+    """Entry point: a `UserError` becomes one line on stderr and exit code 2; anything
+    unexpected one line and exit code 1 (`-v`/`--verbose`, anywhere: the traceback)."""
+    verbose = any(a in VERBOSE for a in sys.argv[1:])
     try:
-        app(standalone_mode=False)
+        app(args=[a for a in sys.argv[1:] if a not in VERBOSE], standalone_mode=False)
     except UserError as exc:
         print(f"safedpo: error: {exc}", file=sys.stderr)
         sys.exit(2)
@@ -107,4 +112,9 @@ def main() -> None:
             sys.exit(exc.exit_code)
         if isinstance(exc, click.exceptions.Abort):
             sys.exit(1)
-        raise
+        if verbose:
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        print(f"safedpo: unexpected error: {type(exc).__name__}: {first}; rerun with -v for the "
+              "traceback", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,159 @@
+"""Hostile and broken inputs: each is refused with one line (or handled), never accepted
+silently, never a traceback."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from data_cli import REPO, assert_one_line_error, make_project, run_cli
+
+from pipeline.artifacts import atomic_path, write_json
+from pipeline.config import load_params
+from pipeline.errors import UserError
+
+
+def _params(tmp_path: Path, edit: dict) -> Path:
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    for dotted, value in edit.items():
+        *parents, last = dotted.split(".")
+        node = params
+        for p in parents:
+            node = node[p]
+        node[last] = value
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    ({"train.lr": float("inf")}, "train.lr: must be a finite number"),
+    ({"train.epochs": float("inf")}, "train.epochs: must be a finite number"),
+    ({"delta": float("nan")}, "delta: must be a finite number"),
+    ({"model.tiny.max_position_embeddings": 64}, "model.tiny.max_position_embeddings: must be"),
+    ({"model.template": "no field"}, "model.template"),
+])
+def test_bad_parameter_values(tmp_path: Path, edit: dict, message: str) -> None:
+    with pytest.raises(UserError, match=message.replace(".", r"\.")):
+        load_params(_params(tmp_path, edit))
+
+
+def test_broken_parameter_files(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing here\n")
+    with pytest.raises(UserError, match="is empty"):
+        load_params(empty)
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("seed: 0\nbeta: 0.1 # caf\xe9\n".encode("latin-1"))
+    with pytest.raises(UserError, match="not valid UTF-8"):
+        load_params(latin)
+    folder = tmp_path / "dir.yaml"
+    folder.mkdir()
+    with pytest.raises(UserError, match="is a directory"):
+        load_params(folder)
+    mixed = tmp_path / "mixed.yaml"
+    mixed.write_text("seed: 0\n1: a\nzz: b\n")
+    with pytest.raises(UserError, match=r"unknown parameter\(s\) \['1', 'zz'\]"):
+        load_params(mixed)
+
+
+def test_metrics_json_is_strict(tmp_path: Path) -> None:
+    import numpy as np
+
+    write_json({"a": float("nan"), "b": [np.float64("inf"), 1.5], "c": np.int64(3)},
+               tmp_path / "m.json")
+    text = (tmp_path / "m.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"a": None, "b": [None, 1.5], "c": 3}
+
+
+def test_a_killed_write_leaves_nothing_the_next_one_keeps(tmp_path: Path) -> None:
+    dest = tmp_path / "out.json"
+    with pytest.raises(RuntimeError), atomic_path(dest) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("killed")
+    assert not dest.exists() and list(tmp_path.iterdir()) == []
+    (tmp_path / ".out.json.tmp").write_text("left by a kill -9")  # what a hard kill leaves
+    write_json({"x": 1}, dest)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]
+
+
+def test_a_pickle_only_model_directory_is_refused(tmp_path: Path) -> None:
+    """`pytorch_model.bin` is a pickle: loading it can run code. Only safetensors load."""
+    import torch
+    from real_models import metaspace_tokenizer, tiny_llama
+
+    from pipeline.modeling import load_pretrained
+
+    tok = metaspace_tokenizer(["a b c d e f g"] * 20, vocab_size=40, chat_template=None)
+    model = tiny_llama(tok)
+    model.config.save_pretrained(tmp_path)
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    tok.save_pretrained(tmp_path)
+    assert (tmp_path / "pytorch_model.bin").exists()
+    assert not list(tmp_path.glob("*.safetensors"))
+    with pytest.raises(UserError, match="could not load model"):
+        load_pretrained(tmp_path, dtype=torch.float32)
+
+
+def test_evaluate_refuses_a_policy_trained_from_another_sft_model(tmp_path: Path) -> None:
+    from pipeline.evaluation import check_lineage
+    from pipeline.modeling import SUMMARY_FILE, weights_hash
+
+    sft, other, policy = (tmp_path / n for n in ("sft", "other", "policy"))
+    for d, payload in ((sft, b"weights A"), (other, b"weights B")):
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(payload)
+    policy.mkdir()
+    (policy / SUMMARY_FILE).write_text(json.dumps({"sft_model": weights_hash(sft)}))
+    check_lineage(policy, sft)
+    with pytest.raises(UserError, match="trained from another SFT model"):
+        check_lineage(policy, other)
+    (policy / SUMMARY_FILE).write_text("{}")
+    with pytest.raises(UserError, match="no record of the SFT model"):
+        check_lineage(policy, sft)
+
+
+def test_an_unexpected_error_is_one_line_and_verbose_shows_the_traceback(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    params = make_project(tmp_path, monkeypatch)
+    import stages.download
+
+    def boom(params_file: Path) -> None:
+        raise KeyError("something the code did not expect")
+
+    monkeypatch.setattr(stages.download, "run", boom)
+    code, _, err = run_cli(monkeypatch, capsys, "download", "-p", str(params))
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 1 and len(lines) == 1, err
+    assert lines[0].startswith("safedpo: unexpected error: KeyError") and "-v" in lines[0]
+    with pytest.raises(KeyError):
+        run_cli(monkeypatch, capsys, "-v", "download", "-p", str(params))
+    # A user's mistake stays a one-line error with exit code 2.
+    params.write_text("")
+    code, _, err = run_cli(monkeypatch, capsys, "normalize", "-p", str(params))
+    assert_one_line_error(code, err, "is empty")
+
+
+def test_normalize_fails_early_on_an_empty_or_seen_test_split() -> None:
+    import pandas as pd
+
+    from pipeline.normalize import normalize_splits
+
+    rows = pd.DataFrame({
+        "prompt": [f"p{i}" for i in range(6)], "response_0": [f"a{i}" for i in range(6)],
+        "response_1": [f"b{i}" for i in range(6)], "is_response_0_safe": [True] * 6,
+        "is_response_1_safe": [False] * 6, "better_response_id": [0] * 6,
+        "safer_response_id": [0] * 6})
+    # test = train: every test pair is a train pair, so none is left.
+    with pytest.raises(UserError, match="no test pairs are left"):
+        normalize_splits(rows, rows)
+    # Other responses to the same prompts: pairs are left, but nothing is held out.
+    other = rows.assign(response_1=[f"c{i}" for i in range(6)])
+    with pytest.raises(UserError, match="allow_seen_test_prompts"):
+        normalize_splits(rows, other)
+    _, test, report = normalize_splits(rows, other, allow_seen_test_prompts=True)
+    assert len(test) == 6 and report["test"]["pairs_with_prompt_in_train"] == 6
