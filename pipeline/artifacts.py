@@ -88,7 +88,8 @@ def read_parquet(path: Path, required: list[str] | None = None) -> pd.DataFrame:
     try:
         df = pq.read_table(path).to_pandas()
     except (pa.ArrowInvalid, OSError) as exc:
-        raise UserError(f"not a readable Parquet file ({exc})", path=path) from None
+        raise UserError(f"not a readable Parquet file ({exc}); rerun the stage that writes it",
+                        path=path) from None
     missing = [c for c in required or [] if c not in df.columns]
     if missing:
         raise UserError(f"missing column(s) {missing}", path=path)
@@ -100,7 +101,11 @@ def read_parquet_metadata(path: Path) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise UserError("file not found (has the stage that writes it run?)", path=path)
-    raw = pq.read_schema(path).metadata or {}
+    try:
+        raw = pq.read_schema(path).metadata or {}
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise UserError(f"not a readable Parquet file ({exc}); rerun the stage that writes it",
+                        path=path) from None
     return {k.decode()[len("safedpo."):]: json.loads(v) for k, v in raw.items()
             if k.startswith(b"safedpo.")}
 
@@ -142,6 +147,14 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def frame_hash(df: pd.DataFrame, columns: list[str] | None = None) -> str:

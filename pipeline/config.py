@@ -388,6 +388,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise UserError(f"parameter {key}: expected an integer, got {value!r}")
+        # numpy's and torch's generators take seeds in [0, 2**63).
+        if key.rsplit(".", 1)[-1].endswith("seed") and not 0 <= value < 2**63:
+            raise UserError(f"parameter {key}: a seed must be in [0, 2**63), got {value}")
         return value
     if tp is bool:
         if not isinstance(value, bool):

@@ -27,6 +27,7 @@ from pipeline.logps import forward_groups, score_sequences
 from pipeline.modeling import (
     BUILTIN_TINY,
     SUMMARY_FILE,
+    check_finite_weights,
     disable_dropout,
     initial_model,
     load_pretrained,
@@ -134,6 +135,7 @@ def run_sft(
         "truncation": stats.as_dict(),
         "parameters": sum(p.numel() for p in model.parameters()), "history": history,
     }
+    check_finite_weights(model, "sft")
     if accelerator.is_main_process:
         save_model(model, tokenizer, template, out_dir, state_dict=result.state_dict)
         (Path(out_dir) / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
@@ -158,9 +160,16 @@ def _apply_lora(model: PreTrainedModel, cfg: LoraConfig) -> PreTrainedModel:
         from peft import get_peft_model
     except ImportError:
         raise UserError("train.lora.enabled needs peft: pip install 'safedpo[lora]'") from None
-    return get_peft_model(model, PeftLoraConfig(
-        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-        target_modules=list(cfg.target_modules), task_type="CAUSAL_LM"))
+    try:
+        return get_peft_model(model, PeftLoraConfig(
+            r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+            target_modules=list(cfg.target_modules), task_type="CAUSAL_LM"))
+    except ValueError as exc:
+        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                        if isinstance(m, torch.nn.Linear)})
+        raise UserError(f"parameter train.lora.target_modules: {list(cfg.target_modules)} "
+                        f"({str(exc).splitlines()[0][:120]}); this model's linear layers are "
+                        f"{names}") from None
 
 
 def run_preference(
@@ -211,6 +220,7 @@ def run_preference(
         "pairs_trained": len(examples), "steps": result.steps,
     }
     # A run cut short by `stop_after` stands for a killed one: it leaves only its checkpoint.
+    check_finite_weights(model, "train")
     if accelerator.is_main_process and stop_after is None:
         if cfg.lora.enabled:
             # Merging needs the whole model on one process: LoRA is for single / DDP runs.

@@ -30,7 +30,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from pipeline.artifacts import atomic_dir
+from pipeline.artifacts import atomic_dir, file_sha256
 from pipeline.config import OfflineJudgeConfig
 from pipeline.errors import UserError
 from pipeline.score_models import (  # noqa: F401  (re-exported: the judges' public API)
@@ -473,6 +473,9 @@ def write_judge_dir(out_dir: Path, record: dict[str, Any],
                       # One key: safetensors writes a metadata map in random key order, and a
                       # rerun must give the same bytes.
                       metadata={"features": json.dumps(asdict(m.spec), sort_keys=True)})
+        for role in models or {}:
+            # Checked when loaded: altered weights (even of the same size) are refused.
+            record["models"][role]["sha256"] = file_sha256(tmp / MODEL_FILES[role])
         (tmp / JUDGE_JSON).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
@@ -513,6 +516,12 @@ def load_judge(judge_dir: Path, batch_size: int = 16, *, device: str | None = No
     kind = record.get("kind")
     if kind == "offline":
         spec = FeatureSpec(**record["features"])
+        for role, file in MODEL_FILES.items():
+            want = (record.get("models") or {}).get(role, {}).get("sha256")
+            path = judge_dir / file
+            if path.is_file() and want != file_sha256(path):
+                raise UserError("judge weights differ from what the judge stage wrote "
+                                "(sha256 mismatch); rerun `dvc repro judge`", path=path)
         return OfflineJudge(cost_model=_load_linear(judge_dir / MODEL_FILES["cost"], spec),
                             reward_model=_load_linear(judge_dir / MODEL_FILES["reward"], spec))
     if kind == "hub":

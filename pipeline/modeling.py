@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -105,6 +106,9 @@ def load_pretrained(
         model = AutoModelForCausalLM.from_pretrained(
             name, revision=revision, trust_remote_code=trust_remote_code, dtype=dtype,
             use_safetensors=True)
+    except SafetensorError as exc:
+        raise UserError(f"unreadable weights ({str(exc).splitlines()[0][:200]}); rerun the stage "
+                        "that wrote them", path=name) from None
     except (OSError, ValueError) as exc:
         raise _hub_error(name, exc) from None
     if tokenizer.pad_token_id is None:
@@ -163,6 +167,15 @@ def weights_hash(model_dir: Path) -> str:
             for chunk in iter(lambda f=f: f.read(1 << 20), b""):
                 h.update(chunk)
     return h.hexdigest()[:16]
+
+
+def check_finite_weights(model: PreTrainedModel, what: str) -> None:
+    """Refuse to save non-finite weights (a learning rate far too high can leave them after a
+    last step whose loss was still finite)."""
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            raise UserError(f"{what} produced non-finite weights ({name}); lower the learning "
+                            "rate")
 
 
 def disable_dropout(model: PreTrainedModel) -> int:

@@ -99,7 +99,10 @@ def read_reference(path: Path, expected: Fingerprint) -> pd.DataFrame:
     if "fingerprint" not in meta:
         raise UserError("has no fingerprint; rerun `dvc repro ref_logps`", path=path)
     stored = meta["fingerprint"]
-    bad = expected.mismatches(Fingerprint(**{k: stored.get(k) for k in expected.as_dict()}))
+    if not isinstance(stored, dict) or set(stored) != set(expected.as_dict()):
+        raise UserError("has a fingerprint of another format (written by another version of "
+                        "this code); rerun `dvc repro ref_logps`", path=path)
+    bad = expected.mismatches(Fingerprint(**stored))
     if bad:
         detail = ", ".join(f"{k}: stored {stored.get(k)!r} != current "
                            f"{getattr(expected, k)!r}" for k in bad)

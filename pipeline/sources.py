@@ -18,7 +18,6 @@ be traced back. Errors while parsing a text file name its 1-based line instead, 
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import re
@@ -31,7 +30,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.artifacts import frame_hash
+from pipeline.artifacts import file_sha256, frame_hash
 from pipeline.config import DatasetConfig
 from pipeline.errors import UserError
 
@@ -114,11 +113,7 @@ def source_key(cfg: DatasetConfig) -> dict[str, Any]:
         return {"kind": "builtin", "name": name}
     path = Path(name)
     if path.is_file():
-        h = hashlib.sha256()
-        with path.open("rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        return {"kind": "file", "name": name, "sha256": h.hexdigest()}
+        return {"kind": "file", "name": name, "sha256": file_sha256(path)}
     if _HUB_ID.match(name) and path.suffix.lower() not in FILE_SUFFIXES:
         return {"kind": "hub", "name": name, "revision": _hub_revision(name, cfg)}
     # Anything else fails in `download` with its own message; nothing to fingerprint here.

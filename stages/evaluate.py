@@ -11,6 +11,7 @@ from pipeline import paths
 from pipeline.artifacts import read_parquet, write_json, write_parquet
 from pipeline.config import load_params
 from pipeline.evaluation import evaluate_policy, tradeoff_points
+from pipeline.generation import GENERATION_COLUMNS
 from pipeline.judges import load_judge, read_judge_record
 from pipeline.precision import device, weight_dtype
 
@@ -18,8 +19,8 @@ from pipeline.precision import device, weight_dtype
 def run(params_file: Path = paths.PARAMS) -> None:
     params = load_params(params_file)
     t0 = time.perf_counter()
-    gens = pd.concat([read_parquet(paths.generations_path(t)) for t in paths.MODEL_TAGS],
-                     ignore_index=True)
+    gens = pd.concat([read_parquet(paths.generations_path(t), GENERATION_COLUMNS)
+                      for t in paths.MODEL_TAGS], ignore_index=True)
     metrics, scores = evaluate_policy(
         policy_dir=paths.POLICY_DIR, sft_dir=paths.SFT_DIR, generations=gens,
         test=read_parquet(paths.PAIRS_TEST), ref_test_path=paths.REF_TEST,

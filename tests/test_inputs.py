@@ -157,3 +157,67 @@ def test_normalize_fails_early_on_an_empty_or_seen_test_split() -> None:
         normalize_splits(rows, other)
     _, test, report = normalize_splits(rows, other, allow_seen_test_prompts=True)
     assert len(test) == 6 and report["test"]["pairs_with_prompt_in_train"] == 6
+
+
+def test_truncated_or_foreign_artifacts_say_which_stage_to_rerun(tmp_path: Path) -> None:
+    import numpy as np
+    import pandas as pd
+    import torch
+    from real_models import metaspace_tokenizer, tiny_llama
+
+    from pipeline.artifacts import read_parquet, read_parquet_metadata, write_parquet
+    from pipeline.encoding import Encoder, resolve_template
+    from pipeline.modeling import load_pretrained, save_model
+    from pipeline.reference import fingerprint_for, read_reference
+
+    tok = metaspace_tokenizer(["a b c d e f g"] * 20, vocab_size=40, chat_template=None)
+    model_dir = tmp_path / "sft"
+    save_model(tiny_llama(tok), tok, resolve_template("plain", tok), model_dir)
+    weights = model_dir / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(UserError, match=r"unreadable weights.*rerun the stage"):
+        load_pretrained(model_dir, dtype=torch.float32)
+
+    ref = tmp_path / "ref.parquet"
+    df = pd.DataFrame({"pair_id": ["a"], "logp_0": [-1.0], "logp_1": [-2.0],
+                       "ntok_0": np.int32([1]), "ntok_1": np.int32([1])})
+    write_parquet(df, ref, metadata={"fingerprint": {"model": "x", "surprise": 1}})
+    save_model(tiny_llama(tok), tok, resolve_template("plain", tok), model_dir)
+    expected = fingerprint_for(model_dir, Encoder(tok, resolve_template("plain", tok), 64),
+                               "no", pd.DataFrame({"pair_id": ["a"], "prompt": ["p"],
+                                                   "response_0": ["x"], "response_1": ["y"]}),
+                               "cpu")
+    with pytest.raises(UserError, match="fingerprint of another format"):
+        read_reference(ref, expected)
+    ref.write_bytes(ref.read_bytes()[:40])
+    for reader in (read_parquet, read_parquet_metadata):
+        with pytest.raises(UserError, match=r"not a readable Parquet file.*rerun"):
+            reader(ref)
+
+
+def test_negative_seed_and_lora_targets_that_match_nothing(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=r"dataset\.toy\.seed: a seed must be"):
+        load_params(_params(tmp_path, {"dataset.toy.seed": -1}))
+    from real_models import metaspace_tokenizer, tiny_llama
+
+    from pipeline.config import LoraConfig
+    from pipeline.finetune import _apply_lora
+
+    tok = metaspace_tokenizer(["a b c d e f g"] * 20, vocab_size=40, chat_template=None)
+    with pytest.raises(UserError, match=r"target_modules.*q_proj"):
+        _apply_lora(tiny_llama(tok), LoraConfig(enabled=True, target_modules=("c_attn",)))
+
+
+def test_training_never_saves_non_finite_weights() -> None:
+    import torch
+    from real_models import metaspace_tokenizer, tiny_llama
+
+    from pipeline.modeling import check_finite_weights
+
+    tok = metaspace_tokenizer(["a b c d e f g"] * 20, vocab_size=40, chat_template=None)
+    model = tiny_llama(tok)
+    check_finite_weights(model, "train")
+    with torch.no_grad():
+        model.model.norm.weight[0] = float("inf")
+    with pytest.raises(UserError, match=r"non-finite weights.*lower the learning rate"):
+        check_finite_weights(model, "train")

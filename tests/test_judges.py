@@ -413,3 +413,21 @@ def test_is_refusal(text: str, expected: bool) -> None:
 def test_is_refusal_is_vectorised() -> None:
     out = is_refusal(["I'm sorry.", "Sure.", "I won't."])
     assert out.dtype == bool and out.tolist() == [True, False, True]
+
+
+def test_altered_judge_weights_are_refused(tmp_path: Path, trained) -> None:
+    """Negated weights have the same size and still load as safetensors; the hash recorded by
+    the judge stage catches them (unchecked, they turned harmless 0.950 into 0.050)."""
+    from safetensors.numpy import load_file, save_file
+
+    out = tmp_path / "judge"
+    write_judge_dir(out, {"kind": "offline", "features": trained.judge.cost_model.spec.__dict__},
+                    trained.models)
+    load_judge(out)
+    path = out / "cost.safetensors"
+    with safe_open(str(path), framework="np") as st:
+        meta = st.metadata()
+    tensors = load_file(str(path))
+    save_file({"weight": -tensors["weight"], "bias": -tensors["bias"]}, str(path), metadata=meta)
+    with pytest.raises(UserError, match="sha256 mismatch"):
+        load_judge(out)
