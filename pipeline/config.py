@@ -60,12 +60,16 @@ class DatasetConfig:
     max_rows: int | None = None
     # A test split whose prompts all occur in train is refused unless this is set.
     allow_seen_test_prompts: bool = False
+    # Longer prompts or responses are rejected (reason too_long): a single huge text must not
+    # reach tokenization and scoring.
+    max_text_chars: int = 100_000
     toy: ToyConfig = field(default_factory=ToyConfig)
 
     def __post_init__(self) -> None:
         _check(bool(self.name.strip()), "dataset.name", "must not be empty")
         _check(0.0 < self.test_fraction < 1.0, "dataset.test_fraction", "must be in (0, 1)")
         _check(self.max_rows is None or self.max_rows > 0, "dataset.max_rows", "must be > 0")
+        _check(self.max_text_chars > 0, "dataset.max_text_chars", "must be > 0")
 
 
 @dataclass(frozen=True)

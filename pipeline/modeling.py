@@ -99,6 +99,10 @@ def load_pretrained(
     local = Path(name)
     if local.exists() and not (local / "config.json").exists():
         raise UserError("not a Hugging Face model directory (no config.json)", path=local)
+    if not local.exists() and revision is None:
+        # A hub branch moves: the same params must give the same model next month.
+        raise UserError(f"model {name!r} is not a local directory; as a hub id it needs "
+                        "model.revision set to a commit sha")
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             name, revision=revision, trust_remote_code=trust_remote_code)

@@ -73,11 +73,17 @@ REASONS = {
     "bad_label": "a safety flag or preference id cannot be read as a label",
     "out_of_range_id": "a preference id is a number other than 0 or 1",
     "bad_severity": "a severity is not an integer from 0 to 3",
-    "identical_responses": "the two responses are the same text",
+    "too_long": "prompt or a response is longer than dataset.max_text_chars",
+    "identical_responses": "the two responses are the same text (ignoring case and spacing)",
     "duplicate_pair": "the same pair (either order) appeared earlier in this split",
     "duplicate_of_train": "this test pair is also a train pair",
 }
 SAMPLE_LIMIT = 50
+#: Columns any layout reads as text. Where a raw file mixes non-text values into one of them
+#: (numbers, lists, dicts), download stores them as text, which Arrow needs, and marks the rows
+#: in a companion column, so normalize rejects them as `bad_text` instead of reading "5".
+TEXT_COLUMNS = ("prompt", "response_0", "response_1", "chosen", "rejected")
+NONTEXT_PREFIX = "_nontext_"
 
 _TRUE = ["true", "t", "yes", "y", "1", "1.0"]
 _FALSE = ["false", "f", "no", "n", "0", "0.0"]
@@ -199,6 +205,8 @@ def _check_text(df: pd.DataFrame, col: str, rej: _Rejections, where: object) -> 
                         path=where, column=col)
     null = s.isna().to_numpy()
     rej.add(null, "null_text", col)
+    if NONTEXT_PREFIX + col in df.columns:
+        rej.add(df[NONTEXT_PREFIX + col].fillna(False).to_numpy(bool), "bad_text", col)
     kind = pd.api.types.infer_dtype(s, skipna=True)
     if kind not in ("string", "empty"):
         # Mixed Python objects: only reachable when called on an in-memory frame.
@@ -234,7 +242,8 @@ def _safer_from_cr(s: pd.Series) -> pd.Series:
     return _lower(s).replace({"chosen": "0", "rejected": "1"})
 
 
-def normalize_frame(df: pd.DataFrame, layout: str = "auto", where: object = None) -> Normalized:
+def normalize_frame(df: pd.DataFrame, layout: str = "auto", where: object = None,
+                    max_text_chars: int | None = None) -> Normalized:
     """Map one raw split to the pairs schema; rejected rows come back with their reason."""
     layout = detect_layout(list(df.columns), layout, where)
     df = df.reset_index(drop=True)
@@ -242,6 +251,9 @@ def normalize_frame(df: pd.DataFrame, layout: str = "auto", where: object = None
     m = _map_columns(df, layout)
     rej = _Rejections(n)
     prompt, r0, r1 = (_check_text(df, c, rej, where) for c in m["text"])
+    if max_text_chars is not None:
+        for col, text in zip(m["text"], (prompt, r0, r1), strict=True):
+            rej.add((text.str.len().fillna(0) > max_text_chars).to_numpy(bool), "too_long", col)
 
     flags = []
     for col, safe_true in m["flags"]:
@@ -272,7 +284,8 @@ def normalize_frame(df: pd.DataFrame, layout: str = "auto", where: object = None
         rej.add(~valid, "bad_severity", col)
         severities.append(np.where(valid, value, np.nan))
 
-    rej.add((r0 == r1).fillna(False).to_numpy(dtype=bool), "identical_responses")
+    rej.add((_canonical(r0) == _canonical(r1)).fillna(False).to_numpy(dtype=bool),
+            "identical_responses")
 
     # Duplicates in either order: key on 64-bit hashes of (prompt, {r0, r1}); comparing three
     # integer columns is an order of magnitude faster than comparing the texts.
@@ -299,6 +312,11 @@ def normalize_frame(df: pd.DataFrame, layout: str = "auto", where: object = None
     rows = (df["source_row"].to_numpy() if "source_row" in df.columns else np.arange(n))
     rejected = _rejected_table(df, rej, rows)
     return Normalized(pairs, rejected, layout, n, keys[ok].reset_index(drop=True), rows[ok])
+
+
+def _canonical(s: pd.Series) -> pd.Series:
+    """Text as a reader compares it: case and runs of whitespace do not count."""
+    return s.str.casefold().str.replace(r"\s+", " ", regex=True)
 
 
 def _hash_text(s: pd.Series) -> np.ndarray:
@@ -399,7 +417,7 @@ def split_report(res: Normalized) -> dict[str, Any]:
 
 def normalize_splits(train_raw: pd.DataFrame, test_raw: pd.DataFrame, layout: str = "auto",
                      where: dict[str, object] | None = None,
-                     allow_seen_test_prompts: bool = False,
+                     allow_seen_test_prompts: bool = False, max_text_chars: int | None = None,
                      ) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
     """Normalize both splits; returns (train pairs, test pairs, report).
 
@@ -407,15 +425,16 @@ def normalize_splits(train_raw: pd.DataFrame, test_raw: pd.DataFrame, layout: st
     empty, or a test split every prompt of which is also a train prompt (a held-out evaluation
     in name only) unless `allow_seen_test_prompts`."""
     where = where or {}
-    train = normalize_frame(train_raw, layout, where.get("train"))
-    test = normalize_frame(test_raw, layout, where.get("test"))
+    train = normalize_frame(train_raw, layout, where.get("train"), max_text_chars)
+    test = normalize_frame(test_raw, layout, where.get("test"), max_text_chars)
     test = drop_train_duplicates(test, train)
     for split, res in (("train", train), ("test", test)):
         if len(res.pairs) == 0:
             reasons = res.rejected["reason"].value_counts().to_dict()
+            hint = ("; is the test split the train split?"
+                    if set(reasons) == {"duplicate_of_train"} else "")
             raise UserError(f"no {split} pairs are left after normalization ({res.rows_in} rows "
-                            f"in, rejected: {reasons or 'none'}); is the test split the train "
-                            "split?", path=where.get(split))
+                            f"in, rejected: {reasons or 'none'}){hint}", path=where.get(split))
     seen = test.pairs["prompt_id"].isin(train.pairs["prompt_id"])
     if seen.all() and not allow_seen_test_prompts:
         raise UserError(f"every one of the {len(seen)} test pairs has a prompt that is also in "

@@ -18,6 +18,7 @@ be traced back. Errors while parsing a text file name its 1-based line instead, 
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import re
@@ -33,6 +34,7 @@ import pyarrow.parquet as pq
 from pipeline.artifacts import file_sha256, frame_hash
 from pipeline.config import DatasetConfig
 from pipeline.errors import UserError
+from pipeline.normalize import NONTEXT_PREFIX, TEXT_COLUMNS
 
 TOY = "builtin:toy"
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
@@ -170,27 +172,49 @@ def _decode(path: Path) -> str:
                         f"{exc.start}); save the file as UTF-8", path=path) from None
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in seen:
+            raise _DuplicateKey(k)
+        seen[k] = v
+    return seen
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
 def _read_jsonl(text: str, path: Path) -> pd.DataFrame:
+    """One JSON object per line; a malformed line, a non-object or a key given twice in one
+    object (which JSON readers resolve silently) is an error naming its line."""
+    records = []
+    for i, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line, object_pairs_hook=_unique_keys)
+        except _DuplicateKey as exc:
+            raise UserError(f"line {i}: key {exc.args[0]!r} appears twice in one object",
+                            path=path) from None
+        except json.JSONDecodeError as exc:
+            raise UserError(f"line {i}: malformed JSON line ({exc.msg})", path=path) from None
+        if not isinstance(obj, dict):
+            raise UserError(f"line {i}: each line must be a JSON object", path=path)
+        records.append(obj)
     try:
-        df = pd.read_json(io.StringIO(text), lines=True, dtype=False, convert_dates=False)
-    except (ValueError, TypeError):
-        # pandas does not say which line is bad; find it (only on this error path).
-        for i, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"line {i}: malformed JSON line ({exc.msg})", path=path) from None
-            if not isinstance(obj, dict):
-                raise UserError(f"line {i}: each line must be a JSON object", path=path) from None
-        raise UserError("malformed JSON Lines file", path=path) from None
-    return df
+        return pd.DataFrame.from_records(records)
+    except OverflowError:
+        # An integer beyond int64 (a label of 10**30): keep the values as they are and let
+        # normalize reject the row with its reason.
+        return pd.DataFrame(records, dtype=object)
 
 
 def _read_json(text: str, path: Path) -> pd.DataFrame:
     try:
-        obj = json.loads(text)
+        obj = json.loads(text, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as exc:
+        raise UserError(f"key {exc.args[0]!r} appears twice in one object", path=path) from None
     except json.JSONDecodeError as exc:
         raise UserError(f"line {exc.lineno}: malformed JSON ({exc.msg})", path=path) from None
     if isinstance(obj, dict) and all(isinstance(v, list) for v in obj.values()) and obj:
@@ -210,6 +234,10 @@ def _read_json(text: str, path: Path) -> pd.DataFrame:
 
 
 def _read_csv(text: str, path: Path) -> pd.DataFrame:
+    header = next(csv.reader(io.StringIO(text)), [])
+    twice = sorted({c for c in header if header.count(c) > 1})
+    if twice:
+        raise UserError(f"line 1: column(s) {twice} appear twice in the header", path=path)
     try:
         # Everything as text: normalize coerces labels itself and must see the raw strings.
         return pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False,
@@ -220,8 +248,11 @@ def _read_csv(text: str, path: Path) -> pd.DataFrame:
 
 def _fetch_file(path: Path, cfg: DatasetConfig) -> RawData:
     df = read_table(path)
-    if SOURCE_ROW not in df.columns:
-        df[SOURCE_ROW] = np.arange(len(df), dtype=np.int64)
+    reserved = [c for c in df.columns if c == SOURCE_ROW or str(c).startswith(NONTEXT_PREFIX)]
+    if reserved:
+        raise UserError(f"column(s) {reserved} are reserved for the pipeline's bookkeeping; "
+                        "rename them", path=path)
+    df[SOURCE_ROW] = np.arange(len(df), dtype=np.int64)
     if SPLIT_COLUMN in df.columns:
         train, test = _split_by_column(df, cfg, path)
         how = f"column {SPLIT_COLUMN!r}"
@@ -320,9 +351,12 @@ def arrow_safe(df: pd.DataFrame) -> pd.DataFrame:
             continue
         try:
             pa.array(df[col], from_pandas=True)
-        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OverflowError):
             if out is df:
                 out = df.copy()
+            if col in TEXT_COLUMNS:
+                out[NONTEXT_PREFIX + col] = df[col].map(
+                    lambda v: not (isinstance(v, str) or v is None or v != v)).astype(bool)
             out[col] = df[col].map(lambda v: v if v is None or v != v else _text(v))
     return out
 

@@ -18,7 +18,8 @@ def run(params_file: Path) -> None:
     test_raw = read_parquet(paths.RAW_TEST)
     where = {"train": f"{paths.RAW_TRAIN}{origin}", "test": f"{paths.RAW_TEST}{origin}"}
     train, test, report = normalize_splits(train_raw, test_raw, params.dataset.layout, where,
-                                           params.dataset.allow_seen_test_prompts)
+                                           params.dataset.allow_seen_test_prompts,
+                                           params.dataset.max_text_chars)
     report["source"] = {k: source.get(k) for k in ("source", "kind", "revision")}
     write_parquet(train, paths.PAIRS_TRAIN, schema=PAIRS_SCHEMA)
     write_parquet(test, paths.PAIRS_TEST, schema=PAIRS_SCHEMA)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 from data_cli import REPO, assert_one_line_error, make_project, run_cli
@@ -221,3 +222,70 @@ def test_training_never_saves_non_finite_weights() -> None:
         model.model.norm.weight[0] = float("inf")
     with pytest.raises(UserError, match=r"non-finite weights.*lower the learning rate"):
         check_finite_weights(model, "train")
+
+
+def _write_rows(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+ROW = {"prompt": "how?", "response_0": "a", "response_1": "b", "is_response_0_safe": True,
+       "is_response_1_safe": False, "better_response_id": 0, "safer_response_id": 0}
+
+
+def test_raw_files_that_readers_would_resolve_silently(tmp_path: Path) -> None:
+    from pipeline.sources import read_table
+
+    dup = tmp_path / "dup.jsonl"
+    dup.write_text(json.dumps(ROW)[:-1] + ', "prompt": "again"}\n')
+    with pytest.raises(UserError, match="line 1: key 'prompt' appears twice"):
+        read_table(dup)
+    csv = tmp_path / "dup.csv"
+    csv.write_text("prompt,response_0,prompt\nq,a,r\n")
+    with pytest.raises(UserError, match=r"line 1: column\(s\) \['prompt'\] appear twice"):
+        read_table(csv)
+
+
+def test_reserved_columns_and_huge_labels(tmp_path: Path) -> None:
+    from pipeline.config import DatasetConfig
+    from pipeline.sources import arrow_safe, fetch
+
+    rows = [dict(ROW, prompt=f"q{i}", response_0=f"a{i}") for i in range(20)]
+    own = _write_rows(tmp_path / "own.jsonl", [dict(r, source_row="x") for r in rows])
+    with pytest.raises(UserError, match=r"\['source_row'\] are reserved"):
+        fetch(DatasetConfig(name=str(own)))
+    rows[3]["better_response_id"] = 10**30  # beyond int64
+    raw = fetch(DatasetConfig(name=str(_write_rows(tmp_path / "big.jsonl", rows))))
+    arrow_safe(pd.concat([raw.train, raw.test]))  # storable in Parquet, no OverflowError
+
+
+def test_non_text_in_a_text_column_is_rejected_not_stringified(tmp_path: Path) -> None:
+    from pipeline.normalize import normalize_frame
+    from pipeline.sources import arrow_safe
+
+    df = pd.DataFrame([dict(ROW, prompt=f"q{i}", response_1=v) for i, v in
+                       enumerate(["fine", 5, [1, 2], {"a": 1}, "also fine"])])
+    raw = arrow_safe(df)
+    pa_table = __import__("pyarrow").Table.from_pandas(raw)  # what download writes
+    res = normalize_frame(pa_table.to_pandas())
+    assert dict(zip(res.rejected["row"], res.rejected["reason"], strict=True)) == {
+        1: "bad_text", 2: "bad_text", 3: "bad_text"}
+    assert res.pairs["response_1"].tolist() == ["fine", "also fine"]
+
+
+def test_same_text_up_to_case_and_spacing_and_overlong_texts() -> None:
+    from pipeline.normalize import normalize_frame
+
+    df = pd.DataFrame([dict(ROW, prompt="p0", response_0="Hello  World", response_1="hello world "),
+                       dict(ROW, prompt="p1", response_1="x" * 50),
+                       dict(ROW, prompt="p2")])
+    res = normalize_frame(df, max_text_chars=40)
+    assert dict(zip(res.rejected["row"], res.rejected["reason"], strict=True)) == {
+        0: "identical_responses", 1: "too_long"}
+
+
+def test_a_hub_model_needs_a_pinned_revision() -> None:
+    from pipeline.modeling import load_pretrained
+
+    with pytest.raises(UserError, match=r"needs model\.revision"):
+        load_pretrained("some-org/some-model")
