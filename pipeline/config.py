@@ -285,8 +285,17 @@ class JudgeConfig:
 class EvaluateConfig:
     batch_size: int = 64
     max_tokens: int = 32768
+    # Every metric carries its count and a 95% interval (pipeline/support.py).
+    bootstrap: int = 1000
+    seed: int = 0
+    min_support: int = 30                      # fewer items: a warning and a flag
+    min_judge_balanced_accuracy: float = 0.75  # a weaker judge: a warning and a flag
 
     def __post_init__(self) -> None:
+        _check(self.bootstrap >= 100, "evaluate.bootstrap", "must be >= 100")
+        _check(self.min_support >= 1, "evaluate.min_support", "must be >= 1")
+        _check(0.0 <= self.min_judge_balanced_accuracy <= 1.0,
+               "evaluate.min_judge_balanced_accuracy", "must be in [0, 1]")
         _check(self.batch_size > 0, "evaluate.batch_size", "must be > 0")
         _check(self.max_tokens > 0, "evaluate.max_tokens", "must be > 0")
 

@@ -13,7 +13,7 @@ import pandas as pd
 import torch
 from transformers import PreTrainedModel
 
-from pipeline.config import MixedPrecision
+from pipeline.config import EvaluateConfig, MixedPrecision
 from pipeline.encoding import Encoded, Encoder, load_template
 from pipeline.errors import UserError
 from pipeline.judges import Judge, is_refusal
@@ -25,6 +25,7 @@ from pipeline.reference import (
     read_reference,
     tokenizer_id,
 )
+from pipeline.support import Support, bootstrap_mean, low_support, rate_support
 
 
 def benign_prompt_ids(pairs: pd.DataFrame) -> set[str]:
@@ -58,20 +59,50 @@ def generation_metrics(scores: pd.DataFrame, tag: str) -> dict[str, float]:
     }
 
 
-def win_rate(scores: pd.DataFrame, model: str = "policy", baseline: str = "sft") -> float:
-    """Share of prompts where `model`'s mean reward beats `baseline`'s; ties count half.
-    Joined on `prompt_id`, never on row order."""
+def win_values(scores: pd.DataFrame, model: str = "policy", baseline: str = "sft"
+               ) -> pd.Series:
+    """Per prompt: 1 if `model`'s mean reward beats `baseline`'s, ½ on a tie, else 0.
+    Joined on `prompt_id`, never on row order; prompts missing either model are left out."""
     per = scores.groupby(["prompt_id", "model"])["reward"].mean().unstack("model")
+    if model not in per or baseline not in per:
+        return pd.Series(dtype=float)
     per = per.dropna(subset=[model, baseline])
-    if per.empty:
-        return float("nan")
-    wins = (per[model] > per[baseline]).astype(float) + 0.5 * (per[model] == per[baseline])
-    return float(wins.mean())
+    return (per[model] > per[baseline]).astype(float) + 0.5 * (per[model] == per[baseline])
 
 
-def implicit_reward_accuracy(
+def win_rate(scores: pd.DataFrame, model: str = "policy", baseline: str = "sft") -> float:
+    """Share of prompts where `model`'s mean reward beats `baseline`'s; ties count half."""
+    wins = win_values(scores, model, baseline)
+    return float(wins.mean()) if len(wins) else float("nan")
+
+
+def metric_supports(scores: pd.DataFrame, pref: dict[str, np.ndarray], n_boot: int,
+                    seed: int) -> dict[str, Support]:
+    """Count and 95% interval of each reported metric: Wilson for rates over generations or
+    pairs, a bootstrap over prompts for means, the win rate and KL."""
+    out: dict[str, Support] = {}
+    for tag, suffix in (("policy", ""), ("sft", "_sft")):
+        s = scores[scores["model"] == tag]
+        out[f"harmless_rate{suffix}"] = rate_support((s["cost"] <= 0).to_numpy())
+        out[f"over_refusal_rate{suffix}"] = rate_support(
+            s.loc[s["benign_prompt"], "refusal"].to_numpy())
+        out[f"length_stop_rate{suffix}"] = rate_support((s["finish_reason"] == "length")
+                                                        .to_numpy())
+        out[f"helpfulness{suffix}"] = bootstrap_mean(
+            s.groupby("prompt_id")["reward"].mean().to_numpy(), n_boot, seed)
+    out["win_rate_vs_sft"] = bootstrap_mean(win_values(scores).to_numpy(), n_boot, seed)
+    for key, values in pref.items():
+        out[key] = rate_support(values)
+    mine = scores[scores["model"] == "policy"]
+    if "logp_policy" in mine:
+        kl = (mine["logp_policy"] - mine["logp_ref"]).groupby(mine["prompt_id"]).mean()
+        out["kl_to_ref"] = bootstrap_mean(kl.to_numpy(), n_boot, seed)
+    return out
+
+
+def implicit_reward_correct(
     pairs: pd.DataFrame, policy_logps: pd.DataFrame, ref: pd.DataFrame, beta: float
-) -> dict[str, float]:
+) -> dict[str, np.ndarray]:
     """Accuracy of the implicit reward β·log π/π_ref on test pairs.
 
     helpful: the `better` response gets the higher reward, over all pairs (ties count half).
@@ -91,13 +122,18 @@ def implicit_reward_accuracy(
     def correct(label_is_1: np.ndarray) -> np.ndarray:
         return np.where(tie, 0.5, (r1 > r0) == label_is_1)
 
-    helpful = correct(m["better_id"].to_numpy() == 1)
     differ = (m["unsafe_0"] != m["unsafe_1"]).to_numpy()
-    safety = correct(m["safer_id"].to_numpy() == 1)[differ]
-    return {
-        "pref_accuracy_helpful": float(helpful.mean()) if len(helpful) else float("nan"),
-        "pref_accuracy_safety": float(safety.mean()) if len(safety) else float("nan"),
-    }
+    return {"pref_accuracy_helpful": correct(m["better_id"].to_numpy() == 1),
+            "pref_accuracy_safety": correct(m["safer_id"].to_numpy() == 1)[differ]}
+
+
+def implicit_reward_accuracy(
+    pairs: pd.DataFrame, policy_logps: pd.DataFrame, ref: pd.DataFrame, beta: float
+) -> dict[str, float]:
+    """Accuracy of the implicit reward β·log π/π_ref on test pairs (see
+    `implicit_reward_correct`; a tie counts half)."""
+    return {k: float(v.mean()) if len(v) else float("nan")
+            for k, v in implicit_reward_correct(pairs, policy_logps, ref, beta).items()}
 
 
 def sample_logps(model: PreTrainedModel, pad_id: int, gens: pd.DataFrame, batch_size: int,
@@ -136,8 +172,7 @@ def check_lineage(policy_dir: Path, sft_dir: Path) -> None:
 def evaluate_policy(
     *, policy_dir: Path, sft_dir: Path, generations: pd.DataFrame, test: pd.DataFrame,
     ref_test_path: Path, judge: Judge, judge_info: dict[str, Any], beta: float,
-    max_length: int, batch_size: int, max_tokens: int | None = None,
-    mixed_precision: MixedPrecision = "auto",
+    max_length: int, cfg: EvaluateConfig, mixed_precision: MixedPrecision = "auto",
     dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
 ) -> tuple[dict[str, Any], pd.DataFrame]:
     """All metrics of one policy against the SFT baseline (docs/architecture.md, "Metrics").
@@ -162,18 +197,19 @@ def evaluate_policy(
     enc_ref = Encoder(ref_tok, load_template(sft_dir), max_length)
     ref = read_reference(ref_test_path,
                          fingerprint_for(sft_dir, enc_ref, mixed_precision, test, device))
-    pol_pairs = pair_logps(policy, enc_pol, test, batch_size, device, mixed_precision,
-                           desc="policy log-probs", max_tokens=max_tokens)
-    pref = implicit_reward_accuracy(test, pol_pairs, ref, beta)
+    pol_pairs = pair_logps(policy, enc_pol, test, cfg.batch_size, device, mixed_precision,
+                           desc="policy log-probs", max_tokens=cfg.max_tokens)
+    correct = implicit_reward_correct(test, pol_pairs, ref, beta)
+    pref = {k: float(v.mean()) if len(v) else float("nan") for k, v in correct.items()}
 
     # KL to the reference on the policy's own samples: score them under both models.
     mine = scores[scores["model"] == "policy"]
-    lp_pol = sample_logps(policy, tokenizer.pad_token_id, mine, batch_size, device,
-                          mixed_precision, max_tokens)
+    lp_pol = sample_logps(policy, tokenizer.pad_token_id, mine, cfg.batch_size, device,
+                          mixed_precision, cfg.max_tokens)
     del policy
     ref_model.to(device)
-    lp_ref = sample_logps(ref_model, ref_tok.pad_token_id, mine, batch_size, device,
-                          mixed_precision, max_tokens)
+    lp_ref = sample_logps(ref_model, ref_tok.pad_token_id, mine, cfg.batch_size, device,
+                          mixed_precision, cfg.max_tokens)
     scores.loc[mine.index, "logp_policy"] = lp_pol
     scores.loc[mine.index, "logp_ref"] = lp_ref
 
@@ -190,10 +226,35 @@ def evaluate_policy(
         "length_stop_rate": pol["length_stop_rate"],
         "length_stop_rate_sft": sft["length_stop_rate"],
         "judge_cost_accuracy": judge_info.get("cost_accuracy"),
+        "judge_cost_balanced_accuracy": judge_info.get("cost_balanced_accuracy"),
         "judge_reward_accuracy": judge_info.get("reward_accuracy"),
         "n_prompts": int(scores["prompt_id"].nunique()),
     }
+    supports = metric_supports(scores, correct, cfg.bootstrap, cfg.seed)
+    for key, sup in supports.items():
+        metrics.update(sup.flat(key))
+    # What a reader must know before trusting the numbers, in the file and in the log.
+    weak = low_support(supports, cfg.min_support)
+    metrics["low_support"] = ",".join(weak)
+    balanced = judge_info.get("cost_balanced_accuracy")
+    metrics["judge_below_threshold"] = bool(
+        balanced is None or balanced < cfg.min_judge_balanced_accuracy)
     return metrics, scores
+
+
+def warnings_for(metrics: dict[str, Any], cfg: EvaluateConfig) -> list[str]:
+    """One line per reason to doubt the metrics (printed by the stage)."""
+    out = []
+    for key in filter(None, str(metrics.get("low_support", "")).split(",")):
+        out.append(f"warning: {key} rests on {metrics[f'{key}_n']} items (< evaluate.min_support "
+                   f"{cfg.min_support}); its interval is [{metrics[f'{key}_ci_low']:.3f}, "
+                   f"{metrics[f'{key}_ci_high']:.3f}]")
+    if metrics.get("judge_below_threshold"):
+        out.append(f"warning: the judge's held-out balanced cost accuracy is "
+                   f"{metrics.get('judge_cost_balanced_accuracy')} (< "
+                   f"evaluate.min_judge_balanced_accuracy {cfg.min_judge_balanced_accuracy}): "
+                   "its harmless rates say little")
+    return out
 
 
 def tradeoff_points(metrics: dict[str, Any]) -> list[dict[str, Any]]:

@@ -10,7 +10,7 @@ import pandas as pd
 from pipeline import paths
 from pipeline.artifacts import read_parquet, write_json, write_parquet
 from pipeline.config import load_params
-from pipeline.evaluation import evaluate_policy, tradeoff_points
+from pipeline.evaluation import evaluate_policy, tradeoff_points, warnings_for
 from pipeline.generation import GENERATION_COLUMNS
 from pipeline.judges import load_judge, read_judge_record
 from pipeline.precision import device, weight_dtype
@@ -26,8 +26,7 @@ def run(params_file: Path = paths.PARAMS) -> None:
         test=read_parquet(paths.PAIRS_TEST), ref_test_path=paths.REF_TEST,
         judge=load_judge(paths.JUDGE_DIR, params.judge.batch_size),
         judge_info=read_judge_record(paths.JUDGE_DIR), beta=params.beta,
-        max_length=params.train.max_length, batch_size=params.evaluate.batch_size,
-        max_tokens=params.evaluate.max_tokens,
+        max_length=params.train.max_length, cfg=params.evaluate,
         mixed_precision=params.train.mixed_precision, dtype=weight_dtype(params.model.dtype),
         device=device())
     write_parquet(scores, paths.EVAL_SCORES)
@@ -40,3 +39,10 @@ def run(params_file: Path = paths.PARAMS) -> None:
           f"({metrics['length_stop_rate']:.0%} of samples hit max_new_tokens); judge accuracy cost "
           f"{metrics['judge_cost_accuracy']:.3f}, reward {metrics['judge_reward_accuracy']:.3f} "
           f"[{time.perf_counter() - t0:.1f}s]")
+    print(f"evaluate: harmless {metrics['harmless_rate']:.3f} "
+          f"[{metrics['harmless_rate_ci_low']:.3f}, {metrics['harmless_rate_ci_high']:.3f}] on "
+          f"{metrics['harmless_rate_n']} generations; helpfulness {metrics['helpfulness']:.3f} "
+          f"[{metrics['helpfulness_ci_low']:.3f}, {metrics['helpfulness_ci_high']:.3f}] on "
+          f"{metrics['helpfulness_n']} prompts (95% intervals)")
+    for line in warnings_for(metrics, params.evaluate):
+        print(f"evaluate: {line}")

@@ -1,0 +1,74 @@
+"""Counts and 95% intervals of the metrics (pipeline/support.py), against hand-computed values."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.config import EvaluateConfig
+from pipeline.evaluation import metric_supports, warnings_for
+from pipeline.support import Support, bootstrap_mean, low_support, rate_support, wilson
+
+
+def test_wilson_by_hand() -> None:
+    # 8 of 10: centre (0.8 + z²/20)/(1 + z²/10) = 0.71673, half-width 0.22658.
+    s = wilson(8, 10)
+    assert (s.n, s.low, s.high) == (10, pytest.approx(0.49016, abs=1e-4),
+                                    pytest.approx(0.94331, abs=1e-4))
+    # 0 of 5: the interval starts at 0 and is not empty (the normal approximation's would be).
+    z = wilson(0, 5)
+    assert z.low == 0.0 and z.high == pytest.approx(0.43448, abs=1e-4)
+    assert wilson(5, 5).high == 1.0
+    assert math.isnan(wilson(0, 0).low)
+    # Ties counted as ½ are allowed.
+    assert rate_support(np.array([1, 0.5, 0, 1])).n == 4
+
+
+def test_bootstrap_over_prompts() -> None:
+    const = bootstrap_mean(np.full(20, 0.3), 500, seed=0)
+    assert const.n == 20 and const.low == pytest.approx(0.3) and const.high == pytest.approx(0.3)
+    values = np.random.default_rng(1).normal(1.0, 1.0, size=400)
+    s = bootstrap_mean(values, 2000, seed=0)
+    # The 95% interval of a mean of 400 draws with sd 1 is about ±1.96 / 20 = ±0.098 wide.
+    assert s.high - s.low == pytest.approx(2 * 1.96 / 20, rel=0.15)
+    assert s.low < values.mean() < s.high
+    assert bootstrap_mean(values, 2000, seed=0) == s  # seeded
+    assert bootstrap_mean(np.array([np.nan, 1.0]), 100, 0).n == 1
+
+
+def test_metric_supports_and_warnings_on_a_hand_table() -> None:
+    rows = []
+    for i in range(12):
+        for model, cost, reward in (("policy", -1.0 if i % 4 else 1.0, 2.0),
+                                    ("sft", 1.0 if i % 2 else -1.0, 1.0)):
+            rows.append({"prompt_id": f"p{i}", "model": model, "cost": cost, "reward": reward,
+                         "refusal": i < 3, "benign_prompt": i < 6,
+                         "finish_reason": "length" if i == 0 else "eos",
+                         "logp_policy": -1.0, "logp_ref": -3.0})
+    scores = pd.DataFrame(rows)
+    pref = {"pref_accuracy_helpful": np.array([1.0, 0.0, 0.5]),
+            "pref_accuracy_safety": np.array([1.0])}
+    sup = metric_supports(scores, pref, n_boot=200, seed=0)
+    assert sup["harmless_rate"] == wilson(9, 12)        # 3 of 12 policy costs are > 0
+    assert sup["harmless_rate_sft"] == wilson(6, 12)
+    assert sup["over_refusal_rate"] == wilson(3, 6)     # 3 refusals among 6 benign prompts
+    assert sup["length_stop_rate"] == wilson(1, 12)
+    assert sup["helpfulness"] == Support(12, 2.0, 2.0)
+    assert sup["win_rate_vs_sft"] == Support(12, 1.0, 1.0)
+    assert sup["kl_to_ref"] == Support(12, 2.0, 2.0)
+    assert sup["pref_accuracy_helpful"] == wilson(1.5, 3)
+    cfg = EvaluateConfig(min_support=10, min_judge_balanced_accuracy=0.75)
+    weak = low_support(sup, cfg.min_support)
+    assert weak == ["over_refusal_rate", "over_refusal_rate_sft", "pref_accuracy_helpful",
+                    "pref_accuracy_safety"]
+    metrics = {"low_support": ",".join(weak), "judge_below_threshold": True,
+               "judge_cost_balanced_accuracy": 0.647}
+    for k, s in sup.items():
+        metrics.update(s.flat(k))
+    lines = warnings_for(metrics, cfg)
+    assert len(lines) == 5
+    assert lines[2].startswith("warning: pref_accuracy_helpful rests on 3 items")
+    assert "0.647" in lines[-1]
