@@ -31,7 +31,10 @@ METRIC_COLUMNS = ["harmless_rate", "helpfulness", "win_rate_vs_sft", "over_refus
                   "kl_to_ref", "length_stop_rate", "pref_accuracy_helpful",
                   "pref_accuracy_safety", "judge_cost_accuracy", "judge_reward_accuracy",
                   "n_prompts"]
-COLUMNS = ["method", "experiment", "objective", "delta", *METRIC_COLUMNS]
+#: Metrics shown with their 95% interval (pipeline/support.py).
+WITH_CI = ["harmless_rate", "helpfulness", "win_rate_vs_sft", "over_refusal_rate"]
+CI_COLUMNS = [f"{k}_ci_{end}" for k in WITH_CI for end in ("low", "high")]
+COLUMNS = ["method", "experiment", "objective", "delta", *METRIC_COLUMNS, *CI_COLUMNS]
 
 
 @dataclass(frozen=True)
@@ -143,14 +146,16 @@ def table(chosen: Sequence[Method], metrics: dict[str, dict[str, Any]]) -> pd.Da
              "length_stop_rate": first.get("length_stop_rate_sft"),
              "judge_cost_accuracy": first.get("judge_cost_accuracy"),
              "judge_reward_accuracy": first.get("judge_reward_accuracy"),
-             "n_prompts": first.get("n_prompts")}]
+             "n_prompts": first.get("n_prompts"),
+             **{f"{k}_ci_{end}": first.get(f"{k}_sft_ci_{end}") for k in WITH_CI
+                if k != "win_rate_vs_sft" for end in ("low", "high")}}]
     for m in chosen:
         got = metrics[m.experiment]
         delta = m.delta if objectives.get(m.objective).uses_delta else float("nan")
         rows.append({"method": m.label, "experiment": m.experiment, "objective": m.objective,
-                     "delta": delta, **{k: got.get(k) for k in METRIC_COLUMNS}})
+                     "delta": delta, **{k: got.get(k) for k in METRIC_COLUMNS + CI_COLUMNS}})
     df = pd.DataFrame(rows, columns=COLUMNS)
-    df[METRIC_COLUMNS] = df[METRIC_COLUMNS].astype(float)
+    df[METRIC_COLUMNS + CI_COLUMNS] = df[METRIC_COLUMNS + CI_COLUMNS].astype(float)
     return df
 
 
@@ -160,12 +165,21 @@ def to_markdown(df: pd.DataFrame) -> str:
     keys = ["harmless_rate", "helpfulness", "win_rate_vs_sft", "over_refusal_rate", "kl_to_ref",
             "length_stop_rate", "pref_accuracy_safety"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def cell(r: dict[str, Any], k: str) -> str:
+        if pd.isna(r[k]):
+            return "–"
+        low, high = r.get(f"{k}_ci_low"), r.get(f"{k}_ci_high")
+        ci = "" if low is None or pd.isna(low) else f" [{low:.2f}, {high:.2f}]"
+        return f"{r[k]:.3f}{ci}"
+
     for r in df.to_dict("records"):
-        cells = ["–" if pd.isna(r[k]) else f"{r[k]:.3f}" for k in keys]
-        lines.append(f"| {r['method']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {r['method']} | " + " | ".join(cell(r, k) for k in keys) + " |")
     r0 = df.iloc[0]
     lines += ["", f"Judges (held-out test pairs): cost accuracy {r0.judge_cost_accuracy:.3f}, "
-                  f"reward accuracy {r0.judge_reward_accuracy:.3f}; {int(r0.n_prompts)} prompts."]
+                  f"reward accuracy {r0.judge_reward_accuracy:.3f}; {int(r0.n_prompts)} prompts. "
+                  "Brackets: 95% intervals (Wilson for rates, bootstrap over prompts for means "
+                  "and the win rate)."]
     return "\n".join(lines) + "\n"
 
 

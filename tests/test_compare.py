@@ -54,6 +54,12 @@ def test_table_has_the_sft_baseline_and_one_row_per_method() -> None:
     md = to_markdown(df)
     assert "| SafeDPO (Δ=10) | 0.990 | 0.400 | 0.600 | 0.300 | 12.500 | 0.250 | 1.000 |" in md
     assert "| SFT | 0.850 | 0.300 | 0.500 | 0.200 | 0.000 | 0.100 | – |" in md
+    # With their intervals, as evaluate writes them.
+    m.update(harmless_rate_ci_low=0.96, harmless_rate_ci_high=0.997, harmless_rate_sft_ci_low=0.8,
+             harmless_rate_sft_ci_high=0.9)
+    md = to_markdown(table(chosen, {"cmp-safedpo-d10": m, "cmp-dpo-helpful": m}))
+    assert "| SafeDPO (Δ=10) | 0.990 [0.96, 1.00] | 0.400 |" in md
+    assert "| SFT | 0.850 [0.80, 0.90] |" in md
 
 
 def test_unknown_objective_is_one_line() -> None:
