@@ -17,11 +17,10 @@ from pipeline.config import EvaluateConfig, MixedPrecision
 from pipeline.encoding import Encoded, Encoder, load_template
 from pipeline.errors import UserError
 from pipeline.judges import Judge, is_refusal
-from pipeline.logps import score_sequences
+from pipeline.logps import pair_logps, score_sequences
 from pipeline.modeling import SUMMARY_FILE, load_pretrained, weights_hash
 from pipeline.reference import (
     fingerprint_for,
-    pair_logps,
     read_reference,
     tokenizer_id,
 )

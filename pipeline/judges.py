@@ -46,6 +46,7 @@ from pipeline.score_models import (  # noqa: F401  (re-exported: the judges' pub
     model_fingerprint,
     resolve_model,
 )
+from pipeline.selection import responses_long
 
 FORMAT_VERSION = 1
 JUDGE_JSON = "judge.json"
@@ -358,11 +359,10 @@ def _expand(w: np.ndarray, used: np.ndarray, n_features: int) -> np.ndarray:
 
 def _responses(pairs: pd.DataFrame) -> tuple[list[str], list[str], np.ndarray]:
     """Every response of every pair (all response_0, then all response_1) and its unsafe flag."""
-    prompts = pairs["prompt"].astype(str).tolist() * 2
-    responses = pairs["response_0"].astype(str).tolist() + pairs["response_1"].astype(str).tolist()
-    unsafe = np.concatenate([pairs["unsafe_0"].to_numpy(dtype=bool),
-                             pairs["unsafe_1"].to_numpy(dtype=bool)])
-    return prompts, responses, unsafe
+    long = responses_long(pairs.assign(pair_id=pairs.get("pair_id", ""),
+                                       prompt_id=pairs.get("prompt_id", "")))
+    return (long["prompt"].astype(str).tolist(), long["response"].astype(str).tolist(),
+            long["unsafe"].to_numpy(dtype=bool))
 
 
 def train_offline_judges(train: pd.DataFrame, test: pd.DataFrame,

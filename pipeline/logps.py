@@ -1,5 +1,6 @@
-"""Sequence log-probabilities: the one function shared by reference precomputation, training
-and evaluation, plus padding collate, the forward layout and batched scoring.
+"""Scoring: sequence log-probabilities, the one function shared by reference precomputation,
+training and evaluation, plus padding collate, the forward layout, batched scoring of sequences
+and of both responses of pairs.
 """
 
 from __future__ import annotations
@@ -7,12 +8,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.utils.checkpoint
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from pipeline.encoding import IGNORE, Encoded
+from pipeline.encoding import IGNORE, Encoded, Encoder, TruncationStats
 from pipeline.precision import MixedPrecision, autocast
 
 
@@ -150,3 +152,26 @@ def score_sequences(
         logps[idx] = lp.double().cpu().numpy()
         ntok[idx] = n.cpu().numpy()
     return logps, ntok
+
+
+def pair_logps(
+    model: PreTrainedModel, encoder: Encoder, pairs: pd.DataFrame, batch_size: int,
+    device: torch.device | str = "cpu", mixed_precision: MixedPrecision = "auto",
+    stats: TruncationStats | None = None, desc: str = "pair log-probs",
+    max_tokens: int | None = None,
+) -> pd.DataFrame:
+    """Summed log-prob and token count of both responses of every pair under `model`, keyed by
+    `pair_id`: the reference's (by `ref_logps`) or the policy's (by `evaluate`). Both sides of
+    a pair are cut once, by the pair rule (`Encoder.pairs`)."""
+    n = len(pairs)
+    encoded = encoder.pairs(pairs["prompt"].tolist(), pairs["response_0"].tolist(),
+                            pairs["response_1"].tolist(), stats)
+    seqs = [a for a, _ in encoded] + [b for _, b in encoded]
+    logps, ntok = score_sequences(model, seqs, encoder.tokenizer.pad_token_id, batch_size,
+                                  device, desc=desc, mixed_precision=mixed_precision,
+                                  max_tokens=max_tokens)
+    return pd.DataFrame({
+        "pair_id": pairs["pair_id"].to_numpy(),
+        "logp_0": logps[:n], "logp_1": logps[n:],
+        "ntok_0": ntok[:n].astype(np.int32), "ntok_1": ntok[n:].astype(np.int32),
+    })

@@ -209,8 +209,9 @@ def _check_text(df: pd.DataFrame, col: str, rej: _Rejections, where: object) -> 
         rej.add(df[NONTEXT_PREFIX + col].fillna(False).to_numpy(bool), "bad_text", col)
     kind = pd.api.types.infer_dtype(s, skipna=True)
     if kind not in ("string", "empty"):
-        # Mixed Python objects: only reachable when called on an in-memory frame.
-        not_str = ~s.map(lambda v: isinstance(v, str) or v is None or v != v).to_numpy(bool)
+        # Python objects that are not text: lists and structs from Parquet, mixed frames.
+        not_str = ~s.map(lambda v: isinstance(v, str) or v is None
+                         or (isinstance(v, float) and v != v)).to_numpy(bool)
         rej.add(not_str, "bad_text", col)
         s = s.where(~pd.Series(not_str, index=s.index), None)
     text = s.astype("string").str.strip()

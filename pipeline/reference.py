@@ -12,13 +12,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from pipeline.artifacts import frame_hash, read_parquet, read_parquet_metadata, write_parquet
 from pipeline.config import MixedPrecision
 from pipeline.encoding import Encoder, TruncationStats
 from pipeline.errors import UserError
-from pipeline.logps import score_sequences
 from pipeline.modeling import weights_hash
 from pipeline.precision import resolve_mixed_precision
 
@@ -61,28 +60,6 @@ def fingerprint_for(model_dir: Path, encoder: Encoder, mixed_precision: MixedPre
                        template=encoder.template.id, max_length=encoder.max_length,
                        precision=resolve_mixed_precision(mixed_precision, torch.device(device)),
                        data=pairs_hash(pairs))
-
-
-def pair_logps(
-    model: PreTrainedModel, encoder: Encoder, pairs: pd.DataFrame, batch_size: int,
-    device: torch.device | str = "cpu", mixed_precision: MixedPrecision = "auto",
-    stats: TruncationStats | None = None, desc: str = "pair log-probs",
-    max_tokens: int | None = None,
-) -> pd.DataFrame:
-    """Summed log-prob and token count of both responses of every pair under `model`, keyed by
-    `pair_id`: the reference's (by `ref_logps`) or the policy's (by `evaluate`)."""
-    n = len(pairs)
-    encoded = encoder.pairs(pairs["prompt"].tolist(), pairs["response_0"].tolist(),
-                            pairs["response_1"].tolist(), stats)
-    seqs = [a for a, _ in encoded] + [b for _, b in encoded]
-    logps, ntok = score_sequences(model, seqs, encoder.tokenizer.pad_token_id, batch_size,
-                                  device, desc=desc, mixed_precision=mixed_precision,
-                                  max_tokens=max_tokens)
-    return pd.DataFrame({
-        "pair_id": pairs["pair_id"].to_numpy(),
-        "logp_0": logps[:n], "logp_1": logps[n:],
-        "ntok_0": ntok[:n].astype(np.int32), "ntok_1": ntok[n:].astype(np.int32),
-    })
 
 
 def write_reference(df: pd.DataFrame, fp: Fingerprint, path: Path,

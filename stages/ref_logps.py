@@ -9,9 +9,10 @@ from pipeline import paths
 from pipeline.artifacts import read_parquet
 from pipeline.config import load_params
 from pipeline.encoding import Encoder, TruncationStats, load_template
+from pipeline.logps import pair_logps
 from pipeline.modeling import load_pretrained
 from pipeline.precision import device, weight_dtype
-from pipeline.reference import fingerprint_for, pair_logps, write_reference
+from pipeline.reference import fingerprint_for, write_reference
 
 
 def run(params_file: Path = paths.PARAMS) -> None:

@@ -289,3 +289,31 @@ def test_a_hub_model_needs_a_pinned_revision() -> None:
 
     with pytest.raises(UserError, match=r"needs model\.revision"):
         load_pretrained("some-org/some-model")
+
+
+def test_a_list_or_struct_prompt_column_is_rejected_per_row() -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.normalize import normalize_frame
+
+    table = pa.table({**{k: [v] * 3 for k, v in ROW.items() if k != "prompt"},
+                      "prompt": [["a", "b"], ["c"], ["d"]]})
+    res = normalize_frame(table.to_pandas())
+    assert set(res.rejected["reason"]) == {"bad_text"} and len(res.pairs) == 0
+    struct = pa.table({**{k: [v] * 2 for k, v in ROW.items() if k != "prompt"},
+                       "prompt": [{"text": "a"}, {"text": "b"}]})
+    buf = __import__("io").BytesIO()
+    pq.write_table(struct, buf)
+    res = normalize_frame(pq.read_table(buf).to_pandas())
+    assert set(res.rejected["reason"]) == {"bad_text"}
+
+
+def test_a_generations_file_missing_a_column_names_it(tmp_path: Path) -> None:
+    from pipeline.artifacts import read_parquet, write_parquet
+    from pipeline.generation import GENERATION_COLUMNS
+
+    path = tmp_path / "policy.parquet"
+    write_parquet(pd.DataFrame({"prompt_id": ["a"], "response": ["x"]}), path)
+    with pytest.raises(UserError, match=r"missing column\(s\) \['prompt'"):
+        read_parquet(path, GENERATION_COLUMNS)

@@ -14,11 +14,10 @@ from pipeline.artifacts import text_hash
 from pipeline.config import TinyModelConfig
 from pipeline.encoding import Encoder, load_template, resolve_template
 from pipeline.errors import UserError
-from pipeline.logps import batch_logps, collate, sequence_logps
+from pipeline.logps import batch_logps, collate, pair_logps, sequence_logps
 from pipeline.modeling import build_tiny_model, load_pretrained, save_model, train_tiny_tokenizer
 from pipeline.reference import (
     fingerprint_for,
-    pair_logps,
     read_reference,
     write_reference,
 )

@@ -19,9 +19,10 @@ from pipeline.artifacts import write_parquet
 from pipeline.config import ModelConfig, SFTConfig, TinyModelConfig, ToyConfig, TrainConfig
 from pipeline.encoding import Encoder, load_template
 from pipeline.finetune import run_preference, run_sft
+from pipeline.logps import pair_logps
 from pipeline.modeling import load_pretrained
 from pipeline.normalize import normalize_splits
-from pipeline.reference import fingerprint_for, pair_logps, write_reference
+from pipeline.reference import fingerprint_for, write_reference
 from pipeline.toydata import generate
 
 MAX_LEN = 128
