@@ -173,9 +173,16 @@ def train_loop(
     for name, p in model.named_parameters():
         if p.requires_grad:
             (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
+    # On one GPU or under DDP, the fused CUDA AdamW: one kernel for all parameters and no
+    # parameter-sized temporaries at its peak (the foreach default holds some). FSDP and
+    # DeepSpeed shard or own the parameters, so they keep the default.
+    fused = accelerator.device.type == "cuda" and accelerator.distributed_type in (
+        DistributedType.NO, DistributedType.MULTI_GPU)
+    if fused:
+        model.to(accelerator.device)
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay},
-         {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+         {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, fused=fused or None)
     scheduler = get_scheduler(
         _SCHEDULES[cfg.schedule], optimizer,
         num_warmup_steps=round(cfg.warmup_ratio * plan.total_steps),
