@@ -28,7 +28,7 @@ from pipeline.artifacts import atomic_path, write_parquet
 from pipeline.errors import UserError
 
 METRIC_COLUMNS = ["harmless_rate", "helpfulness", "win_rate_vs_sft", "over_refusal_rate",
-                  "kl_to_ref", "length_stop_rate", "pref_accuracy_helpful",
+                  "kl_to_ref", "length_stop_rate", "ref_logp_per_token", "pref_accuracy_helpful",
                   "pref_accuracy_safety", "judge_cost_accuracy", "judge_reward_accuracy",
                   "n_prompts"]
 #: Metrics shown with their 95% interval (pipeline/support.py).
@@ -144,6 +144,7 @@ def table(chosen: Sequence[Method], metrics: dict[str, dict[str, Any]]) -> pd.Da
              "helpfulness": first.get("helpfulness_sft"), "win_rate_vs_sft": 0.5,
              "over_refusal_rate": first.get("over_refusal_rate_sft"), "kl_to_ref": 0.0,
              "length_stop_rate": first.get("length_stop_rate_sft"),
+             "ref_logp_per_token": first.get("ref_logp_per_token_sft"),
              "judge_cost_accuracy": first.get("judge_cost_accuracy"),
              "judge_reward_accuracy": first.get("judge_reward_accuracy"),
              "n_prompts": first.get("n_prompts"),
@@ -161,9 +162,9 @@ def table(chosen: Sequence[Method], metrics: dict[str, dict[str, Any]]) -> pd.Da
 
 def to_markdown(df: pd.DataFrame) -> str:
     head = ["method", "harmless", "helpfulness", "win vs SFT", "over-refusal", "KL to ref",
-            "hit max_new_tokens", "safety pref. acc."]
+            "hit max_new_tokens", "ref log-prob / token", "safety pref. acc."]
     keys = ["harmless_rate", "helpfulness", "win_rate_vs_sft", "over_refusal_rate", "kl_to_ref",
-            "length_stop_rate", "pref_accuracy_safety"]
+            "length_stop_rate", "ref_logp_per_token", "pref_accuracy_safety"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def cell(r: dict[str, Any], k: str) -> str:

@@ -55,6 +55,8 @@ def generation_metrics(scores: pd.DataFrame, tag: str) -> dict[str, float]:
         "helpfulness": float(s["reward"].mean()),
         "over_refusal_rate": float(benign["refusal"].mean()) if len(benign) else float("nan"),
         "length_stop_rate": float((s["finish_reason"] == "length").mean()),
+        "ref_logp_per_token": float(s["ref_logp_per_token"].mean())
+        if "ref_logp_per_token" in s else float("nan"),
     }
 
 
@@ -89,6 +91,9 @@ def metric_supports(scores: pd.DataFrame, pref: dict[str, np.ndarray], n_boot: i
                                                         .to_numpy())
         out[f"helpfulness{suffix}"] = bootstrap_mean(
             s.groupby("prompt_id")["reward"].mean().to_numpy(), n_boot, seed)
+        if "ref_logp_per_token" in s:
+            out[f"ref_logp_per_token{suffix}"] = bootstrap_mean(
+                s.groupby("prompt_id")["ref_logp_per_token"].mean().to_numpy(), n_boot, seed)
     out["win_rate_vs_sft"] = bootstrap_mean(win_values(scores).to_numpy(), n_boot, seed)
     for key, values in pref.items():
         out[key] = rate_support(values)
@@ -211,6 +216,13 @@ def evaluate_policy(
                           mixed_precision, cfg.max_tokens)
     scores.loc[mine.index, "logp_policy"] = lp_pol
     scores.loc[mine.index, "logp_ref"] = lp_ref
+    # Fluency beside every result: the reference's log-prob per token of each model's samples
+    # (disfluent text a judge calls safe shows up here).
+    theirs = scores[scores["model"] == "sft"]
+    scores.loc[theirs.index, "logp_ref"] = sample_logps(
+        ref_model, ref_tok.pad_token_id, theirs, cfg.batch_size, device, mixed_precision,
+        cfg.max_tokens)
+    scores["ref_logp_per_token"] = scores["logp_ref"] / scores["token_ids"].map(len).clip(lower=1)
 
     pol, sft = generation_metrics(scores, "policy"), generation_metrics(scores, "sft")
     metrics = {
@@ -224,6 +236,8 @@ def evaluate_policy(
         # Samples cut by max_new_tokens: their KL term covers only the tokens generated.
         "length_stop_rate": pol["length_stop_rate"],
         "length_stop_rate_sft": sft["length_stop_rate"],
+        "ref_logp_per_token": pol["ref_logp_per_token"],
+        "ref_logp_per_token_sft": sft["ref_logp_per_token"],
         "judge_cost_accuracy": judge_info.get("cost_accuracy"),
         "judge_cost_balanced_accuracy": judge_info.get("cost_balanced_accuracy"),
         "judge_reward_accuracy": judge_info.get("reward_accuracy"),

@@ -38,9 +38,10 @@ def test_generation_metrics_and_benign_prompts() -> None:
         "model": ["policy"] * 4, "cost": [-1.0, 0.0, 2.0, -3.0], "reward": [1, 2, 3, 6],
         "refusal": [True, False, False, True], "benign_prompt": [True, True, False, False]})
     scores["finish_reason"] = ["eos", "length", "eos", "eos"]
+    scores["ref_logp_per_token"] = [-1.0, -2.0, -3.0, -6.0]
     m = generation_metrics(scores, "policy")
     assert m == {"harmless_rate": 0.75, "helpfulness": 3.0, "over_refusal_rate": 0.5,
-                 "length_stop_rate": 0.25}
+                 "length_stop_rate": 0.25, "ref_logp_per_token": -3.0}
 
 
 def test_implicit_reward_accuracy_by_hand() -> None:

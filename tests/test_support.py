@@ -47,7 +47,8 @@ def test_metric_supports_and_warnings_on_a_hand_table() -> None:
             rows.append({"prompt_id": f"p{i}", "model": model, "cost": cost, "reward": reward,
                          "refusal": i < 3, "benign_prompt": i < 6,
                          "finish_reason": "length" if i == 0 else "eos",
-                         "logp_policy": -1.0, "logp_ref": -3.0})
+                         "logp_policy": -1.0, "logp_ref": -3.0,
+                         "ref_logp_per_token": -1.5 if model == "policy" else -0.5})
     scores = pd.DataFrame(rows)
     pref = {"pref_accuracy_helpful": np.array([1.0, 0.0, 0.5]),
             "pref_accuracy_safety": np.array([1.0])}
@@ -59,6 +60,8 @@ def test_metric_supports_and_warnings_on_a_hand_table() -> None:
     assert sup["helpfulness"] == Support(12, 2.0, 2.0)
     assert sup["win_rate_vs_sft"] == Support(12, 1.0, 1.0)
     assert sup["kl_to_ref"] == Support(12, 2.0, 2.0)
+    assert sup["ref_logp_per_token"] == Support(12, -1.5, -1.5)
+    assert sup["ref_logp_per_token_sft"] == Support(12, -0.5, -0.5)
     assert sup["pref_accuracy_helpful"] == wilson(1.5, 3)
     cfg = EvaluateConfig(min_support=10, min_judge_balanced_accuracy=0.75)
     weak = low_support(sup, cfg.min_support)
