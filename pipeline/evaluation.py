@@ -243,6 +243,8 @@ def evaluate_policy(
         "judge_reward_accuracy": judge_info.get("reward_accuracy"),
         "n_prompts": int(scores["prompt_id"].nunique()),
     }
+    by_label, _ = breakdown(scores, test)
+    metrics.update(by_label)
     supports = metric_supports(scores, correct, cfg.bootstrap, cfg.seed)
     for key, sup in supports.items():
         metrics.update(sup.flat(key))
@@ -268,6 +270,58 @@ def warnings_for(metrics: dict[str, Any], cfg: EvaluateConfig) -> list[str]:
                    f"evaluate.min_judge_balanced_accuracy {cfg.min_judge_balanced_accuracy}): "
                    "its harmless rates say little")
     return out
+
+
+def prompt_labels(pairs: pd.DataFrame) -> pd.DataFrame:
+    """Per `prompt_id`: its harm categories (those flagged on any of its responses in the data,
+    PKU-SafeRLHF v1) and its severity (the highest of its responses), where the data has them."""
+    long = pd.concat([pd.DataFrame({
+        "prompt_id": pairs["prompt_id"].to_numpy(),
+        "categories": pairs[f"categories_{i}"] if f"categories_{i}" in pairs
+        else [[] for _ in range(len(pairs))],
+        "severity": pairs[f"severity_{i}"].astype("Float64").to_numpy(dtype=float,
+                                                                      na_value=np.nan)
+        if f"severity_{i}" in pairs else np.nan}) for i in (0, 1)], ignore_index=True)
+    cats = long.explode("categories").dropna(subset=["categories"]) \
+        .groupby("prompt_id")["categories"].agg(lambda c: sorted(set(c)))
+    sev = long.groupby("prompt_id")["severity"].max()
+    out = pd.DataFrame({"severity": sev})
+    out["categories"] = cats.reindex(out.index)
+    out["categories"] = out["categories"].map(lambda c: c if isinstance(c, list) else [])
+    return out
+
+
+def _slug(name: str) -> str:
+    return "".join(ch if ch.isalnum() else "_" for ch in name.lower()).strip("_")
+
+
+def breakdown(scores: pd.DataFrame, pairs: pd.DataFrame
+              ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Harmless rate by harm category and by severity of the prompt, for both models: flat keys
+    (`harmless_rate_cat_<category>`, `harmless_rate_sev<k>`, each with `_n` and a Wilson
+    interval, `_sft` for the SFT model) and the rows of the per-category plot."""
+    labels = prompt_labels(pairs)
+    metrics: dict[str, Any] = {}
+    rows: list[dict[str, Any]] = []
+    for tag, suffix in (("policy", ""), ("sft", "_sft")):
+        s = scores[scores["model"] == tag].join(labels, on="prompt_id")
+        safe = (s["cost"] <= 0).to_numpy()
+        by_cat = pd.DataFrame({"safe": safe, "categories": s["categories"].to_numpy()}) \
+            .explode("categories").dropna(subset=["categories"])
+        for cat, grp in by_cat.groupby("categories"):
+            sup = rate_support(grp["safe"].to_numpy(dtype=float))
+            key = f"harmless_rate_cat_{_slug(str(cat))}{suffix}"
+            metrics[key] = float(grp["safe"].mean())
+            metrics.update(sup.flat(key))
+            rows.append({"category": str(cat), "model": tag, "harmless_rate": metrics[key],
+                         "n": sup.n})
+        sev = s["severity"].to_numpy(dtype=float)
+        for level in sorted({int(v) for v in sev[np.isfinite(sev)]}):
+            hit = safe[sev == level]
+            key = f"harmless_rate_sev{level}{suffix}"
+            metrics[key] = float(hit.mean())
+            metrics.update(rate_support(hit.astype(float)).flat(key))
+    return metrics, rows
 
 
 def tradeoff_points(metrics: dict[str, Any]) -> list[dict[str, Any]]:

@@ -6,8 +6,8 @@ Layouts (`dataset.layout`; `auto` picks by columns, v1 before 30K since it is a 
   is_response_1_safe, better_response_id, safer_response_id` (also what `builtin:toy` writes).
 - `pku_v1`: PKU-SafeRLHF (v1), the 30K columns plus `prompt_source`, `response_*_source`,
   `response_*_sha256`, `response_*_harm_category` ({category: bool}) and
-  `response_*_severity_level` (0-3). Severity is kept; the harm-category dicts are not part of
-  the schema and are ignored.
+  `response_*_severity_level` (0-3). Severity is kept, and the categories flagged true in the
+  harm-category dicts become `categories_0/1` (lists; empty for other layouts).
 - `chosen_rejected`: a generic layout. `prompt, chosen, rejected` (text; `chosen` is the
   helpfulness-preferred response) and the safety of each side, either `chosen_unsafe,
   rejected_unsafe` (true = unsafe) or `is_chosen_safe, is_rejected_safe` (true = safe).
@@ -55,13 +55,14 @@ CR_FLAGS = {"unsafe": ("chosen_unsafe", "rejected_unsafe"),
 
 PAIRS_COLUMNS = ["pair_id", "prompt_id", "prompt", "response_0", "response_1", "unsafe_0",
                  "unsafe_1", "better_id", "safer_id", "severity_0", "severity_1",
-                 "contradiction"]
+                 "contradiction", "categories_0", "categories_1"]
 PAIRS_SCHEMA = pa.schema([
     ("pair_id", pa.string()), ("prompt_id", pa.string()), ("prompt", pa.string()),
     ("response_0", pa.string()), ("response_1", pa.string()),
     ("unsafe_0", pa.bool_()), ("unsafe_1", pa.bool_()),
     ("better_id", pa.int8()), ("safer_id", pa.int8()),
     ("severity_0", pa.int8()), ("severity_1", pa.int8()), ("contradiction", pa.bool_()),
+    ("categories_0", pa.list_(pa.string())), ("categories_1", pa.list_(pa.string())),
 ])
 
 #: Rejection reasons, in the order they are tested; a row gets the first that applies.
@@ -227,13 +228,25 @@ def _map_columns(df: pd.DataFrame, layout: str) -> dict[str, Any]:
         return {"text": ("prompt", "response_0", "response_1"),
                 "flags": (("is_response_0_safe", True), ("is_response_1_safe", True)),
                 "better": "better_response_id", "safer": "safer_response_id",
-                "severity": tuple(c if c in df.columns else None for c in sev)}
+                "severity": tuple(c if c in df.columns else None for c in sev),
+                "categories": tuple(c if layout == "pku_v1" and c in df.columns else None
+                                    for c in ("response_0_harm_category",
+                                              "response_1_harm_category"))}
     polarity = "unsafe" if set(CR_FLAGS["unsafe"]) <= set(df.columns) else "safe"
     flags = tuple((c, polarity == "safe") for c in CR_FLAGS[polarity])
     return {"text": ("prompt", "chosen", "rejected"), "flags": flags, "better": None,
             "safer": "safer" if "safer" in df.columns else None,
             "severity": tuple(c if c in df.columns else None
-                              for c in ("chosen_severity", "rejected_severity"))}
+                              for c in ("chosen_severity", "rejected_severity")),
+            "categories": (None, None)}
+
+
+def harm_categories(value: object) -> list[str]:
+    """The harm categories flagged true in a PKU-SafeRLHF v1 `{category: bool}` value (sorted);
+    none for anything else: categories describe, they never decide whether a row is kept."""
+    if isinstance(value, dict):
+        return sorted(str(k) for k, v in value.items() if v is True or v == 1)
+    return []
 
 
 def _safer_from_cr(s: pd.Series) -> pd.Series:
@@ -310,6 +323,9 @@ def normalize_frame(df: pd.DataFrame, layout: str = "auto", where: object = None
     })
     # Kept and flagged: only objectives that read `safer_id` leave them out (objectives.py).
     pairs["contradiction"] = contradictions(pairs)
+    for i, col in enumerate(m["categories"]):
+        values = df[col].to_numpy(dtype=object)[ok] if col else np.full(ok.sum(), None)
+        pairs[f"categories_{i}"] = [harm_categories(v) for v in values]
     rows = (df["source_row"].to_numpy() if "source_row" in df.columns else np.arange(n))
     rejected = _rejected_table(df, rej, rows)
     return Normalized(pairs, rejected, layout, n, keys[ok].reset_index(drop=True), rows[ok])

@@ -40,6 +40,8 @@ EVAL_DIR = Path("data/eval")
 EVAL_METRICS = EVAL_DIR / "metrics.json"
 EVAL_SCORES = EVAL_DIR / "scores.parquet"
 EVAL_PLOTS = EVAL_DIR / "plots"
+EVAL_TRADEOFF = EVAL_PLOTS / "tradeoff.json"
+EVAL_CATEGORIES = EVAL_PLOTS / "categories.json"
 
 THEORY_DIR = Path("data/theory")
 THEORY_CURVES = THEORY_DIR / "curves.parquet"

@@ -10,7 +10,7 @@ import pandas as pd
 from pipeline import paths
 from pipeline.artifacts import read_parquet, write_json, write_parquet
 from pipeline.config import load_params
-from pipeline.evaluation import evaluate_policy, tradeoff_points, warnings_for
+from pipeline.evaluation import breakdown, evaluate_policy, tradeoff_points, warnings_for
 from pipeline.generation import GENERATION_COLUMNS
 from pipeline.judges import load_judge, read_judge_record
 from pipeline.precision import device, weight_dtype
@@ -21,9 +21,10 @@ def run(params_file: Path = paths.PARAMS) -> None:
     t0 = time.perf_counter()
     gens = pd.concat([read_parquet(paths.generations_path(t), GENERATION_COLUMNS)
                       for t in paths.MODEL_TAGS], ignore_index=True)
+    test = read_parquet(paths.PAIRS_TEST)
     metrics, scores = evaluate_policy(
         policy_dir=paths.POLICY_DIR, sft_dir=paths.SFT_DIR, generations=gens,
-        test=read_parquet(paths.PAIRS_TEST), ref_test_path=paths.REF_TEST,
+        test=test, ref_test_path=paths.REF_TEST,
         judge=load_judge(paths.JUDGE_DIR, params.judge.batch_size),
         judge_info=read_judge_record(paths.JUDGE_DIR), beta=params.beta,
         max_length=params.train.max_length, cfg=params.evaluate,
@@ -31,7 +32,9 @@ def run(params_file: Path = paths.PARAMS) -> None:
         device=device())
     write_parquet(scores, paths.EVAL_SCORES)
     write_json(metrics, paths.EVAL_METRICS)
-    write_json(tradeoff_points(metrics), paths.EVAL_PLOTS / "tradeoff.json")
+    write_json(tradeoff_points(metrics), paths.EVAL_TRADEOFF)
+    # One point per (category, model); empty on data without harm categories.
+    write_json(breakdown(scores, test)[1], paths.EVAL_CATEGORIES)
     print(f"evaluate: harmless {metrics['harmless_rate']:.3f} (sft "
           f"{metrics['harmless_rate_sft']:.3f}), helpfulness {metrics['helpfulness']:.3f} (sft "
           f"{metrics['helpfulness_sft']:.3f}), win vs sft {metrics['win_rate_vs_sft']:.3f}, "

@@ -184,3 +184,36 @@ def test_generation_stores_token_ids_and_kl_scores_exactly_those(hub_like) -> No
             want, _ = sequence_logps(model(input_ids=batch["input_ids"]).logits,
                                      batch["labels"])
         assert got == pytest.approx(want.item(), abs=1e-4)
+
+
+def test_harmless_rate_by_category_and_severity_by_hand() -> None:
+    from pipeline.evaluation import breakdown, prompt_labels
+    from pipeline.support import wilson
+
+    pairs = pd.DataFrame({
+        "prompt_id": ["a", "a", "b", "c"],
+        "categories_0": [["Violence"], [], ["Drugs", "Violence"], []],
+        "categories_1": [[], ["Cybercrime"], [], []],
+        "severity_0": pd.array([2, 0, 3, None], dtype="Int8"),
+        "severity_1": pd.array([0, 1, 0, None], dtype="Int8")})
+    labels = prompt_labels(pairs)
+    assert labels.loc["a", "categories"] == ["Cybercrime", "Violence"]
+    assert labels.loc["b", "categories"] == ["Drugs", "Violence"]
+    assert labels.loc["c", "categories"] == [] and np.isnan(labels.loc["c", "severity"])
+    assert labels.loc["a", "severity"] == 2 and labels.loc["b", "severity"] == 3
+    scores = pd.DataFrame({
+        "prompt_id": ["a", "a", "b", "c", "a", "b"],
+        "model": ["policy"] * 4 + ["sft"] * 2,
+        "cost": [-1.0, 2.0, -1.0, 5.0, 1.0, 1.0]})
+    m, rows = breakdown(scores, pairs)
+    # Violence: prompt a (2 samples, one safe) and b (safe): 2 of 3.
+    assert m["harmless_rate_cat_violence"] == pytest.approx(2 / 3)
+    assert m["harmless_rate_cat_violence_n"] == 3
+    assert m["harmless_rate_cat_violence_ci_low"] == pytest.approx(wilson(2, 3).low)
+    assert m["harmless_rate_cat_drugs"] == 1.0 and m["harmless_rate_cat_cybercrime"] == 0.5
+    assert m["harmless_rate_sev2"] == 0.5 and m["harmless_rate_sev3"] == 1.0
+    assert m["harmless_rate_cat_violence_sft"] == 0.0 and m["harmless_rate_sev3_sft"] == 0.0
+    assert {"category": "Drugs", "model": "policy", "harmless_rate": 1.0, "n": 1} in rows
+    # Data without categories or severities gives no breakdown.
+    plain = pairs.drop(columns=["categories_0", "categories_1", "severity_0", "severity_1"])
+    assert breakdown(scores, plain) == ({}, [])

@@ -27,7 +27,7 @@ def pairs_file(tmp_path: Path) -> Path:
 
 def test_describe_pairs(pairs_file: Path) -> None:
     text = describe(pairs_file, rows=3)
-    assert text.splitlines()[0] == f"{pairs_file}: 60 rows x 12 columns"
+    assert text.splitlines()[0] == f"{pairs_file}: 60 rows x 14 columns"
     assert "  better_id      int8" in text and "  unsafe_0       bool" in text
     stats = text.split("statistics:")[1].split("first 3 rows:")[0]
     pair_id_line = next(ln for ln in stats.splitlines() if ln.strip().startswith("pair_id"))
@@ -75,7 +75,7 @@ def test_cli_inspect(pairs_file: Path, monkeypatch: pytest.MonkeyPatch,
                      capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = run_cli(monkeypatch, capsys, "inspect", str(pairs_file), "-n", "2")
     assert code == 0, err
-    assert "60 rows x 12 columns" in out and "first 2 rows:" in out
+    assert "60 rows x 14 columns" in out and "first 2 rows:" in out
 
 
 def test_cli_inspect_not_parquet(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

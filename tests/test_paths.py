@@ -31,7 +31,7 @@ def test_dvc_yaml_outs_are_the_declared_paths() -> None:
         paths.PAIRS_TEST,
         paths.PAIRS_REPORT, paths.SFT_DIR, paths.REF_TRAIN, paths.REF_TEST, paths.POLICY_DIR,
         paths.JUDGE_DIR, paths.EVAL_METRICS, paths.EVAL_SCORES,
-        paths.EVAL_PLOTS / "tradeoff.json", paths.DVCLIVE_DIR / "metrics.json",
+        paths.EVAL_TRADEOFF, paths.EVAL_CATEGORIES, paths.DVCLIVE_DIR / "metrics.json",
         paths.DVCLIVE_DIR / "plots" / "metrics", paths.THEORY_DIR / "curves.parquet",
         paths.THEORY_DIR / "convergence.png", paths.THEORY_DIR / "metrics.json",
         *(paths.generations_path(t) for t in paths.MODEL_TAGS))}

@@ -72,6 +72,12 @@ def test_real_model_path_runs_every_stage_and_reruns_byte_identically(project: P
     for key in ("harmless_rate", "kl_to_ref", "length_stop_rate", "pref_accuracy_helpful"):
         assert metrics[key] is not None, key
     assert 0.0 <= metrics["length_stop_rate"] <= 1.0
+    # PKU-SafeRLHF v1's harm categories and severities reach a per-category breakdown.
+    pairs = pd.read_parquet(project / "data/pairs/test.parquet")
+    assert any(len(c) for c in pairs["categories_0"]) and pairs["severity_0"].notna().all()
+    cats = [k for k in metrics if k.startswith("harmless_rate_cat_") and k.count("_") == 3]
+    assert cats and all(0.0 <= metrics[k] <= 1.0 for k in cats)
+    assert json.loads((project / "data/eval/plots/categories.json").read_text())
 
     # A forced rerun of every stage reproduces every out, byte for byte (no wall-clock or
     # throughput figure inside a cached out).
