@@ -30,7 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
@@ -128,7 +128,6 @@ class TruncationStats:
     prompt_tokens_cut: int = 0
     response_tokens_cut: int = 0
     max_prompt_cut: int = 0
-    cut_ids: list[int] = field(default_factory=list, repr=False)
 
     def as_dict(self) -> dict[str, int]:
         return {"items": self.items, "truncated": self.truncated,
@@ -170,13 +169,21 @@ class Encoder:
 
     def prompt_ids(self, prompts: Sequence[str]) -> list[list[int]]:
         """Token ids of the rendered prompts, BOS first where the tokenizer has one."""
-        ids = self.tokenizer(self.render(prompts), add_special_tokens=False)["input_ids"]
-        return [self._with_bos(x) for x in ids]
+        return self._ids_of(self.render(prompts))
 
-    def _with_bos(self, ids: list[int]) -> list[int]:
-        if self.bos is None or (ids and ids[0] == self.bos):
-            return list(ids)
-        return [self.bos, *ids]
+    def _ids_of(self, rendered: Sequence[str]) -> list[list[int]]:
+        if not rendered:
+            return []
+        ids = self.tokenizer(list(rendered), add_special_tokens=False)["input_ids"]
+        return [x if self.bos is None or (x and x[0] == self.bos) else [self.bos, *x]
+                for x in ids]
+
+    def _cut_prompt(self, p: list[int], keep: int) -> list[int]:
+        """The last `keep` tokens of prompt `p`, its BOS kept in front."""
+        if keep >= len(p):
+            return p
+        head = [p[0]] if self.bos is not None and p and p[0] == self.bos else []
+        return head + p[len(p) - (keep - len(head)):]
 
     def response_ids(self, rendered: Sequence[str], responses: Sequence[str]) -> list[list[int]]:
         """Tokens of each response as they fall in context after its rendered prompt (no EOS)."""
@@ -201,9 +208,7 @@ class Encoder:
         longest = max(len(r) for r in responses) + 1  # + EOS
         keep = prompt_keep(len(p), longest, self.max_length)
         n_p = len(p)
-        if keep < n_p:
-            head = [p[0]] if self.bos is not None and p and p[0] == self.bos else []
-            p = head + p[len(p) - (keep - len(head)):]
+        p = self._cut_prompt(p, keep)
         budget = self.max_length - len(p) - 1
         cut_r = sum(max(0, len(r) - budget) for r in responses)
         stats.items += 1
@@ -221,11 +226,9 @@ class Encoder:
             raise ValueError("prompts and responses differ in length")
         stats = stats if stats is not None else TruncationStats()
         rendered = self.render(prompts)
-        p_ids = [self._with_bos(x) for x in
-                 self.tokenizer(rendered, add_special_tokens=False)["input_ids"]] if prompts \
-            else []
         r_ids = self.response_ids(rendered, responses) if prompts else []
-        return [self._cut(p, [r], stats)[0] for p, r in zip(p_ids, r_ids, strict=True)]
+        return [self._cut(p, [r], stats)[0]
+                for p, r in zip(self._ids_of(rendered), r_ids, strict=True)]
 
     def pairs(self, prompts: Sequence[str], first: Sequence[str], second: Sequence[str],
               stats: TruncationStats | None = None) -> list[tuple[Encoded, Encoded]]:
@@ -236,12 +239,10 @@ class Encoder:
             return []
         stats = stats if stats is not None else TruncationStats()
         rendered = self.render(prompts)
-        p_ids = [self._with_bos(x) for x in
-                 self.tokenizer(rendered, add_special_tokens=False)["input_ids"]]
         a = self.response_ids(rendered, first)
         b = self.response_ids(rendered, second)
         out = []
-        for p, ra, rb in zip(p_ids, a, b, strict=True):
+        for p, ra, rb in zip(self._ids_of(rendered), a, b, strict=True):
             ea, eb = self._cut(p, [ra, rb], stats)
             out.append((ea, eb))
         return out
@@ -249,11 +250,5 @@ class Encoder:
     def generation_prompts(self, prompts: Sequence[str], max_new_tokens: int) -> list[list[int]]:
         """Prompt ids for generation, cut by the same rule as in training, with the new tokens
         in place of the longer response."""
-        out = []
-        for p in self.prompt_ids(prompts):
-            keep = prompt_keep(len(p), max_new_tokens, self.max_length)
-            if keep < len(p):
-                head = [p[0]] if self.bos is not None and p[0] == self.bos else []
-                p = head + p[len(p) - (keep - len(head)):]
-            out.append(p)
-        return out
+        return [self._cut_prompt(p, prompt_keep(len(p), max_new_tokens, self.max_length))
+                for p in self.prompt_ids(prompts)]

@@ -136,8 +136,12 @@ def implicit_reward_accuracy(
 ) -> dict[str, float]:
     """Accuracy of the implicit reward β·log π/π_ref on test pairs (see
     `implicit_reward_correct`; a tie counts half)."""
-    return {k: float(v.mean()) if len(v) else float("nan")
-            for k, v in implicit_reward_correct(pairs, policy_logps, ref, beta).items()}
+    return accuracies(implicit_reward_correct(pairs, policy_logps, ref, beta))
+
+
+def accuracies(correct: dict[str, np.ndarray]) -> dict[str, float]:
+    """The mean of each array of per-pair scores (nan where there are none)."""
+    return {k: float(v.mean()) if len(v) else float("nan") for k, v in correct.items()}
 
 
 def sample_logps(model: PreTrainedModel, pad_id: int, gens: pd.DataFrame, batch_size: int,
@@ -167,10 +171,10 @@ def check_lineage(policy_dir: Path, sft_dir: Path) -> None:
     if started is None:
         raise UserError(f"no record of the SFT model it was trained from ({SUMMARY_FILE}); "
                         "rerun `dvc repro train`", path=policy_dir)
-    if started != weights_hash(sft_dir):
+    sft = weights_hash(sft_dir)
+    if started != sft:
         raise UserError(f"was trained from another SFT model than {sft_dir} (weights "
-                        f"{started} != {weights_hash(sft_dir)}); rerun `dvc repro train`",
-                        path=policy_dir)
+                        f"{started} != {sft}); rerun `dvc repro train`", path=policy_dir)
 
 
 def evaluate_policy(
@@ -178,12 +182,12 @@ def evaluate_policy(
     ref_test_path: Path, judge: Judge, judge_info: dict[str, Any], beta: float,
     max_length: int, cfg: EvaluateConfig, mixed_precision: MixedPrecision = "auto",
     dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-) -> tuple[dict[str, Any], pd.DataFrame]:
+) -> tuple[dict[str, Any], pd.DataFrame, list[dict[str, Any]]]:
     """All metrics of one policy against the SFT baseline (docs/architecture.md, "Metrics").
 
     `generations` holds both models' responses (`model` is `sft` or `policy`). Returns the
-    metrics and the scored generations (with `logp_policy`/`logp_ref` on policy rows). Every
-    log-prob runs under the autocast of training (`mixed_precision`).
+    metrics, the scored generations (with `logp_policy`/`logp_ref`) and the rows of the
+    per-category plot. Every log-prob runs under the autocast of training (`mixed_precision`).
     """
     scores = score_generations(generations, judge, benign_prompt_ids(test))
 
@@ -204,7 +208,7 @@ def evaluate_policy(
     pol_pairs = pair_logps(policy, enc_pol, test, cfg.batch_size, device, mixed_precision,
                            desc="policy log-probs", max_tokens=cfg.max_tokens)
     correct = implicit_reward_correct(test, pol_pairs, ref, beta)
-    pref = {k: float(v.mean()) if len(v) else float("nan") for k, v in correct.items()}
+    pref = accuracies(correct)
 
     # KL to the reference on the policy's own samples: score them under both models.
     mine = scores[scores["model"] == "policy"]
@@ -243,7 +247,7 @@ def evaluate_policy(
         "judge_reward_accuracy": judge_info.get("reward_accuracy"),
         "n_prompts": int(scores["prompt_id"].nunique()),
     }
-    by_label, _ = breakdown(scores, test)
+    by_label, category_rows = breakdown(scores, test)
     metrics.update(by_label)
     supports = metric_supports(scores, correct, cfg.bootstrap, cfg.seed)
     for key, sup in supports.items():
@@ -254,7 +258,7 @@ def evaluate_policy(
     balanced = judge_info.get("cost_balanced_accuracy")
     metrics["judge_below_threshold"] = bool(
         balanced is None or balanced < cfg.min_judge_balanced_accuracy)
-    return metrics, scores
+    return metrics, scores, category_rows
 
 
 def warnings_for(metrics: dict[str, Any], cfg: EvaluateConfig) -> list[str]:

@@ -359,8 +359,7 @@ def _expand(w: np.ndarray, used: np.ndarray, n_features: int) -> np.ndarray:
 
 def _responses(pairs: pd.DataFrame) -> tuple[list[str], list[str], np.ndarray]:
     """Every response of every pair (all response_0, then all response_1) and its unsafe flag."""
-    long = responses_long(pairs.assign(pair_id=pairs.get("pair_id", ""),
-                                       prompt_id=pairs.get("prompt_id", "")))
+    long = responses_long(pairs)
     return (long["prompt"].astype(str).tolist(), long["response"].astype(str).tolist(),
             long["unsafe"].to_numpy(dtype=bool))
 

@@ -7,6 +7,7 @@ Llama-style `transformers` model, so the whole pipeline runs offline. Everything
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Iterable
 from pathlib import Path
@@ -24,7 +25,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from pipeline.artifacts import atomic_dir
+from pipeline.artifacts import atomic_dir, file_sha256
 from pipeline.config import ModelConfig, TinyModelConfig
 from pipeline.encoding import TEMPLATE_FILE, Template
 from pipeline.errors import UserError
@@ -158,18 +159,26 @@ _IDENTITY_FILES = {"config.json", "tokenizer.json", "tokenizer_config.json",
 
 
 def weights_hash(model_dir: Path) -> str:
-    """A hash of the saved weights, tokenizer and template files of a model directory."""
+    """A hash of the saved weights, tokenizer and template files of a model directory.
+
+    Several stages fingerprint the same directory (ref_logps per split, evaluate, train), and
+    the weights of a 7B model are ~15 GB to read: the hash is cached on the files' names, sizes
+    and modification times, so it is computed once per content."""
     model_dir = Path(model_dir)
-    h = hashlib.sha256()
     files = sorted(p for p in model_dir.iterdir()
                    if p.suffix in _IDENTITY_SUFFIXES or p.name in _IDENTITY_FILES)
     if not any(p.suffix == ".safetensors" for p in files):
         raise UserError("no .safetensors weights found", path=model_dir)
-    for p in files:
-        h.update(p.name.encode())
-        with p.open("rb") as f:
-            for chunk in iter(lambda f=f: f.read(1 << 20), b""):
-                h.update(chunk)
+    stats = tuple((str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    return _hash_files(stats)
+
+
+@functools.lru_cache(maxsize=16)
+def _hash_files(stats: tuple[tuple[str, int, int], ...]) -> str:
+    h = hashlib.sha256()
+    for path, _, _ in stats:
+        h.update(Path(path).name.encode())
+        h.update(file_sha256(Path(path)).encode())
     return h.hexdigest()[:16]
 
 

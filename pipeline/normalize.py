@@ -86,6 +86,11 @@ SAMPLE_LIMIT = 50
 TEXT_COLUMNS = ("prompt", "response_0", "response_1", "chosen", "rejected")
 NONTEXT_PREFIX = "_nontext_"
 
+
+def is_text_or_null(value: object) -> bool:
+    """A value a text column may hold: a string, or null (None or a float NaN)."""
+    return isinstance(value, str) or value is None or (isinstance(value, float) and value != value)
+
 _TRUE = ["true", "t", "yes", "y", "1", "1.0"]
 _FALSE = ["false", "f", "no", "n", "0", "0.0"]
 _ID_WORDS = {"0": 0, "1": 1, "0.0": 0, "1.0": 1, "response_0": 0, "response_1": 1}
@@ -211,8 +216,7 @@ def _check_text(df: pd.DataFrame, col: str, rej: _Rejections, where: object) -> 
     kind = pd.api.types.infer_dtype(s, skipna=True)
     if kind not in ("string", "empty"):
         # Python objects that are not text: lists and structs from Parquet, mixed frames.
-        not_str = ~s.map(lambda v: isinstance(v, str) or v is None
-                         or (isinstance(v, float) and v != v)).to_numpy(bool)
+        not_str = ~s.map(is_text_or_null).to_numpy(bool)
         rej.add(not_str, "bad_text", col)
         s = s.where(~pd.Series(not_str, index=s.index), None)
     text = s.astype("string").str.strip()

@@ -89,13 +89,14 @@ def contradictions(pairs: pd.DataFrame) -> np.ndarray:
 
 
 def responses_long(pairs: pd.DataFrame) -> pd.DataFrame:
-    """Every response of every pair as one row, keyed by (`pair_id`, `idx`): all response_0
-    rows first, then all response_1 rows (so row k and row n + k are the two sides of pair k)."""
+    """Every response of every pair as one row, keyed by (`pair_id`, `idx`) where the table has
+    ids: all response_0 rows first, then all response_1 rows (so row k and row n + k are the
+    two sides of pair k)."""
+    keys = {k: pairs[k].to_numpy() for k in ("pair_id", "prompt_id") if k in pairs}
     parts = []
     for i in (0, 1):
         parts.append(pd.DataFrame({
-            "pair_id": pairs["pair_id"].to_numpy(), "prompt_id": pairs["prompt_id"].to_numpy(),
-            "prompt": pairs["prompt"].to_numpy(), "idx": np.full(len(pairs), i, np.int8),
+            **keys, "prompt": pairs["prompt"].to_numpy(), "idx": np.full(len(pairs), i, np.int8),
             "response": pairs[f"response_{i}"].to_numpy(),
             "unsafe": pairs[f"unsafe_{i}"].to_numpy(dtype=bool)}))
     return pd.concat(parts, ignore_index=True)

@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 from pipeline.artifacts import file_sha256, frame_hash
 from pipeline.config import DatasetConfig
 from pipeline.errors import UserError
-from pipeline.normalize import NONTEXT_PREFIX, TEXT_COLUMNS
+from pipeline.normalize import NONTEXT_PREFIX, TEXT_COLUMNS, is_text_or_null
 
 TOY = "builtin:toy"
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
@@ -355,8 +355,7 @@ def arrow_safe(df: pd.DataFrame) -> pd.DataFrame:
             if out is df:
                 out = df.copy()
             if col in TEXT_COLUMNS:
-                out[NONTEXT_PREFIX + col] = df[col].map(
-                    lambda v: not (isinstance(v, str) or v is None or v != v)).astype(bool)
+                out[NONTEXT_PREFIX + col] = ~df[col].map(is_text_or_null).astype(bool)
             out[col] = df[col].map(lambda v: v if v is None or v != v else _text(v))
     return out
 

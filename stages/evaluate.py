@@ -10,7 +10,7 @@ import pandas as pd
 from pipeline import paths
 from pipeline.artifacts import read_parquet, write_json, write_parquet
 from pipeline.config import load_params
-from pipeline.evaluation import breakdown, evaluate_policy, tradeoff_points, warnings_for
+from pipeline.evaluation import evaluate_policy, tradeoff_points, warnings_for
 from pipeline.generation import GENERATION_COLUMNS
 from pipeline.judges import load_judge, read_judge_record
 from pipeline.precision import device, weight_dtype
@@ -22,7 +22,7 @@ def run(params_file: Path = paths.PARAMS) -> None:
     gens = pd.concat([read_parquet(paths.generations_path(t), GENERATION_COLUMNS)
                       for t in paths.MODEL_TAGS], ignore_index=True)
     test = read_parquet(paths.PAIRS_TEST)
-    metrics, scores = evaluate_policy(
+    metrics, scores, category_rows = evaluate_policy(
         policy_dir=paths.POLICY_DIR, sft_dir=paths.SFT_DIR, generations=gens,
         test=test, ref_test_path=paths.REF_TEST,
         judge=load_judge(paths.JUDGE_DIR, params.judge.batch_size),
@@ -34,7 +34,7 @@ def run(params_file: Path = paths.PARAMS) -> None:
     write_json(metrics, paths.EVAL_METRICS)
     write_json(tradeoff_points(metrics), paths.EVAL_TRADEOFF)
     # One point per (category, model); empty on data without harm categories.
-    write_json(breakdown(scores, test)[1], paths.EVAL_CATEGORIES)
+    write_json(category_rows, paths.EVAL_CATEGORIES)
     print(f"evaluate: harmless {metrics['harmless_rate']:.3f} (sft "
           f"{metrics['harmless_rate_sft']:.3f}), helpfulness {metrics['helpfulness']:.3f} (sft "
           f"{metrics['helpfulness_sft']:.3f}), win vs sft {metrics['win_rate_vs_sft']:.3f}, "
