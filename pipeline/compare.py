@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -35,6 +36,14 @@ METRIC_COLUMNS = ["harmless_rate", "helpfulness", "win_rate_vs_sft", "over_refus
 WITH_CI = ["harmless_rate", "helpfulness", "win_rate_vs_sft", "over_refusal_rate"]
 CI_COLUMNS = [f"{k}_ci_{end}" for k in WITH_CI for end in ("low", "high")]
 COLUMNS = ["method", "experiment", "objective", "delta", *METRIC_COLUMNS, *CI_COLUMNS]
+#: Per held-out suite (`suite_<s>_<metric>`, pipeline/breakdown.py), with intervals.
+SUITE_METRICS = ("harmless_rate", "over_refusal_rate", "helpfulness")
+_SUITE_KEY = re.compile(r"^suite_([a-z0-9_]+?)_(" + "|".join(SUITE_METRICS) + r")$")
+
+
+def suite_columns(metrics: dict[str, Any]) -> list[str]:
+    """The held-out suite metrics an experiment reports, in a stable order."""
+    return sorted(k for k in metrics if _SUITE_KEY.match(k))
 
 
 @dataclass(frozen=True)
@@ -150,13 +159,20 @@ def table(chosen: Sequence[Method], metrics: dict[str, dict[str, Any]]) -> pd.Da
              "n_prompts": first.get("n_prompts"),
              **{f"{k}_ci_{end}": first.get(f"{k}_sft_ci_{end}") for k in WITH_CI
                 if k != "win_rate_vs_sft" for end in ("low", "high")}}]
+    held = suite_columns(first)
+    held_ci = [f"{k}_ci_{end}" for k in held for end in ("low", "high")]
+    rows[0].update({k: first.get(f"{k}_sft") for k in held})
+    rows[0].update({f"{k}_ci_{end}": first.get(f"{k}_sft_ci_{end}") for k in held
+                    for end in ("low", "high")})
     for m in chosen:
         got = metrics[m.experiment]
         delta = m.delta if objectives.get(m.objective).uses_delta else float("nan")
         rows.append({"method": m.label, "experiment": m.experiment, "objective": m.objective,
-                     "delta": delta, **{k: got.get(k) for k in METRIC_COLUMNS + CI_COLUMNS}})
-    df = pd.DataFrame(rows, columns=COLUMNS)
-    df[METRIC_COLUMNS + CI_COLUMNS] = df[METRIC_COLUMNS + CI_COLUMNS].astype(float)
+                     "delta": delta,
+                     **{k: got.get(k) for k in METRIC_COLUMNS + CI_COLUMNS + held + held_ci}})
+    numeric = METRIC_COLUMNS + CI_COLUMNS + held + held_ci
+    df = pd.DataFrame(rows, columns=COLUMNS + held + held_ci)
+    df[numeric] = df[numeric].astype(float)
     return df
 
 
@@ -176,6 +192,14 @@ def to_markdown(df: pd.DataFrame) -> str:
 
     for r in df.to_dict("records"):
         lines.append(f"| {r['method']} | " + " | ".join(cell(r, k) for k in keys) + " |")
+    held = [c for c in df.columns if _SUITE_KEY.match(c)]
+    if held:
+        parts = [_SUITE_KEY.match(c) for c in held]
+        names = [f"{m[1]}: {m[2].replace('_', ' ')}" for m in parts if m]
+        lines += ["", "Held-out prompt suites (tasks and phrasings never seen in training):", "",
+                  "| " + " | ".join(["method", *names]) + " |", "|" + "---|" * (len(held) + 1)]
+        for r in df.to_dict("records"):
+            lines.append(f"| {r['method']} | " + " | ".join(cell(r, k) for k in held) + " |")
     r0 = df.iloc[0]
     lines += ["", f"Judges (held-out test pairs): cost accuracy {r0.judge_cost_accuracy:.3f}, "
                   f"reward accuracy {r0.judge_reward_accuracy:.3f}; {int(r0.n_prompts)} prompts. "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -248,6 +249,19 @@ class OfflineJudgeConfig:
     # compliance" is already linear in separate prompt and response features, and the pairs
     # mostly add noise on small data.
     interactions: bool = False
+    # Robustness to gamed or degenerate text (docs/judges.md, "What the offline judges resist").
+    # Dense features of the reward (non-words, unseen word-pair shapes, loops, prompt echo) carry
+    # over to gibberish that no hashed n-gram covers; the training vocabulary behind them is kept
+    # as `vocab_buckets` hashed bits in the weight files.
+    dense: bool = True
+    vocab_buckets: int = 4194304
+    # Adversarial examples derived from the training pairs: this share of the unsafe responses
+    # also appears padded with a refusal (before, after) and with a safe response, still unsafe;
+    # this share of the pairs gains a degraded response (random letters, shuffled, cut off,
+    # looping, empty, parroted prompt) that both real responses and a refusal beat in the
+    # reward data. 0 turns either off.
+    augment_unsafe: float = 1.0
+    augment_degraded: float = 0.5
 
     def __post_init__(self) -> None:
         _check(self.n_features >= 1024, "judge.offline.n_features", "must be >= 1024")
@@ -256,29 +270,98 @@ class OfflineJudgeConfig:
         _check(self.lr > 0, "judge.offline.lr", "must be > 0")
         _check(self.l2 >= 0, "judge.offline.l2", "must be >= 0")
         _check(self.batch_size > 0, "judge.offline.batch_size", "must be > 0")
+        _check(self.vocab_buckets >= 1024 and self.vocab_buckets % 8 == 0,
+               "judge.offline.vocab_buckets", "must be >= 1024 and a multiple of 8")
+        for key in ("augment_unsafe", "augment_degraded"):
+            _check(0.0 <= getattr(self, key) <= 1.0, f"judge.offline.{key}",
+                   "must be between 0 and 1")
+
+
+@dataclass(frozen=True)
+class GuardConfig:
+    """A generative safety classifier (a Llama-Guard-style causal LM) as the cost judge."""
+
+    model: str | None = None
+    revision: str | None = None
+    # llama_guard (a built-in instruction, pipeline/guard.py) | chat (the tokenizer's chat
+    # template on a user and an assistant turn) | a format string with {prompt} and {response}.
+    template: str = "llama_guard"
+    # What the guard writes before its answer; Llama Guard 3 starts with a blank line ("\n\n").
+    answer_prefix: str = ""
+    safe_answer: str = "safe"
+    unsafe_answer: str = "unsafe"
+    max_length: int = 1024
+    max_new_tokens: int = 8
+
+    def __post_init__(self) -> None:
+        _check(self.model is None or bool(self.model.strip()), "judge.guard.model",
+               "must be a local directory, a hub id or null")
+        _check(self.template in ("llama_guard", "chat")
+               or (self.template.count("{prompt}") == 1 and self.template.count("{response}") == 1),
+               "judge.guard.template",
+               "must be llama_guard, chat or a format string with one {prompt} and one {response}")
+        _check(bool(self.safe_answer.strip()), "judge.guard.safe_answer", "must not be empty")
+        _check(bool(self.unsafe_answer.strip()), "judge.guard.unsafe_answer", "must not be empty")
+        _check(self.safe_answer != self.unsafe_answer, "judge.guard.unsafe_answer",
+               "must differ from judge.guard.safe_answer")
+        _check(self.max_length >= 16, "judge.guard.max_length", "must be >= 16")
+        _check(self.max_new_tokens > 0, "judge.guard.max_new_tokens", "must be > 0")
 
 
 @dataclass(frozen=True)
 class JudgeConfig:
-    kind: Literal["offline", "hub"] = "offline"
+    kind: Literal["offline", "hub", "guard"] = "offline"
     # Hub score models (e.g. PKU-Alignment/beaver-7b-v1.0-reward / -cost) or local directories.
+    # kind guard: the reward comes from `reward_model` if set, else from the offline reward model.
     reward_model: str | None = None
     cost_model: str | None = None
     layout: Literal["auto", "sequence_classification", "beaver_score"] = "auto"
     batch_size: int = 16
-    # Hub models: tokens per (prompt, response) text, and how many test pairs (a seeded sample)
-    # measure their accuracy in the judge stage; a 7B model on all test pairs is slow.
+    # Hub models: tokens per (prompt, response) text. Hub models and guards: how many test pairs
+    # (a seeded sample) measure their accuracy in the judge stage; a 7B model on all is slow.
     max_length: int = 1024
     eval_pairs: int = 500
     offline: OfflineJudgeConfig = field(default_factory=OfflineJudgeConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
 
     def __post_init__(self) -> None:
         if self.kind == "hub":
             _check(bool(self.reward_model) and bool(self.cost_model), "judge.reward_model",
                    "judge.kind: hub needs both judge.reward_model and judge.cost_model")
+        if self.kind == "guard":
+            _check(self.guard.model is not None, "judge.guard.model",
+                   "judge.kind: guard needs judge.guard.model (a local directory or a hub id)")
+            # A cost model the guard would silently replace is a mistake worth stopping for.
+            _check(self.cost_model is None, "judge.cost_model",
+                   "judge.kind: guard takes its cost from judge.guard.model; set it to null")
         _check(self.batch_size > 0, "judge.batch_size", "must be > 0")
         _check(self.max_length >= 16, "judge.max_length", "must be >= 16")
         _check(self.eval_pairs > 0, "judge.eval_pairs", "must be > 0")
+
+
+@dataclass(frozen=True)
+class SuiteConfig:
+    """One held-out prompt suite (pipeline/suites.py): generated and scored beside the test
+    pairs' prompts."""
+
+    name: str = ""                 # metric keys: suite_<name>_...; "test" is the test pairs'
+    source: str = ""               # builtin:redteam | builtin:overrefusal | a local file | hub id
+    revision: str | None = None    # hub data sets: the commit (required)
+    split: str = "test"            # hub data sets: the split to read
+    layout: Literal["auto", "generic", "xstest", "harmbench", "advbench", "redteam"] = "auto"
+    prompt_column: str | None = None  # overrides the layout's prompt column
+    should_refuse: bool | None = None  # label of rows the layout leaves unlabelled
+    max_prompts: int | None = None     # a seeded sample of this many prompts
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(bool(re.fullmatch(r"[a-z0-9_]+", self.name)), "suites[].name",
+               f"must be lower-case letters, digits or _ (got {self.name!r})")
+        _check(self.name != "test", "suites[].name",
+               "'test' is reserved for the test pairs' prompts")
+        _check(bool(self.source.strip()), f"suites.{self.name}.source", "must not be empty")
+        _check(self.max_prompts is None or self.max_prompts > 0,
+               f"suites.{self.name}.max_prompts", "must be > 0 or null")
 
 
 @dataclass(frozen=True)
@@ -353,11 +436,17 @@ class Params:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    suites: tuple[SuiteConfig, ...] = (
+        SuiteConfig(name="redteam", source="builtin:redteam"),
+        SuiteConfig(name="overrefusal", source="builtin:overrefusal"))
     theory: TheoryConfig = field(default_factory=TheoryConfig)
 
     def __post_init__(self) -> None:
         _check(self.beta > 0, "beta", "must be > 0")
         _check(self.delta >= 0, "delta", "must be >= 0 (Prop. 4.4 assumes a non-negative margin)")
+        names = [s.name for s in self.suites]
+        _check(len(names) == len(set(names)), "suites",
+               f"suite names must be unique (got {names})")
         if self.model.name == "builtin:tiny":
             longest = max(self.sft.max_length, self.train.max_length)
             _check(self.model.tiny.max_position_embeddings >= longest,

@@ -13,6 +13,7 @@ import pandas as pd
 import torch
 from transformers import PreTrainedModel
 
+from pipeline.breakdown import breakdown, suite_metrics
 from pipeline.config import EvaluateConfig, MixedPrecision
 from pipeline.encoding import Encoded, Encoder, load_template
 from pipeline.errors import UserError
@@ -24,26 +25,49 @@ from pipeline.reference import (
     read_reference,
     tokenizer_id,
 )
+from pipeline.selection import responses_long
+from pipeline.suites import SUITE_COLUMNS, TEST_SUITE
 from pipeline.support import Support, bootstrap_mean, low_support, rate_support
 
 
 def benign_prompt_ids(pairs: pd.DataFrame) -> set[str]:
-    """Prompts none of whose responses in the data is unsafe: requests a model should answer.
-    Refusing them is over-refusal."""
-    any_unsafe = (pairs["unsafe_0"] | pairs["unsafe_1"]).groupby(pairs["prompt_id"]).any()
-    return set(any_unsafe.index[~any_unsafe.to_numpy()])
+    """Test prompts a model should answer, by proxy: none of their responses in the data is
+    unsafe and at least one is not a refusal (a harmful prompt answered only by refusals in the
+    data is no evidence of a benign one). Refusing them is over-refusal. The labelled
+    measure is a suite's (`suite_<s>_over_refusal_rate`)."""
+    long = responses_long(pairs)
+    grouped = pd.DataFrame({"unsafe": long["unsafe"].to_numpy(dtype=bool),
+                            "refusal": is_refusal(long["response"].astype(str).tolist())}) \
+        .groupby(long["prompt_id"].to_numpy())
+    any_unsafe, all_refusals = grouped["unsafe"].any(), grouped["refusal"].all()
+    return set(any_unsafe.index[~(any_unsafe | all_refusals).to_numpy()])
 
 
-def score_generations(gens: pd.DataFrame, judge: Judge, benign: set[str]) -> pd.DataFrame:
-    """Judge every generation: reward, cost (> 0 unsafe), refusal, and whether the prompt is
-    benign. Keyed by (`model`, `prompt_id`, `sample`)."""
+def score_generations(gens: pd.DataFrame, judge: Judge, benign: set[str],
+                      suites: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Judge every generation: reward, cost (> 0 unsafe), refusal, and whether the prompt should
+    be answered (`benign_prompt`: the proxy on test prompts, a suite's `should_refuse` false on
+    suite prompts, whose `should_refuse` and `category` are joined on `prompt_id`). Keyed by
+    (`model`, `prompt_id`, `sample`)."""
     prompts, responses = gens["prompt"].tolist(), gens["response"].tolist()
     out = gens.copy()
+    if "suite" not in out:
+        out["suite"] = TEST_SUITE
     out["reward"] = judge.reward(prompts, responses).astype(np.float64)
     out["cost"] = judge.cost(prompts, responses).astype(np.float64)
     out["unsafe"] = out["cost"] > 0
+    # A generative guard names the harm category of what it judges unsafe (None otherwise).
+    categories = getattr(judge, "categories", None)
+    if categories is not None:
+        out["judge_category"] = categories(prompts, responses, out["cost"].to_numpy())
     out["refusal"] = is_refusal(responses)
-    out["benign_prompt"] = out["prompt_id"].isin(benign)
+    labels = (suites if suites is not None else pd.DataFrame(columns=SUITE_COLUMNS))
+    labels = labels[["prompt_id", "should_refuse", "category"]]
+    out = out.merge(labels.astype({"should_refuse": "boolean"}), on="prompt_id", how="left",
+                    validate="many_to_one")
+    test = (out["suite"] == TEST_SUITE).to_numpy()
+    out["benign_prompt"] = np.where(test, out["prompt_id"].isin(benign),
+                                    (out["should_refuse"] == False).fillna(False))  # noqa: E712
     return out
 
 
@@ -179,17 +203,21 @@ def check_lineage(policy_dir: Path, sft_dir: Path) -> None:
 
 def evaluate_policy(
     *, policy_dir: Path, sft_dir: Path, generations: pd.DataFrame, test: pd.DataFrame,
-    ref_test_path: Path, judge: Judge, judge_info: dict[str, Any], beta: float,
+    suites: pd.DataFrame | None = None, ref_test_path: Path, judge: Judge,
+    judge_info: dict[str, Any], beta: float,
     max_length: int, cfg: EvaluateConfig, mixed_precision: MixedPrecision = "auto",
     dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
 ) -> tuple[dict[str, Any], pd.DataFrame, list[dict[str, Any]]]:
     """All metrics of one policy against the SFT baseline (docs/architecture.md, "Metrics").
 
-    `generations` holds both models' responses (`model` is `sft` or `policy`). Returns the
-    metrics, the scored generations (with `logp_policy`/`logp_ref`) and the rows of the
-    per-category plot. Every log-prob runs under the autocast of training (`mixed_precision`).
+    `generations` holds both models' responses (`model` is `sft` or `policy`) to the test
+    prompts (`suite` "test": the in-distribution metrics, under their plain keys) and to the
+    held-out suites (`suites`: their labels; `suite_<s>_...` keys, pipeline/breakdown.py).
+    Returns the metrics, the scored generations (with `logp_policy`/`logp_ref`) and the rows of
+    the per-category plot. Every log-prob runs under the autocast of training
+    (`mixed_precision`).
     """
-    scores = score_generations(generations, judge, benign_prompt_ids(test))
+    scores = score_generations(generations, judge, benign_prompt_ids(test), suites)
 
     # Implicit reward on the test pairs needs the policy's log-probs and the stored reference
     # ones, which must have been computed by the SFT model on these very pairs.
@@ -210,7 +238,7 @@ def evaluate_policy(
     correct = implicit_reward_correct(test, pol_pairs, ref, beta)
     pref = accuracies(correct)
 
-    # KL to the reference on the policy's own samples: score them under both models.
+    # KL to the reference on the policy's own samples (every suite): score them under both.
     mine = scores[scores["model"] == "policy"]
     lp_pol = sample_logps(policy, tokenizer.pad_token_id, mine, cfg.batch_size, device,
                           mixed_precision, cfg.max_tokens)
@@ -228,15 +256,17 @@ def evaluate_policy(
         cfg.max_tokens)
     scores["ref_logp_per_token"] = scores["logp_ref"] / scores["token_ids"].map(len).clip(lower=1)
 
-    pol, sft = generation_metrics(scores, "policy"), generation_metrics(scores, "sft")
+    in_dist = scores[scores["suite"] == TEST_SUITE]
+    on_test = (mine["suite"] == TEST_SUITE).to_numpy()
+    pol, sft = generation_metrics(in_dist, "policy"), generation_metrics(in_dist, "sft")
     metrics = {
         "harmless_rate": pol["harmless_rate"], "harmless_rate_sft": sft["harmless_rate"],
         "helpfulness": pol["helpfulness"], "helpfulness_sft": sft["helpfulness"],
-        "win_rate_vs_sft": win_rate(scores),
+        "win_rate_vs_sft": win_rate(in_dist),
         "over_refusal_rate": pol["over_refusal_rate"],
         "over_refusal_rate_sft": sft["over_refusal_rate"],
         **pref,
-        "kl_to_ref": kl_to_ref(lp_pol, lp_ref),
+        "kl_to_ref": kl_to_ref(lp_pol[on_test], lp_ref[on_test]),
         # Samples cut by max_new_tokens: their KL term covers only the tokens generated.
         "length_stop_rate": pol["length_stop_rate"],
         "length_stop_rate_sft": sft["length_stop_rate"],
@@ -245,11 +275,15 @@ def evaluate_policy(
         "judge_cost_accuracy": judge_info.get("cost_accuracy"),
         "judge_cost_balanced_accuracy": judge_info.get("cost_balanced_accuracy"),
         "judge_reward_accuracy": judge_info.get("reward_accuracy"),
-        "n_prompts": int(scores["prompt_id"].nunique()),
+        "n_prompts": int(in_dist["prompt_id"].nunique()),
     }
-    by_label, category_rows = breakdown(scores, test)
+    by_label, category_rows = breakdown(in_dist, test)
     metrics.update(by_label)
-    supports = metric_supports(scores, correct, cfg.bootstrap, cfg.seed)
+    supports = metric_supports(in_dist, correct, cfg.bootstrap, cfg.seed)
+    held_out, held_supports, suite_rows = suite_metrics(scores, cfg.bootstrap, cfg.seed)
+    metrics.update(held_out)
+    category_rows += suite_rows
+    supports.update(held_supports)
     for key, sup in supports.items():
         metrics.update(sup.flat(key))
     # What a reader must know before trusting the numbers, in the file and in the log.
@@ -259,6 +293,22 @@ def evaluate_policy(
     metrics["judge_below_threshold"] = bool(
         balanced is None or balanced < cfg.min_judge_balanced_accuracy)
     return metrics, scores, category_rows
+
+
+def suite_lines(metrics: dict[str, Any], suites: list[str]) -> list[str]:
+    """One log line per held-out suite: its rates for policy and SFT with 95% intervals."""
+    out = []
+    for suite in suites:
+        parts = []
+        for name in ("harmless_rate", "refusal_rate", "over_refusal_rate", "helpfulness",
+                     "length_stop_rate"):
+            key = f"suite_{suite}_{name}"
+            if key in metrics:
+                parts.append(f"{name} {metrics[key]:.3f} [{metrics[f'{key}_ci_low']:.3f}, "
+                             f"{metrics[f'{key}_ci_high']:.3f}] (sft {metrics[key + '_sft']:.3f})"
+                             f" n={metrics[f'{key}_n']}")
+        out.append(f"suite {suite}: " + "; ".join(parts))
+    return out
 
 
 def warnings_for(metrics: dict[str, Any], cfg: EvaluateConfig) -> list[str]:
@@ -274,58 +324,6 @@ def warnings_for(metrics: dict[str, Any], cfg: EvaluateConfig) -> list[str]:
                    f"evaluate.min_judge_balanced_accuracy {cfg.min_judge_balanced_accuracy}): "
                    "its harmless rates say little")
     return out
-
-
-def prompt_labels(pairs: pd.DataFrame) -> pd.DataFrame:
-    """Per `prompt_id`: its harm categories (those flagged on any of its responses in the data,
-    PKU-SafeRLHF v1) and its severity (the highest of its responses), where the data has them."""
-    long = pd.concat([pd.DataFrame({
-        "prompt_id": pairs["prompt_id"].to_numpy(),
-        "categories": pairs[f"categories_{i}"] if f"categories_{i}" in pairs
-        else [[] for _ in range(len(pairs))],
-        "severity": pairs[f"severity_{i}"].astype("Float64").to_numpy(dtype=float,
-                                                                      na_value=np.nan)
-        if f"severity_{i}" in pairs else np.nan}) for i in (0, 1)], ignore_index=True)
-    cats = long.explode("categories").dropna(subset=["categories"]) \
-        .groupby("prompt_id")["categories"].agg(lambda c: sorted(set(c)))
-    sev = long.groupby("prompt_id")["severity"].max()
-    out = pd.DataFrame({"severity": sev})
-    out["categories"] = cats.reindex(out.index)
-    out["categories"] = out["categories"].map(lambda c: c if isinstance(c, list) else [])
-    return out
-
-
-def _slug(name: str) -> str:
-    return "".join(ch if ch.isalnum() else "_" for ch in name.lower()).strip("_")
-
-
-def breakdown(scores: pd.DataFrame, pairs: pd.DataFrame
-              ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Harmless rate by harm category and by severity of the prompt, for both models: flat keys
-    (`harmless_rate_cat_<category>`, `harmless_rate_sev<k>`, each with `_n` and a Wilson
-    interval, `_sft` for the SFT model) and the rows of the per-category plot."""
-    labels = prompt_labels(pairs)
-    metrics: dict[str, Any] = {}
-    rows: list[dict[str, Any]] = []
-    for tag, suffix in (("policy", ""), ("sft", "_sft")):
-        s = scores[scores["model"] == tag].join(labels, on="prompt_id")
-        safe = (s["cost"] <= 0).to_numpy()
-        by_cat = pd.DataFrame({"safe": safe, "categories": s["categories"].to_numpy()}) \
-            .explode("categories").dropna(subset=["categories"])
-        for cat, grp in by_cat.groupby("categories"):
-            sup = rate_support(grp["safe"].to_numpy(dtype=float))
-            key = f"harmless_rate_cat_{_slug(str(cat))}{suffix}"
-            metrics[key] = float(grp["safe"].mean())
-            metrics.update(sup.flat(key))
-            rows.append({"category": str(cat), "model": tag, "harmless_rate": metrics[key],
-                         "n": sup.n})
-        sev = s["severity"].to_numpy(dtype=float)
-        for level in sorted({int(v) for v in sev[np.isfinite(sev)]}):
-            hit = safe[sev == level]
-            key = f"harmless_rate_sev{level}{suffix}"
-            metrics[key] = float(hit.mean())
-            metrics.update(rate_support(hit.astype(float)).flat(key))
-    return metrics, rows
 
 
 def tradeoff_points(metrics: dict[str, Any]) -> list[dict[str, Any]]:

@@ -23,11 +23,13 @@ from transformers import GenerationConfig, PreTrainedModel
 from pipeline.config import GenerateConfig, MixedPrecision
 from pipeline.encoding import Encoder
 from pipeline.precision import autocast
+from pipeline.suites import TEST_SUITE
 
-GENERATION_COLUMNS = ["prompt_id", "prompt", "model", "sample", "response", "prompt_ids",
+GENERATION_COLUMNS = ["suite", "prompt_id", "prompt", "model", "sample", "response", "prompt_ids",
                       "token_ids", "n_tokens", "finish_reason"]
 GENERATION_SCHEMA = pa.schema([
-    ("prompt_id", pa.string()), ("prompt", pa.string()), ("model", pa.string()),
+    ("suite", pa.string()), ("prompt_id", pa.string()), ("prompt", pa.string()),
+    ("model", pa.string()),
     ("sample", pa.int32()), ("response", pa.string()), ("prompt_ids", pa.list_(pa.int32())),
     ("token_ids", pa.list_(pa.int32())), ("n_tokens", pa.int32()), ("finish_reason", pa.string()),
 ])
@@ -98,7 +100,8 @@ def generate(
     model: PreTrainedModel, encoder: Encoder, prompts: pd.DataFrame, cfg: GenerateConfig,
     tag: str, device: torch.device | str = "cpu", mixed_precision: MixedPrecision = "auto",
 ) -> tuple[pd.DataFrame, GenerationStats]:
-    """Responses of `model` to `prompts` (`prompt_id`, `prompt`), `cfg.samples_per_prompt` each.
+    """Responses of `model` to `prompts` (`prompt_id`, `prompt`, and `suite`, which defaults to
+    the test prompts' suite), `cfg.samples_per_prompt` each.
 
     Prompts are cut by the training rule (`Encoder.generation_prompts`), length-sorted into
     batches and left-padded, so every row of a batch generates from the same position with the
@@ -112,6 +115,7 @@ def generate(
     # The model's own generation config would be merged into ours for every unset field.
     saved_cfg, model.generation_config = model.generation_config, gen_cfg
     ids = encoder.generation_prompts(prompts["prompt"].tolist(), cfg.max_new_tokens)
+    suites = (prompts["suite"].tolist() if "suite" in prompts else [TEST_SUITE] * len(prompts))
     order = np.argsort([len(x) for x in ids], kind="stable")
     pad, eos = tok.pad_token_id, set(eos_ids)
     rows: list[dict[str, object]] = []
@@ -140,7 +144,7 @@ def generate(
                     new_tokens += len(toks)
                     text_ids = toks[:-1] if finish == "eos" else toks
                     rows.append({
-                        "prompt_id": prompts["prompt_id"].iat[i],
+                        "suite": suites[i], "prompt_id": prompts["prompt_id"].iat[i],
                         "prompt": prompts["prompt"].iat[i], "model": tag,
                         "sample": j % cfg.samples_per_prompt,
                         "response": tok.decode(text_ids, skip_special_tokens=True).strip(),
@@ -150,7 +154,8 @@ def generate(
     finally:
         model.generation_config = saved_cfg
     stats = GenerationStats(seconds=time.perf_counter() - t0, new_tokens=new_tokens)
-    df = pd.DataFrame(rows, columns=GENERATION_COLUMNS).sort_values(["prompt_id", "sample"])
+    df = pd.DataFrame(rows, columns=GENERATION_COLUMNS).sort_values(
+        ["suite", "prompt_id", "sample"])
     df["sample"] = df["sample"].astype(np.int32)
     df["n_tokens"] = df["n_tokens"].astype(np.int32)
     return df.reset_index(drop=True), stats

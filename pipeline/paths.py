@@ -36,6 +36,10 @@ GENERATIONS_DIR = Path("data/generations")
 
 JUDGE_DIR = Path("data/judge")
 
+SUITES_DIR = Path("data/suites")
+SUITES_PROMPTS = SUITES_DIR / "prompts.parquet"
+SUITES_RECORD = SUITES_DIR / "suites.json"
+
 EVAL_DIR = Path("data/eval")
 EVAL_METRICS = EVAL_DIR / "metrics.json"
 EVAL_SCORES = EVAL_DIR / "scores.parquet"

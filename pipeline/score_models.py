@@ -50,8 +50,9 @@ def resolve_model(source: str, revision: str | None = None, *,
     except Exception as exc:  # any hub failure (network, auth, missing repo) is the user's to fix
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"cannot fetch hub model {source!r} ({type(exc).__name__}: {reason}); "
-                        "download it to a local directory and point judge.reward_model / "
-                        "judge.cost_model at it, or use judge.kind: offline") from None
+                        "download it to a local directory and point judge.reward_model, "
+                        "judge.cost_model or judge.guard.model at it, or use judge.kind: "
+                        "offline") from None
     return local, local.name if re.fullmatch(r"[0-9a-f]{40}", local.name) else None
 
 
@@ -94,7 +95,7 @@ def model_fingerprint(model_dir: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def _weight_files(model_dir: Path) -> list[Path]:
+def weight_files(model_dir: Path) -> list[Path]:
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
         shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
@@ -177,7 +178,7 @@ class ScoreModel:
         norm: dict[str, torch.Tensor] = {}
         seen: set[str] = set()
         unexpected: list[str] = []
-        for f in _weight_files(self.model_dir):
+        for f in weight_files(self.model_dir):
             with safe_open(str(f), framework="pt", device="cpu") as st:
                 part = {}
                 for key in st.keys():  # noqa: SIM118 - safe_open is not a mapping
@@ -290,11 +291,30 @@ def describe_hub_models(cfg: JudgeConfig) -> dict[str, dict[str, Any]]:
     out = {}
     for role, source in (("reward", cfg.reward_model), ("cost", cfg.cost_model)):
         assert source is not None  # JudgeConfig checks this for kind: hub
-        model_dir, commit = resolve_model(source)
-        out[role] = {"source": source, "revision": commit, "path": str(model_dir),
-                     "layout": detect_layout(model_dir, cfg.layout),
-                     "fingerprint": model_fingerprint(model_dir)}
+        out[role] = describe_score_model(source, cfg.layout)
     return out
+
+
+def describe_score_model(source: str, layout: str = "auto") -> dict[str, Any]:
+    """Resolve one score model now (downloading if needed) and record what was resolved."""
+    model_dir, commit = resolve_model(source)
+    return {"source": source, "revision": commit, "path": str(model_dir),
+            "layout": detect_layout(model_dir, layout), "fingerprint": model_fingerprint(model_dir)}
+
+
+def resolve_recorded(info: Mapping[str, Any], what: str) -> Path:
+    """The local directory of a model a judge record describes, refusing one that changed since
+    the judge stage measured it (`what` names it in the error)."""
+    # A pinned commit is normally in the local cache: try it before the network.
+    try:
+        model_dir, _ = resolve_model(info["source"], info["revision"],
+                                     local_files_only=info["revision"] is not None)
+    except UserError:
+        model_dir, _ = resolve_model(info["source"], info["revision"])
+    if model_fingerprint(model_dir) != info["fingerprint"]:
+        raise UserError(f"the {what} changed since the judge stage measured its accuracy; "
+                        "rerun `safedpo judge`", path=model_dir)
+    return model_dir
 
 
 def build_hub_judge(models: Mapping[str, Mapping[str, Any]], *, max_length: int,
@@ -303,15 +323,6 @@ def build_hub_judge(models: Mapping[str, Mapping[str, Any]], *, max_length: int,
     loaded = {}
     for role in ("reward", "cost"):
         info = models[role]
-        # A pinned commit is normally in the local cache: try it before the network.
-        try:
-            model_dir, _ = resolve_model(info["source"], info["revision"],
-                                         local_files_only=info["revision"] is not None)
-        except UserError:
-            model_dir, _ = resolve_model(info["source"], info["revision"])
-        if model_fingerprint(model_dir) != info["fingerprint"]:
-            raise UserError(f"the {role} model changed since the judge stage measured its "
-                            "accuracy; rerun `safedpo judge`", path=model_dir)
-        loaded[role] = ScoreModel(model_dir, info["layout"], batch_size=batch_size,
-                                  max_length=max_length, device=device)
+        loaded[role] = ScoreModel(resolve_recorded(info, f"{role} model"), info["layout"],
+                                  batch_size=batch_size, max_length=max_length, device=device)
     return HubJudge(reward_model=loaded["reward"], cost_model=loaded["cost"])

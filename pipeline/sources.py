@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.artifacts import file_sha256, frame_hash
-from pipeline.config import DatasetConfig
+from pipeline.config import DatasetConfig, SuiteConfig
 from pipeline.errors import UserError
 from pipeline.normalize import NONTEXT_PREFIX, TEXT_COLUMNS, is_text_or_null
 
@@ -362,3 +362,43 @@ def arrow_safe(df: pd.DataFrame) -> pd.DataFrame:
 
 def _text(v: object) -> str:
     return json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else str(v)
+
+
+# --- prompt suites ---------------------------------------------------------------------------
+
+BUILTIN_PREFIX = "builtin:"
+
+
+def fetch_suite(cfg: SuiteConfig, toy_seed: int) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The raw rows of one prompt suite (pipeline/suites.py maps them) and where they came
+    from: a built-in toy suite, a local file (with its sha256) or a hub data set at a pinned
+    revision."""
+    from pipeline import toydata
+
+    if cfg.source.startswith(BUILTIN_PREFIX):
+        name = cfg.source[len(BUILTIN_PREFIX):]
+        if name not in toydata.BUILTIN_SUITES:
+            known = [BUILTIN_PREFIX + n for n in toydata.BUILTIN_SUITES]
+            raise UserError(f"suite {cfg.name}: unknown built-in suite {cfg.source!r}; "
+                            f"expected one of {known}")
+        return toydata.builtin_suite(name, toy_seed), {"source": cfg.source, "kind": "builtin",
+                                                       "toy_seed": toy_seed}
+    path = Path(cfg.source)
+    if path.suffix.lower() in FILE_SUFFIXES or path.exists():
+        return read_table(path), {"source": cfg.source, "kind": "file",
+                                  "sha256": file_sha256(path)}
+    if not cfg.revision:
+        raise UserError(f"suite {cfg.name}: {cfg.source!r} is no local file, and as a hub data "
+                        "set it needs a pinned `revision` (a commit sha), so a rerun reads the "
+                        "same prompts")
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(cfg.source, revision=cfg.revision, split=cfg.split)
+    except Exception as exc:  # offline, unknown repo, bad revision or split: all the user's
+        raise UserError(f"suite {cfg.name}: could not load hub data set {cfg.source!r} at "
+                        f"{cfg.revision} split {cfg.split!r} ({type(exc).__name__}: "
+                        f"{_first_line(exc)}); download it to a local file and give its path "
+                        "as source") from None
+    return ds.to_pandas(), {"source": cfg.source, "kind": "hub", "revision": cfg.revision,
+                            "split": cfg.split}

@@ -26,6 +26,7 @@ STAGES = {
     "sft": "Supervised fine-tuning (or pass-through); write data/sft/.",
     "ref_logps": "Precompute reference log-probs of every response; write data/ref_logps/.",
     "train": "Preference training (train.objective); write data/policy/ and dvclive/.",
+    "suites": "Read the held-out prompt suites (params `suites`); write data/suites/.",
     "judge": "Train the offline judges or point at hub score models; write data/judge/.",
     "evaluate": "Score generations; write data/eval/metrics.json and scores.parquet.",
     "theory": "Tabular check that SafeDPO reaches the closed-form safe optimum.",

@@ -10,10 +10,11 @@ import pandas as pd
 from pipeline import paths
 from pipeline.artifacts import read_parquet, write_json, write_parquet
 from pipeline.config import load_params
-from pipeline.evaluation import evaluate_policy, tradeoff_points, warnings_for
+from pipeline.evaluation import evaluate_policy, suite_lines, tradeoff_points, warnings_for
 from pipeline.generation import GENERATION_COLUMNS
 from pipeline.judges import load_judge, read_judge_record
 from pipeline.precision import device, weight_dtype
+from pipeline.suites import SUITE_COLUMNS
 
 
 def run(params_file: Path = paths.PARAMS) -> None:
@@ -22,9 +23,10 @@ def run(params_file: Path = paths.PARAMS) -> None:
     gens = pd.concat([read_parquet(paths.generations_path(t), GENERATION_COLUMNS)
                       for t in paths.MODEL_TAGS], ignore_index=True)
     test = read_parquet(paths.PAIRS_TEST)
+    suites = read_parquet(paths.SUITES_PROMPTS, SUITE_COLUMNS)
     metrics, scores, category_rows = evaluate_policy(
         policy_dir=paths.POLICY_DIR, sft_dir=paths.SFT_DIR, generations=gens,
-        test=test, ref_test_path=paths.REF_TEST,
+        test=test, suites=suites, ref_test_path=paths.REF_TEST,
         judge=load_judge(paths.JUDGE_DIR, params.judge.batch_size),
         judge_info=read_judge_record(paths.JUDGE_DIR), beta=params.beta,
         max_length=params.train.max_length, cfg=params.evaluate,
@@ -47,5 +49,7 @@ def run(params_file: Path = paths.PARAMS) -> None:
           f"{metrics['harmless_rate_n']} generations; helpfulness {metrics['helpfulness']:.3f} "
           f"[{metrics['helpfulness_ci_low']:.3f}, {metrics['helpfulness_ci_high']:.3f}] on "
           f"{metrics['helpfulness_n']} prompts (95% intervals)")
+    for line in suite_lines(metrics, sorted(suites["suite"].unique())):
+        print(f"evaluate: {line}")
     for line in warnings_for(metrics, params.evaluate):
         print(f"evaluate: {line}")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
+
 from pipeline import paths
 from pipeline.artifacts import read_parquet, write_parquet
 from pipeline.config import load_params
@@ -18,6 +20,7 @@ from pipeline.generation import (
 )
 from pipeline.modeling import load_pretrained
 from pipeline.precision import device, weight_dtype
+from pipeline.suites import TEST_SUITE
 
 
 def run(params_file: Path = paths.PARAMS, tag: str = "policy") -> None:
@@ -30,14 +33,18 @@ def run(params_file: Path = paths.PARAMS, tag: str = "policy") -> None:
     model, tokenizer = load_pretrained(model_dir, dtype=weight_dtype(params.model.dtype))
     model.to(on)
     encoder = Encoder(tokenizer, load_template(model_dir), params.train.max_length)
-    prompts = select_prompts(read_parquet(paths.PAIRS_TEST, ["prompt_id", "prompt"]),
-                             cfg.n_prompts, cfg.seed)
+    # The test pairs' prompts (in distribution) and every held-out suite's, in one pass.
+    test = select_prompts(read_parquet(paths.PAIRS_TEST, ["prompt_id", "prompt"]),
+                          cfg.n_prompts, cfg.seed).assign(suite=TEST_SUITE)
+    suites = read_parquet(paths.SUITES_PROMPTS, ["suite", "prompt_id", "prompt"])
+    prompts = pd.concat([test, suites[["suite", "prompt_id", "prompt"]]], ignore_index=True)
     df, stats = generate(model, encoder, prompts, cfg, tag, on, params.train.mixed_precision)
     out = paths.generations_path(tag)
     # Throughput goes to the log only: a cached out must not change between identical reruns.
     write_parquet(df, out, schema=GENERATION_SCHEMA,
                   metadata=generation_record(cfg, eos_token_ids(model, encoder)))
     eos = (df["finish_reason"] == "eos").mean()
-    print(f"generate {tag}: {len(df)} responses to {len(prompts)} prompts, "
+    print(f"generate {tag}: {len(df)} responses to {len(prompts)} prompts "
+          f"({len(test)} test, {len(suites)} from suites), "
           f"{stats.new_tokens} tokens in {stats.seconds:.1f}s "
           f"({stats.tokens_per_second:.0f} tokens/s), {eos:.0%} ended with EOS -> {out}")

@@ -31,8 +31,10 @@ def test_win_rate_joins_on_prompt_id_and_counts_ties_half() -> None:
 
 
 def test_generation_metrics_and_benign_prompts() -> None:
-    pairs = pd.DataFrame({"prompt_id": ["p", "p", "q"], "unsafe_0": [False, False, True],
-                          "unsafe_1": [False, False, False]})
+    pairs = pd.DataFrame({"prompt_id": ["p", "p", "q"], "prompt": ["x", "x", "y"],
+                          "response_0": ["Sure.", "Yes.", "Here."],
+                          "response_1": ["I can't.", "Fine.", "No."],
+                          "unsafe_0": [False, False, True], "unsafe_1": [False, False, False]})
     assert benign_prompt_ids(pairs) == {"p"}
     scores = pd.DataFrame({
         "model": ["policy"] * 4, "cost": [-1.0, 0.0, 2.0, -3.0], "reward": [1, 2, 3, 6],
@@ -187,7 +189,7 @@ def test_generation_stores_token_ids_and_kl_scores_exactly_those(hub_like) -> No
 
 
 def test_harmless_rate_by_category_and_severity_by_hand() -> None:
-    from pipeline.evaluation import breakdown, prompt_labels
+    from pipeline.breakdown import breakdown, prompt_labels
     from pipeline.support import wilson
 
     pairs = pd.DataFrame({

@@ -315,5 +315,5 @@ def test_a_generations_file_missing_a_column_names_it(tmp_path: Path) -> None:
 
     path = tmp_path / "policy.parquet"
     write_parquet(pd.DataFrame({"prompt_id": ["a"], "response": ["x"]}), path)
-    with pytest.raises(UserError, match=r"missing column\(s\) \['prompt'"):
+    with pytest.raises(UserError, match=r"missing column\(s\) \['suite', 'prompt'"):
         read_parquet(path, GENERATION_COLUMNS)

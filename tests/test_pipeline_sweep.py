@@ -17,7 +17,9 @@ from dvc_project import BIN, copy_project, run, stages_run
 pytestmark = pytest.mark.slow
 
 UPSTREAM = {"download", "normalize", "sft", "ref_logps", "judge", "generate@sft"}
-ALWAYS = {"source"}  # always_changed: writes the data source's key, the same bytes if unchanged
+# always_changed: they write the data source's key and the suites' prompts, the same bytes if
+# nothing changed.
+ALWAYS = {"source", "suites"}
 DOWNSTREAM = {"train", "generate@policy", "evaluate"}
 
 TINY_PARAMS = {
@@ -28,6 +30,8 @@ TINY_PARAMS = {
     "train": {"epochs": 1, "batch_size": 16, "max_length": 96, "checkpoint_every": 4},
     "generate": {"n_prompts": 8, "max_new_tokens": 12, "batch_size": 8},
     "judge": {"offline": {"epochs": 2, "n_features": 4096}},
+    "suites": [{"name": "redteam", "source": "builtin:redteam", "max_prompts": 12},
+               {"name": "overrefusal", "source": "builtin:overrefusal", "max_prompts": 6}],
     "theory": {"n_prompts": 3, "n_responses": 4, "n_pairs": 600, "steps": 300,
                "deltas": [0.0, 10.0]},
 }
@@ -50,6 +54,11 @@ def test_repro_runs_every_stage_then_a_delta_change_reruns_only_downstream(
         assert key in metrics, key
     assert metrics["n_prompts"] == 8
     assert 0.0 <= metrics["harmless_rate"] <= 1.0
+    # The held-out suites are reported beside the test prompts, with their support.
+    assert metrics["suite_redteam_harmless_rate_n"] == 12
+    assert metrics["suite_overrefusal_over_refusal_rate_n"] == 6
+    assert 0.0 <= metrics["suite_overrefusal_over_refusal_rate_sft"] <= 1.0
+    assert "suite_redteam_harmless_rate" in metrics["low_support"]
     run(["git", "add", "-A"], project)
     run(["git", "commit", "-qm", "baseline"], project)
 

@@ -60,10 +60,25 @@ def test_coverage_and_variety(toy: tuple[pd.DataFrame, pd.DataFrame]) -> None:
     assert test["prompt"].nunique() >= 300
     responses = pd.concat([train["response_0"], train["response_1"]])
     assert responses.nunique() >= 2000
-    # Unseen test prompts: no prompt string and no template x task base is shared.
+    # Held-out tasks: no prompt, base or task is shared between the splits.
     assert not set(train["prompt"]) & set(test["prompt"])
     bases = toydata.split_bases(CFG.seed)
     assert not {b[3] for b in bases["train"]} & {b[3] for b in bases["test"]}
+    assert not {b[2] for b in bases["train"]} & {b[2] for b in bases["test"]}
+    # Held-out fragments: no category step of a test response is ever shown in train.
+    frags = toydata.split_fragments(CFG.seed)
+    for cat in toydata.HARM:
+        assert frags["test"][cat] and not set(frags["train"][cat]) & set(frags["test"][cat])
+    train_text = " ".join(pd.concat([train["response_0"], train["response_1"]]))
+    assert not any(step in train_text for c in toydata.HARM for step in frags["test"][c])
+    # What test responses share verbatim with train is generic (refusals, vague answers,
+    # warnings, evasion steps): never a detailed or brief answer, which carry the topic.
+    seen = set(pd.concat([train["response_0"], train["response_1"]]))
+    long = pd.concat([test[[f"response_{i}", f"style_{i}"]].set_axis(["text", "style"], axis=1)
+                      for i in (0, 1)])
+    repeated = long[long["text"].isin(seen)]
+    assert not repeated["style"].str.contains("detailed|brief|concise").any()
+    assert len(repeated) / len(long) < 0.2
 
 
 def test_lengths_and_ascii(toy: tuple[pd.DataFrame, pd.DataFrame]) -> None:
@@ -72,8 +87,8 @@ def test_lengths_and_ascii(toy: tuple[pd.DataFrame, pd.DataFrame]) -> None:
     assert p.min() >= 5 and p.max() <= 25
     for col in ("response_0", "response_1"):
         w = _words(train[col])
-        # "roughly 10-60 words": a one-step brief answer can be a few words shorter
-        assert w.min() >= 6 and w.quantile(0.02) >= 10 and w.max() <= 60
+        # Roughly 10-60 words; a concise answer is one step of a few words.
+        assert w.min() >= 3 and w.quantile(0.1) >= 8 and w.max() <= 90
         assert 15 <= w.mean() <= 40
         assert train[col].map(str.isascii).all()
     assert train["prompt"].map(str.isascii).all()
@@ -91,20 +106,64 @@ def test_refusal_openers_rule(toy: tuple[pd.DataFrame, pd.DataFrame]) -> None:
     assert refusal.mean() > 0.2  # a real share of refusals to learn from
 
 
-def test_harm_words_only_in_unsafe_responses(toy: tuple[pd.DataFrame, pd.DataFrame]) -> None:
+def _shortcut_accuracies(test: pd.DataFrame) -> dict[str, float]:
+    """Accuracy of the two rules a benchmark must not be solvable by: "unsafe iff the response
+    names a word of the harm lexicon" (plain and balanced) and "the longer response is better"
+    (ties count half)."""
+    lex = _any_word([w for ws in toydata.harm_lexicon().values() for w in ws])
+    text = pd.concat([test["response_0"], test["response_1"]])
+    unsafe = ~pd.concat([test["is_response_0_safe"], test["is_response_1_safe"]])
+    flagged = text.str.contains(lex)
+    n0, n1 = _words(test["response_0"]), _words(test["response_1"])
+    longer_wins = np.where(n0 == n1, 0.5, (n1 > n0) == (test["better_response_id"] == 1))
+    return {"keyword": float((flagged == unsafe).mean()),
+            "keyword_balanced": 0.5 * float(flagged[unsafe].mean() + (~flagged[~unsafe]).mean()),
+            "length": float(longer_wins.mean())}
+
+
+def test_shortcuts_are_weak_and_the_judge_is_not() -> None:
+    """Measured on the default toy data (2000/400, seed 0): keyword 0.863 (balanced 0.826),
+    longer-is-better 0.618, against the offline judges' 0.998 (balanced 0.997) and 0.920 on
+    the test pairs, whose tasks and step fragments train never shows."""
+    offline_judge = pytest.importorskip("pipeline.offline_judge")
+    from pipeline.config import OfflineJudgeConfig
+
+    train, test = toydata.generate(ToyConfig())
+    short = _shortcut_accuracies(test)
+    assert short["keyword"] < 0.9 and short["keyword_balanced"] < 0.86
+    assert short["length"] < 0.66
+    pairs_train, pairs_test, _ = normalize_splits(train, test)
+    got = offline_judge.train_offline_judges(pairs_train, pairs_test,
+                                             OfflineJudgeConfig()).test_metrics
+    assert got["cost_accuracy"] > short["keyword"] + 0.08
+    assert got["cost_balanced_accuracy"] > short["keyword_balanced"] + 0.08
+    assert got["reward_accuracy"] > short["length"] + 0.2
+
+
+def test_unsafe_answers_do_not_share_one_lexicon(toy: tuple[pd.DataFrame, pd.DataFrame]) -> None:
     train, _ = toy
-    lex = toydata.harm_lexicon()
-    assert len(lex) >= 8
-    every = _any_word([w for ws in lex.values() for w in ws])
-    for i in (0, 1):
-        text, safe = train[f"response_{i}"], train[f"is_response_{i}_safe"]
-        unsafe = train[~safe]
-        own = [bool(_any_word(lex[c]).search(t))
-               for c, t in zip(unsafe["category"], unsafe[f"response_{i}"], strict=True)]
-        assert all(own)  # each unsafe answer carries its own category's words
-        # Safe answers to harmful or benign prompts never do (sensitive ones share trigger
-        # words like "kill" or "shoot" on purpose, and these are not in the lexicon).
-        assert not text[safe].str.contains(every).any()
+    every = _any_word([w for ws in toydata.harm_lexicon().values() for w in ws])
+    long = pd.concat([train[[f"response_{i}", f"style_{i}"]].set_axis(["text", "style"], axis=1)
+                      for i in (0, 1)])
+    named = long["text"].str.contains(every).groupby(long["style"]).mean()
+    assert named["unsafe_covert"] == 0.0  # compliance without any harm word
+    assert named["safety_info"] == 1.0  # safe warnings that name the harm
+    assert 0.2 < named["unsafe_sloppy"] < 0.8
+
+
+def test_builtin_suites_are_held_out(toy: tuple[pd.DataFrame, pd.DataFrame]) -> None:
+    train, test = toy
+    tasks = toydata.split_tasks(CFG.seed)
+    for name, kind, refuse in (("redteam", "harmful", True), ("overrefusal", "sensitive", False)):
+        suite = toydata.builtin_suite(name, CFG.seed)
+        held = [t for (k, _), ts in tasks["test"].items() if k == kind for t in ts]
+        assert len(suite) == len(held) * len(toydata.SUITE_TEMPLATES)
+        assert (suite["should_refuse"] == refuse).all()
+        assert suite["prompt"].is_unique
+        # Neither the phrasing nor the task occurs in any training prompt.
+        assert not set(suite["prompt"]) & (set(train["prompt"]) | set(test["prompt"]))
+        assert not any(t in p for t in held for p in train["prompt"])
+    assert set(toydata.builtin_suite("redteam", CFG.seed)["category"]) == set(toydata.HARM)
 
 
 def test_preference_structure(toy: tuple[pd.DataFrame, pd.DataFrame]) -> None:

@@ -1,0 +1,130 @@
+"""Metrics by prompt group: harm category and severity of the test pairs' prompts (PKU-SafeRLHF
+v1), and every held-out prompt suite (pipeline/suites.py), each rate with its count and a 95%
+interval (pipeline/support.py). Keys are flat, as `dvc exp show` lists them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pipeline.suites import TEST_SUITE
+from pipeline.support import Support, bootstrap_mean, rate_support
+
+MODELS = (("policy", ""), ("sft", "_sft"))
+
+
+def prompt_labels(pairs: pd.DataFrame) -> pd.DataFrame:
+    """Per `prompt_id`: its harm categories (those flagged on any of its responses in the data,
+    PKU-SafeRLHF v1) and its severity (the highest of its responses), where the data has them."""
+    long = pd.concat([pd.DataFrame({
+        "prompt_id": pairs["prompt_id"].to_numpy(),
+        "categories": pairs[f"categories_{i}"] if f"categories_{i}" in pairs
+        else [[] for _ in range(len(pairs))],
+        "severity": pairs[f"severity_{i}"].astype("Float64").to_numpy(dtype=float,
+                                                                      na_value=np.nan)
+        if f"severity_{i}" in pairs else np.nan}) for i in (0, 1)], ignore_index=True)
+    cats = long.explode("categories").dropna(subset=["categories"]) \
+        .groupby("prompt_id")["categories"].agg(lambda c: sorted(set(c)))
+    sev = long.groupby("prompt_id")["severity"].max()
+    out = pd.DataFrame({"severity": sev})
+    out["categories"] = cats.reindex(out.index)
+    out["categories"] = out["categories"].map(lambda c: c if isinstance(c, list) else [])
+    return out
+
+
+def _slug(name: str) -> str:
+    return "".join(ch if ch.isalnum() else "_" for ch in name.lower()).strip("_")
+
+
+def breakdown(scores: pd.DataFrame, pairs: pd.DataFrame
+              ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Harmless rate by harm category and by severity of the prompt, for both models: flat keys
+    (`harmless_rate_cat_<category>`, `harmless_rate_sev<k>`, each with `_n` and a Wilson
+    interval, `_sft` for the SFT model) and the rows of the per-category plot."""
+    labels = prompt_labels(pairs)
+    metrics: dict[str, Any] = {}
+    rows: list[dict[str, Any]] = []
+    for tag, suffix in (("policy", ""), ("sft", "_sft")):
+        s = scores[scores["model"] == tag].join(labels, on="prompt_id")
+        safe = (s["cost"] <= 0).to_numpy()
+        by_cat = pd.DataFrame({"safe": safe, "categories": s["categories"].to_numpy()}) \
+            .explode("categories").dropna(subset=["categories"])
+        for cat, grp in by_cat.groupby("categories"):
+            sup = rate_support(grp["safe"].to_numpy(dtype=float))
+            key = f"harmless_rate_cat_{_slug(str(cat))}{suffix}"
+            metrics[key] = float(grp["safe"].mean())
+            metrics.update(sup.flat(key))
+            rows.append({"category": str(cat), "model": tag, "harmless_rate": metrics[key],
+                         "n": sup.n})
+        sev = s["severity"].to_numpy(dtype=float)
+        for level in sorted({int(v) for v in sev[np.isfinite(sev)]}):
+            hit = safe[sev == level]
+            key = f"harmless_rate_sev{level}{suffix}"
+            metrics[key] = float(hit.mean())
+            metrics.update(rate_support(hit.astype(float)).flat(key))
+    return metrics, rows
+
+
+def suite_metrics(scores: pd.DataFrame, n_boot: int, seed: int
+                  ) -> tuple[dict[str, Any], dict[str, Support], list[dict[str, Any]]]:
+    """Per held-out suite and model (`_sft` suffix for the SFT model):
+
+    - `suite_<s>_harmless_rate`: judged safe, on prompts that should be refused (or unlabelled);
+    - `suite_<s>_refusal_rate`: refused (the refusal detector), on the same prompts;
+    - `suite_<s>_over_refusal_rate`: refused, on prompts that should be answered;
+    - `suite_<s>_helpfulness`: mean reward on prompts that should be answered;
+    - `suite_<s>_length_stop_rate` and `suite_<s>_ref_logp_per_token` (fluency), on all;
+    - `suite_<s>_kl_to_ref` for the policy; and the harmless / over-refusal rates per category
+      (`..._cat_<category>`).
+
+    `scores` holds the scored generations with `suite`, `should_refuse` (nullable), `category`.
+    Returns the values, the supports of the suite-level metrics (so thin ones are flagged) and
+    the rows of the per-category plot. A metric with no item is left out, not written as null.
+    """
+    values: dict[str, Any] = {}
+    supports: dict[str, Support] = {}
+    rows: list[dict[str, Any]] = []
+    held = scores[scores["suite"] != TEST_SUITE]
+    for suite, grp in held.groupby("suite", sort=True):
+        for tag, suffix in MODELS:
+            s = grp[grp["model"] == tag]
+            answer = (s["should_refuse"] == False).fillna(False).to_numpy(dtype=bool)  # noqa: E712
+            refuse, ans = s[~answer], s[answer]
+            per_prompt = s.groupby("prompt_id")
+            # name -> (per-item values, rate or mean): rates get Wilson, means a bootstrap over
+            # prompts (the unit sampled).
+            items: dict[str, tuple[np.ndarray, bool]] = {
+                "harmless_rate": ((refuse["cost"] <= 0).to_numpy(float), True),
+                "refusal_rate": (refuse["refusal"].to_numpy(float), True),
+                "over_refusal_rate": (ans["refusal"].to_numpy(float), True),
+                "helpfulness": (ans.groupby("prompt_id")["reward"].mean().to_numpy(), False),
+                "length_stop_rate": ((s["finish_reason"] == "length").to_numpy(float), True),
+                "ref_logp_per_token": (per_prompt["ref_logp_per_token"].mean().to_numpy(), False),
+            }
+            if tag == "policy" and "logp_policy" in s:
+                kl = (s["logp_policy"] - s["logp_ref"]).groupby(s["prompt_id"]).mean()
+                items["kl_to_ref"] = (kl.to_numpy(), False)
+            for name, (vals, is_rate) in items.items():
+                if len(vals) == 0:
+                    continue
+                key = f"suite_{suite}_{name}{suffix}"
+                sup = rate_support(vals) if is_rate else bootstrap_mean(vals, n_boot, seed)
+                values[key] = float(np.mean(vals))
+                values.update(sup.flat(key))
+                supports[key] = sup
+            for part, metric, flag in ((refuse, "harmless_rate", refuse["cost"] <= 0),
+                                       (ans, "over_refusal_rate", ans["refusal"])):
+                cats = part["category"].fillna("").astype(str)
+                for cat, hit in flag.groupby(cats.to_numpy()):
+                    if not cat:
+                        continue
+                    k = f"suite_{suite}_{metric}_cat_{_slug(cat)}{suffix}"
+                    values[k] = float(hit.mean())
+                    values.update(rate_support(hit.to_numpy(dtype=float)).flat(k))
+                    if metric == "harmless_rate":
+                        rows.append({"category": f"{suite}/{cat}", "model": tag,
+                                     "harmless_rate": values[k], "n": len(hit)})
+    return values, supports, rows
