@@ -38,18 +38,20 @@ Agreement, checked before any update:
     step 0 plus N(0, 5²) noise, so the loss is not log 2 everywhere), our plain DPO
     (`dpo_helpful`) against TRL's `sigmoid` loss; target |Δ| ≤ 1e-4.
 What is left between the two: float rounding only. TRL computes log-probs with its fused,
-chunked LM head (on CUDA with Triton only at completion positions), ours from full logits with
-an fp32 logsumexp, in 4 length-sorted groups on CPU; sums of ~100 fp32 log-probs of a few nats
-differ in the last bits.
+chunked LM head (on CUDA with Triton only at completion positions, on CPU at every position),
+ours with `logps.LabelLogps` (the LM head only at label positions, in row chunks, an fp32
+logsumexp; `ours_logps_path` in the results says which path ran), in 4 length-sorted groups on
+CPU; sums of ~100 fp32 log-probs of a few nats differ in the last bits.
 
 The timed step is what `train` runs (SafeDPO; its margin costs a few element-wise ops) against
 TRL's sigmoid DPO. Other per-framework defaults are kept and printed: TRL's optimizer is
-`adamw_torch_fused` (transformers' default), ours `torch.optim.AdamW` (foreach).
+`adamw_torch_fused` (transformers' default), ours the fused `torch.optim.AdamW` as well.
 
     pip install -e '.[bench]'                            # TRL
     python bench/bench_vs_trl.py                         # GPU: 110m + 340m; CPU: tiny + 30m
     python bench/bench_vs_trl.py --config tiny --steps 3 --warmup 2
     python bench/bench_vs_trl.py --config 340m --steps 50 --json out.json
+    python bench/bench_vs_trl.py --config 340m --forward-groups 2   # ours in 2 length groups
 
 Each configuration runs in its own process (the timed pair), plus one process per framework for
 its peak memory (`--no-memory` skips those), so each peak is that framework's alone. The
@@ -96,7 +98,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from pipeline.config import TinyModelConfig, TrainConfig
 from pipeline.encoding import IGNORE
-from pipeline.logps import forward_groups, score_sequences
+from pipeline.logps import forward_groups, lm_head_of, score_sequences
 from pipeline.objectives import OBJECTIVES
 from pipeline.training import (
     Checkpointer,
@@ -145,6 +147,7 @@ class Setup:
     max_grad_norm: float
     memory_steps: int
     trl_gradient_checkpointing: bool
+    forward_groups: int | None = None  # ours; None: `logps.forward_groups`' default
 
     @property
     def total(self) -> int:
@@ -220,6 +223,12 @@ def trl_trainer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
         processing_class=tokenizer, callbacks=callbacks)
     trainer.remove_callback(PrinterCallback)  # logs every 10 steps as usual, but not to stdout
     return trainer, used
+
+
+def ours_logps_path(model: PreTrainedModel) -> str:
+    """Which path `logps.batch_logps` takes for `model`."""
+    return ("label positions (LabelLogps)" if lm_head_of(model) is not None
+            else "full logits (sequence_logps)")
 
 
 def step_lengths(examples: list[PreferenceExample], batch: list[int]) -> np.ndarray:
@@ -389,7 +398,7 @@ def run_pair(s: Setup) -> dict[str, Any]:
     model.train()
     with torch.no_grad():
         ours_loss, _ = PreferenceLoss(OBJECTIVES["dpo_helpful"], BETA, 0.0,
-                                      forward_groups(None, s.device))(model, batch)
+                                      forward_groups(s.forward_groups, s.device))(model, batch)
         trl_loss = trainer.compute_loss(
             trainer.model, trainer._prepare_inputs(trainer.data_collator(features)))
     trainer._metrics["train"].clear()  # that call logged metrics; the run starts clean
@@ -417,7 +426,7 @@ def run_pair(s: Setup) -> dict[str, Any]:
     # After TRL's: TrainingArguments resets accelerate's shared state when it sets up devices.
     accelerator = make_accelerator(cfg)
     loss_fn = PreferenceLoss(OBJECTIVES["safedpo"], beta=BETA, delta=10.0,
-                             groups=forward_groups(None, accelerator.device))
+                             groups=forward_groups(s.forward_groups, accelerator.device))
     peak_dtype = torch.bfloat16 if s.precision == "bf16" else torch.float32
     load_before = load_average()
     peak_before = device_matmul_peak(s.device, peak_dtype)
@@ -452,6 +461,8 @@ def run_pair(s: Setup) -> dict[str, Any]:
         "tokens_per_step": tokens["ours"], "matmul_peak_gflop_per_s": {
             "dtype": str(peak_dtype), "before": peak_before, "after": peak_after, "used": peak},
         "torch_threads": torch.get_num_threads(),
+        "ours_logps_path": ours_logps_path(model),
+        "ours_forward_groups": loss_fn.groups,
         "trl_optimizer": str(getattr(trainer.args.optim, "value", trainer.args.optim)),
         "load_average": [load_before[0], load_average()[0]],
         "agreement": {"ref_logps": ref_check, "first_batch_loss": loss_check},
@@ -489,7 +500,7 @@ def run_memory(s: Setup, framework: str) -> dict[str, Any]:
     if framework == "ours":
         accelerator = make_accelerator(cfg)
         loss_fn = PreferenceLoss(OBJECTIVES["safedpo"], beta=BETA, delta=10.0,
-                                 groups=forward_groups(None, accelerator.device))
+                                 groups=forward_groups(s.forward_groups, accelerator.device))
         pad = tokenizer.pad_token_id
         with peak_memory(s.device, base) as mem:
             train_loop(model, examples, lambda items: preference_batch(items, pad), loss_fn,
@@ -559,7 +570,9 @@ def report(results: dict[str, dict[str, Any]]) -> None:
               f"of {s['window']} step(s), {r['torch_threads']} threads, same batches: "
               f"{r['same_batches']}, matmul peak {peak['used']:.0f} GFLOP/s ({peak['dtype']}), "
               f"TRL optimizer {r['trl_optimizer']}, TRL gradient checkpointing "
-              f"{s['trl_gradient_checkpointing']}, load avg {r['load_average'][0]} -> "
+              f"{s['trl_gradient_checkpointing']}, ours: log-probs from "
+              f"{r.get('ours_logps_path', '?')}, {r.get('ours_forward_groups', '?')} forward "
+              f"group(s), load avg {r['load_average'][0]} -> "
               f"{r['load_average'][1]}, wall s: pair {r['wall_s']}, memory "
               f"{[m['wall_s'] for m in r.get('memory', {}).values()]}; memory: {mem}")
 
@@ -589,6 +602,9 @@ def main() -> None:
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
     ap.add_argument("--trl-gradient-checkpointing", action="store_true",
                     help="TRL with its default gradient checkpointing (ours has none)")
+    ap.add_argument("--forward-groups", type=int, default=None,
+                    help="ours: length groups per forward pass (default: logps.forward_groups, "
+                         "4 on CPU, 1 on a GPU)")
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     ap.add_argument("--role", choices=["pair", "memory-ours", "memory-trl"], default=None,
                     help=argparse.SUPPRESS)
@@ -622,7 +638,8 @@ def main() -> None:
                   steps=args.steps or DEFAULT_STEPS[name], window=args.window,
                   pairs=args.pairs, threads=args.threads, lr=args.lr,
                   max_grad_norm=args.max_grad_norm, memory_steps=args.memory_steps,
-                  trl_gradient_checkpointing=args.trl_gradient_checkpointing)
+                  trl_gradient_checkpointing=args.trl_gradient_checkpointing,
+                  forward_groups=args.forward_groups)
         results[name] = child(s, "pair")
         if not args.no_memory:
             results[name]["memory"] = {fw: child(s, f"memory-{fw}") for fw in ("ours", "trl")}

@@ -1,11 +1,17 @@
 """Scoring: sequence log-probabilities, the one function shared by reference precomputation,
-training and evaluation, plus padding collate, the forward layout, batched scoring of sequences
-and of both responses of pairs.
+training and evaluation (`batch_logps`), plus padding collate, the forward layout, batched
+scoring of sequences and of both responses of pairs.
+
+`batch_logps` projects through the LM head only the positions that carry a label, in chunks
+(`LabelLogps`), for the models where that split is exact (`lm_head_of`); for any other it keeps
+the full (B, T, V) logits and `sequence_logps`, the pure reference both are tested against.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -105,27 +111,261 @@ def forward_groups(setting: int | None, on: torch.device | str) -> int:
     return 4 if torch.device(on).type == "cpu" else 1
 
 
-def batch_logps(model: PreTrainedModel, batch: dict[str, torch.Tensor], groups: int = 1
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+# --- log-probs from hidden states at label positions only ----------------------------------
+
+#: `model_type`s whose `*ForCausalLM.forward` returns exactly `lm_head(x)` of the head's input x
+#: (read in transformers 5.24: nothing touches the logits after the head), and those that then
+#: multiply them by a constant they keep in `logit_scale` (Cohere). Anything else, Gemma-2/3's
+#: `final_logit_softcapping` and Granite's `logits_scaling` among them, keeps the full logits.
+_PLAIN_HEAD = frozenset({
+    "deepseek_v3", "falcon", "gemma", "glm4", "gpt2", "gpt_neox", "gptj", "llama", "ministral",
+    "mistral", "mixtral", "olmo", "olmo2", "opt", "phi", "phi3", "qwen2", "qwen2_moe", "qwen3",
+    "qwen3_moe", "smollm3", "stablelm", "starcoder2"})
+_SCALED_HEAD = frozenset({"cohere", "cohere2"})
+#: Config fields by which some models transform their logits after the head: a plain model
+#: type that sets one (a later transformers, a hand-edited config) keeps the full logits.
+_POST_HEAD_FIELDS = ("final_logit_softcapping", "logit_scale", "logits_scaling",
+                     "lm_head_multiplier", "output_multiplier")
+
+
+@dataclass(frozen=True)
+class LMHead:
+    """The output projection of a causal LM whose logits are exactly `scale · (x Wᵀ + b)`, x
+    being what the model feeds its `lm_head` module; W may be tied to the input embedding."""
+
+    module: torch.nn.Linear
+    scale: float = 1.0
+
+
+def lm_head_of(model: torch.nn.Module) -> LMHead | None:
+    """The LM head to compute log-probs from hidden states with, or None where the split is not
+    sure to be exact and `batch_logps` keeps today's full logits (`sequence_logps`).
+
+    `model` may be wrapped by DDP and by peft (LoRA injects its layers in place; its wrapper
+    only forwards). Refused: models outside `_PLAIN_HEAD`/`_SCALED_HEAD` or with remote code
+    (the forward is unknown), a head that is not a plain `nn.Linear` (LoRA on `lm_head`, a
+    quantized layer), and sharded or offloaded weights (FSDP, DeepSpeed, a `device_map`), which
+    are only whole inside the model's own forward.
+    """
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model = model.module
+    if callable(getattr(model, "get_base_model", None)):  # peft's PeftModel
+        model = model.get_base_model()
+    if not isinstance(model, PreTrainedModel) \
+            or not type(model).__module__.startswith("transformers.models."):
+        return None
+    kind = model.config.model_type
+    if kind not in _PLAIN_HEAD | _SCALED_HEAD:
+        return None
+    if kind in _PLAIN_HEAD and any(getattr(model.config, f, None) is not None
+                                   for f in _POST_HEAD_FIELDS):
+        return None
+    head = model.get_output_embeddings()
+    if type(head) is not torch.nn.Linear or hasattr(head, "_hf_hook"):
+        return None
+    for p in head.parameters():
+        if type(p) is not torch.nn.Parameter or p.device.type == "meta" or hasattr(p, "ds_id"):
+            return None
+    scale = float(model.logit_scale) if kind in _SCALED_HEAD else 1.0
+    return LMHead(head, scale)
+
+
+def label_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Where a log-prob is scored: (flat positions (N,) into the B·T hidden states, their
+    labels (N,), tokens per sequence (B,)), from labels (B, T) with -100 where nothing is
+    scored. Position t predicts token t+1, hence the shift, as in `sequence_logps`.
+
+    `nonzero` waits for the device once; `batch_logps` calls this before the forward pass, when
+    the queue holds nothing else."""
+    shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE)
+    mask = shifted != IGNORE
+    pos = mask.view(-1).nonzero().squeeze(1)
+    return pos, shifted.view(-1)[pos], mask.sum(-1)
+
+
+#: `torch.addmm(..., out_dtype=)` from half inputs, CUDA only.
+_CUDA_MM_OUT_DTYPE = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 8)
+
+
+def _fp32_addmm_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """`acc += a @ b` into an fp32 `acc`. From half-precision inputs on CUDA, cuBLAS writes the
+    product in fp32 (torch >= 2.8), as TRL's kernel does; elsewhere a half product is rounded
+    once per chunk, as the full-logits path rounds the whole (bf16) gradient once."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    elif acc.device.type == "cuda" and _CUDA_MM_OUT_DTYPE:
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    else:
+        acc.add_(torch.mm(a, b))
+
+
+class LabelLogps(torch.autograd.Function):
+    """log softmax(scale · (h Wᵀ + b))[label] at N positions, `chunk` rows at a time, in fp32.
+
+    h (N, H) is in the dtype the head computes in (bf16 under autocast, as `lm_head` would
+    cast it); W (V, H) and b (V,) are the master parameters, cast per call. Each chunk's
+    logits are a GEMM in that dtype, rounded to it as the model's own logits are, then an fp32
+    logsumexp. Backward recomputes each chunk's logits and softmax and turns them into
+    dz = g·(onehot(label) − softmax); grad h = dz W, grad W += dzᵀ h (accumulated in fp32),
+    grad b += Σ dz. Peak memory grows with chunk × V, not with B·T·V. The loop runs over
+    Python ints, so nothing waits for the device.
+    """
+
+    #: Logits per chunk: 2^25 (1,024 rows at V = 32k) hold ~0.3 GB in fp32, their half copy
+    #: and the logsumexp's temporary.
+    CHUNK_LOGITS = 1 << 25
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, hidden: torch.Tensor, weight: torch.Tensor,
+                bias: torch.Tensor | None, labels: torch.Tensor, scale: float, chunk: int
+                ) -> torch.Tensor:
+        dtype, on = hidden.dtype, hidden.device.type
+        out = torch.empty(labels.shape, dtype=torch.float32, device=hidden.device)
+        lse = torch.empty_like(out)
+        # Explicit dtypes: whatever autocast is active around the call must not recast them.
+        with torch.autocast(on, enabled=False):
+            w = weight.to(dtype)
+            b = None if bias is None else bias.to(dtype)
+            for start in range(0, labels.shape[0], chunk):
+                rows = slice(start, start + chunk)
+                z = _chunk_logits(hidden[rows], w, b, scale)
+                lse[rows] = torch.logsumexp(z, -1)
+                out[rows] = z.gather(1, labels[rows, None]).squeeze(1) - lse[rows]
+        ctx.save_for_backward(hidden, weight, bias, labels, lse)
+        ctx.scale, ctx.chunk = scale, chunk
+        return out
+
+    @staticmethod
+    def backward(ctx: FunctionCtx, grad_out: torch.Tensor
+                 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None,
+                            None, None, None]:
+        hidden, weight, bias, labels, lse = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        dtype, on = hidden.dtype, hidden.device.type
+        g = grad_out.float()
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
+        with torch.autocast(on, enabled=False):
+            w = weight.to(dtype)
+            b = None if bias is None else bias.to(dtype)
+            for start in range(0, labels.shape[0], ctx.chunk):
+                rows = slice(start, start + ctx.chunk)
+                h = hidden[rows]
+                dz = _chunk_logits(h, w, b, ctx.scale).sub_(lse[rows, None]).exp_()
+                dz.mul_(-g[rows, None]).scatter_add_(1, labels[rows, None], g[rows, None])
+                if ctx.scale != 1.0:
+                    dz.mul_(ctx.scale)
+                if grad_b is not None:
+                    grad_b.add_(dz.sum(0))
+                dz = dz.to(dtype)
+                if grad_h is not None:
+                    torch.mm(dz, w, out=grad_h[rows])
+                if grad_w is not None:
+                    _fp32_addmm_(grad_w, dz.t(), h)
+        return (grad_h,
+                None if grad_w is None else grad_w.to(weight.dtype),
+                None if grad_b is None else grad_b.to(bias.dtype),
+                None, None, None)
+
+
+def _chunk_logits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, scale: float
+                  ) -> torch.Tensor:
+    """fp32 logits (n, V) of a chunk, rounded first to the head's dtype as `lm_head` (and a
+    Cohere model's scaling, in that dtype) would round them; a no-op copy in fp32."""
+    z = torch.nn.functional.linear(h, w, b)
+    if scale != 1.0:
+        z = z * scale
+    return z.float()
+
+
+def chunk_rows(vocab: int) -> int:
+    """Rows per `LabelLogps` chunk: about `LabelLogps.CHUNK_LOGITS` logits."""
+    return max(1, LabelLogps.CHUNK_LOGITS // vocab)
+
+
+def hidden_logps(hidden: torch.Tensor, pos: torch.Tensor, labels: torch.Tensor,
+                 head: LMHead, dtype: torch.dtype, chunk: int) -> torch.Tensor:
+    """Summed log-prob of the labels of each sequence (B,) from the head's input hidden
+    (B, T, H), at flat positions `pos` (N,) with their `labels` (N,) (`label_positions`),
+    computed in `dtype` (the head's autocast dtype, or its own)."""
+    rows, width = hidden.shape[:2]
+    h = hidden.reshape(rows * width, -1).index_select(0, pos).to(dtype)
+    lp = LabelLogps.apply(h, head.module.weight, head.module.bias, labels, head.scale, chunk)
+    # Back into a zero (B, T) grid and summed along T: the order of the full-logits path's sum,
+    # deterministic (an index_add_ would sum with atomics on a GPU).
+    grid = torch.zeros(rows * width, dtype=lp.dtype, device=lp.device).index_copy(0, pos, lp)
+    return grid.view(rows, width).sum(-1)
+
+
+@contextmanager
+def _head_input(head: LMHead) -> Iterator[list[tuple[torch.Tensor, torch.dtype]]]:
+    """Catch what the model feeds its LM head, with the dtype the head would compute in, and
+    feed the head an empty slice instead: the model's own logits come out (B, 0, V), so
+    neither the (B, T, V) logits nor accelerate's fp32 copy of them are ever made."""
+    seen: list[tuple[torch.Tensor, torch.dtype]] = []
+
+    def grab(module: torch.nn.Module, args: tuple[torch.Tensor, ...]
+             ) -> tuple[torch.Tensor, ...]:
+        x = args[0]
+        on = x.device.type
+        dtype = torch.get_autocast_dtype(on) if torch.is_autocast_enabled(on) else x.dtype
+        seen.append((x, dtype))
+        return (x[..., :0, :], *args[1:])
+
+    handle = head.module.register_forward_pre_hook(grab)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+def batch_logps(model: PreTrainedModel, batch: dict[str, torch.Tensor], groups: int = 1,
+                chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward a collated batch and return (logps (B,), n_tokens (B,)), in batch order.
+
+    Where `lm_head_of(model)` vouches for the model, the LM head projects only the positions
+    with a label, `chunk` rows at a time (default `chunk_rows(V)`) through `LabelLogps`: no
+    logits at prompt or padding positions, and none of (B, T, V) size. Otherwise the model
+    returns its full logits and `sequence_logps` scores them. Both agree to float rounding.
 
     With `groups > 1` the sequences run as that many length-sorted groups, each cut to its own
     longest sequence. Padding is on the right and attention is causal, so only padding is cut
     and the result is the same up to float rounding; a random batch of toy pairs is ~40%
     padding, a group of sorted ones ~10% (bench/bench_train.py: 1.6x faster at 30M params).
     """
+    head = lm_head_of(model)
     lengths = batch["attention_mask"].sum(1)
     order = torch.argsort(lengths, stable=True)
-    lps, ns, idxs = [], [], []
-    for idx in torch.tensor_split(order, max(1, min(groups, len(order)))):
-        width = int(lengths[idx].max())
-        out = model(input_ids=batch["input_ids"][idx, :width],
-                    attention_mask=batch["attention_mask"][idx, :width], use_cache=False)
-        lp, n = sequence_logps(out.logits, batch["labels"][idx, :width])
+    splits = torch.tensor_split(order, max(1, min(groups, len(order))))
+    # Every group's width and label positions first: the host waits for the device here, when
+    # it has queued nothing, and never between the groups' forward passes.
+    widths = [int(w) for w in torch.stack([lengths[idx].max() for idx in splits]).tolist()]
+    labels = [batch["labels"][idx, :w] for idx, w in zip(splits, widths, strict=True)]
+    where = [label_positions(lab) for lab in labels] if head is not None else []
+    lps, ns = [], []
+    for k, (idx, width) in enumerate(zip(splits, widths, strict=True)):
+        inputs = {"input_ids": batch["input_ids"][idx, :width],
+                  "attention_mask": batch["attention_mask"][idx, :width], "use_cache": False}
+        if head is None:
+            lp, n = sequence_logps(model(**inputs).logits, labels[k])
+        else:
+            with _head_input(head) as seen:
+                out = model(**inputs)
+            if not seen:  # the model never called its head: its logits are the full ones
+                lp, n = sequence_logps(out.logits, labels[k])
+            else:
+                (hidden, dtype), (pos, lab, n) = seen[0], where[k]
+                # Guards for a model that breaks what `lm_head_of` vouched for.
+                if len(seen) > 1 or hidden.shape[:2] != (len(idx), width):
+                    raise RuntimeError(
+                        f"{type(model).__name__} fed its LM head {len(seen)} time(s), first "
+                        f"{tuple(hidden.shape)}, not once (B, T, H) = ({len(idx)}, {width}, H)")
+                lp = hidden_logps(hidden, pos, lab, head, dtype,
+                                  chunk or chunk_rows(head.module.out_features))
         lps.append(lp)
         ns.append(n)
-        idxs.append(idx)
-    inverse = torch.argsort(torch.cat(idxs))
+    inverse = torch.argsort(torch.cat(splits))
     return torch.cat(lps)[inverse], torch.cat(ns)[inverse]
 
 

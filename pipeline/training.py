@@ -173,11 +173,14 @@ def train_loop(
     for name, p in model.named_parameters():
         if p.requires_grad:
             (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
-    # On one GPU or under DDP, the fused CUDA AdamW: one kernel for all parameters and no
-    # parameter-sized temporaries at its peak (the foreach default holds some). FSDP and
-    # DeepSpeed shard or own the parameters, so they keep the default.
-    fused = accelerator.device.type == "cuda" and accelerator.distributed_type in (
-        DistributedType.NO, DistributedType.MULTI_GPU)
+    # On one device or under DDP, the fused AdamW: one kernel for all parameters and no
+    # parameter-sized temporaries at its peak (the foreach default holds some); on CPU it steps
+    # 3-4x faster (30M params: 13 vs 40 ms, ~1% of a step on 2 cores). FSDP and DeepSpeed
+    # shard or own the parameters, so they keep the default.
+    fused = accelerator.distributed_type in {
+        "cuda": (DistributedType.NO, DistributedType.MULTI_GPU),
+        "cpu": (DistributedType.NO, DistributedType.MULTI_CPU),
+    }.get(accelerator.device.type, ())
     if fused:
         model.to(accelerator.device)
     optimizer = torch.optim.AdamW(

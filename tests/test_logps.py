@@ -14,7 +14,14 @@ from pipeline.artifacts import text_hash
 from pipeline.config import TinyModelConfig
 from pipeline.encoding import Encoder, load_template, resolve_template
 from pipeline.errors import UserError
-from pipeline.logps import batch_logps, collate, pair_logps, sequence_logps
+from pipeline.logps import (
+    batch_logps,
+    collate,
+    label_positions,
+    lm_head_of,
+    pair_logps,
+    sequence_logps,
+)
 from pipeline.modeling import build_tiny_model, load_pretrained, save_model, train_tiny_tokenizer
 from pipeline.reference import (
     fingerprint_for,
@@ -197,3 +204,177 @@ def test_scoring_in_token_sized_batches_gives_the_same_log_probs(
     a = pair_logps(model, enc, pairs, batch_size=64)
     b = pair_logps(model, enc, pairs, batch_size=64, max_tokens=100)
     pd.testing.assert_frame_equal(a, b, rtol=1e-5, atol=1e-5)
+
+
+# --- log-probs from hidden states at label positions (`LabelLogps`) against full logits -----
+
+VOCAB = 211
+
+
+def _llama(**kw: object) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      pad_token_id=0, bos_token_id=1, eos_token_id=2, **kw)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return LlamaForCausalLM(cfg)
+
+
+def _padded_batch(rows: int = 7, width: int = 23) -> dict[str, torch.Tensor]:
+    """Right-padded sequences of different lengths, each with a prompt of its own length
+    (labels -100 there and on the padding), and one sequence with nothing scored."""
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, VOCAB, (rows, width), generator=gen)
+    attn = torch.ones(rows, width, dtype=torch.long)
+    labels = ids.clone()
+    for i in range(rows):
+        n = width - 2 * i
+        ids[i, n:], attn[i, n:], labels[i, n:] = 0, 0, -100
+        labels[i, :2 + i] = -100
+    labels[-1] = -100
+    return {"input_ids": ids, "attention_mask": attn, "labels": labels}
+
+
+def _logps_and_grads(model: torch.nn.Module, score) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """`score(model)` -> (logps (B,), n (B,)), and the gradients of a weighted sum of the
+    log-probs (a weight per sequence, as the DPO loss gives) wrt every parameter."""
+    model.zero_grad(set_to_none=True)
+    lp, _ = score(model)
+    weights = torch.linspace(-1.0, 2.0, lp.shape[0])
+    (lp * weights).sum().backward()
+    return lp.detach(), {k: p.grad.clone() for k, p in model.named_parameters()
+                         if p.grad is not None}
+
+
+def _full_logits(batch: dict[str, torch.Tensor]):
+    """Today's path: one padded forward, (B, T, V) logits, `sequence_logps`."""
+    def score(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        return sequence_logps(out.logits, batch["labels"])
+    return score
+
+
+def _assert_grads_close(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor],
+                        rtol: float, atol: float) -> None:
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=rtol, atol=atol, msg=k)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, None])
+@pytest.mark.parametrize("head", ["tied", "untied with bias"])
+def test_label_positions_equal_full_logits_fp32(chunk: int | None, head: str) -> None:
+    model = _llama(tie_word_embeddings=head == "tied")
+    if head != "tied":
+        model.lm_head = torch.nn.Linear(32, VOCAB, bias=True)
+        torch.nn.init.normal_(model.lm_head.bias, std=0.5)
+    assert lm_head_of(model) is not None
+    batch = _padded_batch()
+    n_scored = len(label_positions(batch["labels"])[0])
+    assert chunk is None or chunk == 1 or n_scored % chunk, "a last chunk that is not full"
+    want, want_g = _logps_and_grads(model, _full_logits(batch))
+    got, got_g = _logps_and_grads(model, lambda m: batch_logps(m, batch, chunk=chunk))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert got[-1] == 0.0  # nothing scored: exactly 0, as in `sequence_logps`
+    _assert_grads_close(got_g, want_g, rtol=1e-5, atol=1e-5)
+    if head != "tied":
+        assert "lm_head.bias" in got_g
+
+
+@pytest.mark.parametrize("groups", [1, 2, 4])
+def test_every_forward_layout_gives_the_same_log_probs(groups: int) -> None:
+    model = _llama(tie_word_embeddings=True)
+    batch = _padded_batch()
+    want, want_g = _logps_and_grads(model, _full_logits(batch))
+    got, got_g = _logps_and_grads(model, lambda m: batch_logps(m, batch, groups, chunk=5))
+    with torch.no_grad():
+        assert torch.equal(batch_logps(model, batch, groups)[1], _full_logits(batch)(model)[1])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    _assert_grads_close(got_g, want_g, rtol=1e-5, atol=1e-5)
+
+
+def test_label_positions_under_cpu_bf16_autocast() -> None:
+    """bf16 hidden states and weights as `lm_head` computes them under autocast, fp32
+    logsumexp: the same bf16 logits as the full path, so the sums agree to fp32 summation order
+    (stated tolerance 1e-4 nats); the gradients to 2% of each parameter's largest (measured
+    0.2% for the tied embedding, whose gradient the label path sums in fp32 over its chunks and
+    the full path rounds to bf16 once, and 0.5% in layers that run other shapes in 2 groups)."""
+    model = _llama(tie_word_embeddings=True)
+    batch = _padded_batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want, want_g = _logps_and_grads(model, _full_logits(batch))
+        got, got_g = _logps_and_grads(model, lambda m: batch_logps(m, batch, 2, chunk=7))
+    torch.testing.assert_close(got, want, rtol=0.0, atol=1e-4)
+    for k, g in want_g.items():
+        assert (got_g[k] - g).abs().max() <= 2e-2 * g.abs().max(), k
+    # And bf16 is what ran: fp32 log-probs differ by far more than the tolerance.
+    fp32, _ = batch_logps(model, batch)
+    assert (fp32 - got).abs().max() > 1e-4
+
+
+def test_scaled_logits_cohere() -> None:
+    from transformers import CohereConfig, CohereForCausalLM
+
+    cfg = CohereConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       logit_scale=0.25, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = CohereForCausalLM(cfg)
+    head = lm_head_of(model)
+    assert head is not None and head.scale == 0.25
+    batch = _padded_batch()
+    want, want_g = _logps_and_grads(model, _full_logits(batch))
+    got, got_g = _logps_and_grads(model, lambda m: batch_logps(m, batch, chunk=7))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    _assert_grads_close(got_g, want_g, rtol=1e-5, atol=1e-5)
+
+
+def test_softcapped_logits_take_the_full_logits_path() -> None:
+    """Gemma-2 caps its logits after the head (c·tanh(z/c)): the split would not be exact, so
+    `batch_logps` keeps the full logits, and gives what they give."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    cfg = Gemma2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       head_dim=8, final_logit_softcapping=0.5, pad_token_id=0, bos_token_id=1,
+                       eos_token_id=2)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = Gemma2ForCausalLM(cfg)
+    assert lm_head_of(model) is None
+    batch = _padded_batch()
+    want, _ = _logps_and_grads(model, _full_logits(batch))
+    got, _ = _logps_and_grads(model, lambda m: batch_logps(m, batch, 2))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # A plain model type whose config carries a post-head transform falls back as well.
+    assert lm_head_of(_llama(final_logit_softcapping=30.0)) is None
+
+
+def test_lora_models_use_the_label_path_unless_lora_is_on_the_head() -> None:
+    from peft import LoraConfig, get_peft_model
+
+    batch = _padded_batch()
+    lora = get_peft_model(_llama(tie_word_embeddings=True), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    assert lm_head_of(lora) is not None
+    want, want_g = _logps_and_grads(lora, _full_logits(batch))
+    got, got_g = _logps_and_grads(lora, lambda m: batch_logps(m, batch, 2, chunk=7))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert any("lora_" in k for k in got_g)
+    _assert_grads_close(got_g, want_g, rtol=1e-5, atol=1e-5)
+    on_head = get_peft_model(_llama(tie_word_embeddings=False),
+                             LoraConfig(r=4, target_modules=["lm_head"]))
+    assert lm_head_of(on_head) is None
+
+
+def test_scoring_without_gradients_uses_the_label_path() -> None:
+    model = _llama(tie_word_embeddings=True)
+    batch = _padded_batch()
+    with torch.no_grad():
+        want, _ = _full_logits(batch)(model)
+    with torch.inference_mode():
+        got, _ = batch_logps(model, batch, 4, chunk=3)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

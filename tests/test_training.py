@@ -160,3 +160,54 @@ def test_lora_with_gradient_checkpointing_trains_and_merges(project: Path) -> No
     for k in sft:
         moved = not torch.equal(sft[k], merged[k])
         assert moved == (".q_proj." in k or ".v_proj." in k), k
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps one mixed precision per process; a test that wants another resets it,
+    and resets it again for the tests after it."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_prepared_bf16_model_scores_label_positions_only(project: Path,
+                                                         fresh_accelerate_state: None) -> None:
+    """Under accelerate's bf16 (autocast inside the model's forward, outputs cast to fp32), the
+    training step's log-probs come from the head's input at label positions, in bf16 as the
+    head would compute them: the model's own logits come out empty, so neither the (B, T, V)
+    logits nor accelerate's fp32 copy of them exist, and the log-probs are those of the full
+    bf16 logits."""
+    from pipeline.finetune import preference_examples
+    from pipeline.logps import batch_logps, lm_head_of, sequence_logps
+    from pipeline.objectives import select_pairs
+    from pipeline.training import make_accelerator, preference_batch
+
+    model, tok = load_pretrained(project / paths.SFT_DIR)
+    accelerator = make_accelerator(train_cfg(mixed_precision="bf16"))
+    assert accelerator.mixed_precision == "bf16"
+    model = accelerator.prepare(model)
+    assert lm_head_of(model) is not None
+    enc = Encoder(tok, load_template(project / paths.SFT_DIR), MAX_LEN)
+    selected, _ = select_pairs(pd.read_parquet(project / paths.PAIRS_TRAIN), "safedpo")
+    items = preference_examples(selected.head(8).assign(ref_chosen=0.0, ref_rejected=0.0), enc)
+    batch = preference_batch(items, tok.pad_token_id)
+    logits_shapes: list[tuple[int, ...]] = []
+    handle = model.lm_head.register_forward_hook(
+        lambda m, args, out: logits_shapes.append(tuple(out.shape)))
+    try:
+        with torch.no_grad():
+            got, n = batch_logps(model, batch, groups=2)
+    finally:
+        handle.remove()
+    assert [s[1] for s in logits_shapes] == [0, 0]
+    with torch.no_grad():
+        full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        assert full.logits.dtype == torch.float32  # accelerate's copy of the bf16 logits
+        want, want_n = sequence_logps(full.logits, batch["labels"])
+        fp32, _ = batch_logps(accelerator.unwrap_model(model, keep_fp32_wrapper=False), batch)
+    assert torch.equal(n, want_n)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    assert (got - fp32).abs().max() > 1e-3  # bf16 is what ran
