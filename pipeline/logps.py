@@ -87,6 +87,10 @@ class TokenLogps(torch.autograd.Function):
         return grad.view_as(logits), None
 
 
+#: The batch key of the flat positions (N,) that carry a label (`label_positions`).
+SCORED = "scored_positions"
+
+
 def collate(batch: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a batch: pad token in `input_ids`, 0 in `attention_mask`, -100 in `labels`."""
     width = max(len(e.input_ids) for e in batch)
@@ -98,7 +102,10 @@ def collate(batch: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
         ids[i, :n] = torch.tensor(e.input_ids)
         labels[i, :n] = torch.tensor(e.labels)
         attn[i, :n] = 1
-    return {"input_ids": ids, "attention_mask": attn, "labels": labels}
+    # Where log-probs are scored, found here on the host: a one-group forward on a GPU then
+    # reads nothing back from the device before it runs (`batch_logps`).
+    return {"input_ids": ids, "attention_mask": attn, "labels": labels,
+            SCORED: label_positions(labels)[0]}
 
 
 def forward_groups(setting: int | None, on: torch.device | str) -> int:
@@ -335,6 +342,8 @@ def batch_logps(model: PreTrainedModel, batch: dict[str, torch.Tensor], groups: 
     padding, a group of sorted ones ~10% (bench/bench_train.py: 1.6x faster at 30M params).
     """
     head = lm_head_of(model)
+    if groups <= 1 and head is not None and SCORED in batch:
+        return _one_group_logps(model, batch, head, chunk)
     lengths = batch["attention_mask"].sum(1)
     order = torch.argsort(lengths, stable=True)
     splits = torch.tensor_split(order, max(1, min(groups, len(order))))
@@ -355,18 +364,45 @@ def batch_logps(model: PreTrainedModel, batch: dict[str, torch.Tensor], groups: 
             if not seen:  # the model never called its head: its logits are the full ones
                 lp, n = sequence_logps(out.logits, labels[k])
             else:
-                (hidden, dtype), (pos, lab, n) = seen[0], where[k]
-                # Guards for a model that breaks what `lm_head_of` vouched for.
-                if len(seen) > 1 or hidden.shape[:2] != (len(idx), width):
-                    raise RuntimeError(
-                        f"{type(model).__name__} fed its LM head {len(seen)} time(s), first "
-                        f"{tuple(hidden.shape)}, not once (B, T, H) = ({len(idx)}, {width}, H)")
+                hidden, dtype = _fed_once(model, seen, len(idx), width)
+                pos, lab, n = where[k]
                 lp = hidden_logps(hidden, pos, lab, head, dtype,
                                   chunk or chunk_rows(head.module.out_features))
         lps.append(lp)
         ns.append(n)
     inverse = torch.argsort(torch.cat(splits))
     return torch.cat(lps)[inverse], torch.cat(ns)[inverse]
+
+
+def _fed_once(model: PreTrainedModel, seen: list, rows: int, width: int
+              ) -> tuple[torch.Tensor, torch.dtype]:
+    """The (hidden, dtype) the model fed its head; a guard for a model that breaks what
+    `lm_head_of` vouched for (one call with the whole (rows, width, H) batch)."""
+    hidden, dtype = seen[0]
+    if len(seen) > 1 or hidden.shape[:2] != (rows, width):
+        raise RuntimeError(
+            f"{type(model).__name__} fed its LM head {len(seen)} time(s), first "
+            f"{tuple(hidden.shape)}, not once (B, T, H) = ({rows}, {width}, H)")
+    return hidden, dtype
+
+
+def _one_group_logps(model: PreTrainedModel, batch: dict[str, torch.Tensor], head: LMHead,
+                     chunk: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`batch_logps` in one forward pass over the batch as collated, with the label positions
+    `collate` found on the host: nothing is read back from the device (on a GPU the host keeps
+    queueing work while the previous step runs)."""
+    labels = batch["labels"]
+    with _head_input(head) as seen:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    use_cache=False)
+    if not seen:  # the model never called its head: its logits are the full ones
+        return sequence_logps(out.logits, labels)
+    hidden, dtype = _fed_once(model, seen, *labels.shape)
+    shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE)
+    pos = batch[SCORED]
+    lp = hidden_logps(hidden, pos, shifted.reshape(-1).index_select(0, pos), head, dtype,
+                      chunk or chunk_rows(head.module.out_features))
+    return lp, (shifted != IGNORE).sum(-1)
 
 
 def token_batches(sorted_lengths: np.ndarray, max_rows: int, max_tokens: int | None

@@ -207,12 +207,15 @@ def train_loop(
     done = start
     bar = tqdm(range(start, plan.total_steps), initial=start, total=plan.total_steps,
                desc="train", unit="step", disable=not accelerator.is_local_main_process)
+    pin = accelerator.device.type == "cuda"
     for step in bar:
         sums: dict[str, torch.Tensor] = {}
         bad = torch.zeros((), device=accelerator.device)
         micro = plan.micro_batches(step, cfg.seed, accelerator.process_index)
         for m, idx in enumerate(micro):
-            batch = {k: v.to(accelerator.device, non_blocking=True)
+            # Pinned host memory makes the copy truly asynchronous on a GPU: the host collates
+            # and queues the next forward while the previous optimizer step still runs.
+            batch = {k: (v.pin_memory() if pin else v).to(accelerator.device, non_blocking=True)
                      for k, v in make_batch([examples[i] for i in idx]).items()}
             sync = m == len(micro) - 1
             ctx = accelerator.no_sync(model) if not sync else nullcontext()

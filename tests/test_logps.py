@@ -12,9 +12,10 @@ import torch
 
 from pipeline.artifacts import text_hash
 from pipeline.config import TinyModelConfig
-from pipeline.encoding import Encoder, load_template, resolve_template
+from pipeline.encoding import Encoded, Encoder, load_template, resolve_template
 from pipeline.errors import UserError
 from pipeline.logps import (
+    SCORED,
     batch_logps,
     collate,
     label_positions,
@@ -283,10 +284,15 @@ def test_label_positions_equal_full_logits_fp32(chunk: int | None, head: str) ->
         assert "lm_head.bias" in got_g
 
 
+@pytest.mark.parametrize("host_positions", [False, True])
 @pytest.mark.parametrize("groups", [1, 2, 4])
-def test_every_forward_layout_gives_the_same_log_probs(groups: int) -> None:
+def test_every_forward_layout_gives_the_same_log_probs(groups: int, host_positions: bool) -> None:
+    """Also with the label positions found on the host by `collate` (SCORED), which the
+    one-group forward takes instead of reading them back from the device."""
     model = _llama(tie_word_embeddings=True)
     batch = _padded_batch()
+    if host_positions:
+        batch[SCORED] = label_positions(batch["labels"])[0]
     want, want_g = _logps_and_grads(model, _full_logits(batch))
     got, got_g = _logps_and_grads(model, lambda m: batch_logps(m, batch, groups, chunk=5))
     with torch.no_grad():
@@ -378,3 +384,26 @@ def test_scoring_without_gradients_uses_the_label_path() -> None:
     with torch.inference_mode():
         got, _ = batch_logps(model, batch, 4, chunk=3)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_one_group_with_host_positions_reads_nothing_back(monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    """The one-group path takes `collate`'s positions: no `label_positions` (a `nonzero`, which
+    waits for a GPU) and no group widths read back; `collate` provides the key."""
+    from pipeline import logps
+
+    model = _llama(tie_word_embeddings=True)
+    batch = _padded_batch()
+    want = batch_logps(model, batch, 1)[0]
+    batch[SCORED] = label_positions(batch["labels"])[0]
+
+    def refuse(*_: object) -> None:
+        raise AssertionError("read back from the device")
+
+    monkeypatch.setattr(logps, "label_positions", refuse)
+    monkeypatch.setattr(torch.Tensor, "tolist", refuse)
+    torch.testing.assert_close(batch_logps(model, batch, 1)[0], want, rtol=1e-6, atol=1e-6)
+    monkeypatch.undo()
+    enc = [Encoded(input_ids=[1, 5, 6, 7], labels=[-100, -100, 6, 7]),
+           Encoded(input_ids=[1, 5], labels=[-100, 5])]
+    assert collate(enc, 0)[SCORED].tolist() == [1, 2, 4]
