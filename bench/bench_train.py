@@ -21,6 +21,7 @@ higher is used).
     python bench/bench_train.py                          # both configs, as `train` runs
     python bench/bench_train.py --threads 1              # on a machine shared with other jobs
     python bench/bench_train.py --chunks 1               # one padded forward (no length groups)
+    python bench/bench_train.py --packing off            # padded, in length groups
     python bench/bench_train.py --config 30m --compile   # torch.compile the model
     python bench/bench_train.py --config 30m --memory-exact --steps 1 [--reference-model]
 
@@ -58,7 +59,7 @@ import pipeline.training as training
 from pipeline.config import TinyModelConfig, ToyConfig, TrainConfig
 from pipeline.encoding import Encoder, resolve_template
 from pipeline.finetune import preference_examples
-from pipeline.logps import forward_groups
+from pipeline.logps import ForwardLayout, forward_layout
 from pipeline.modeling import build_tiny_model, train_tiny_tokenizer
 from pipeline.normalize import normalize_splits
 from pipeline.objectives import OBJECTIVES, select_pairs
@@ -298,16 +299,19 @@ class ReferenceHeldLoss:
     def __call__(self, model: PreTrainedModel, batch: dict[str, torch.Tensor]
                  ) -> tuple[torch.Tensor, training.Metrics]:
         with torch.no_grad():
-            lp, _ = training.batch_logps(self.reference, batch, self.inner.groups)
+            lp, _ = self.inner.layout.logps(self.reference, batch)
         n = batch["ref_chosen"].shape[0]
         return self.inner(model, {**batch, "ref_chosen": lp[:n], "ref_rejected": lp[n:]})
 
 
-def executed_groups(mask: torch.Tensor, chunks: int) -> list[np.ndarray]:
-    """Per forward pass of a micro-batch: its sequences, each at the width the kernels run."""
-    if chunks <= 1:
-        return [np.full(mask.shape[0], mask.shape[1])]
-    parts = np.array_split(np.sort(mask.sum(1).numpy()), min(chunks, mask.shape[0]))
+def executed_rows(batch: dict[str, torch.Tensor], lengths: np.ndarray, layout: ForwardLayout
+                  ) -> list[np.ndarray]:
+    """Per forward pass of a micro-batch: its rows, each at the width the kernels run (a packed
+    row holds several sequences; attention is counted over the whole row)."""
+    rows, width = batch["input_ids"].shape
+    if layout.packed or layout.groups <= 1:
+        return [np.full(rows, width)]
+    parts = np.array_split(np.sort(lengths), min(layout.groups, len(lengths)))
     return [np.full(len(p), p.max()) for p in parts]
 
 
@@ -323,7 +327,8 @@ class Options:
     pairs: int
     threads: int
     attn: str | None
-    chunks: int
+    chunks: int | None
+    packing: bool | None
     reference_model: bool
     compile: bool
     memory_exact: bool
@@ -337,6 +342,7 @@ class Result:
     load_average_after: list[float]
     torch_threads: int
     attn_implementation: str
+    layout: str
     params: int
     params_embedding: int
     params_matmul: int
@@ -382,9 +388,9 @@ def run_one(opt: Options) -> Result:
     accelerator = make_accelerator(cfg)
     # The peak of the dtype the matmuls run in: bf16 autocast runs them in bf16.
     peak_dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
-    groups = forward_groups(opt.chunks, accelerator.device)
+    layout = forward_layout(opt.packing, opt.chunks, model, accelerator.device)
     loss_fn: training.LossFn = PreferenceLoss(OBJECTIVES["safedpo"], beta=BETA, delta=DELTA,
-                                              groups=groups)
+                                              layout=layout)
     reference = None
     if opt.reference_model:
         reference = build(opt.config, pairs, opt.max_length, seed=0)[0].eval()
@@ -394,15 +400,18 @@ def run_one(opt: Options) -> Result:
         model = torch.compile(model, dynamic=True)
 
     pad_id = tokenizer.pad_token_id
-    pending: list[torch.Tensor] = []      # attention masks of the micro-batches of this step
-    per_step: dict[int, list[torch.Tensor]] = {}
+    # (sequence lengths, rows each forward pass ran) of the micro-batches of this step
+    pending: list[tuple[np.ndarray, list[np.ndarray]]] = []
+    per_step: dict[int, list[tuple[np.ndarray, list[np.ndarray]]]] = {}
     times: dict[int, float] = {}
     census: dict[str, int] = {}
     widest: dict[str, torch.Tensor] = {}
 
     def make_batch(items: list[PreferenceExample]) -> dict[str, torch.Tensor]:
-        batch = preference_batch(items, pad_id)
-        pending.append(batch["attention_mask"])
+        batch = preference_batch(items, pad_id, layout)
+        lengths = np.array([len(e.chosen.input_ids) for e in items]
+                           + [len(e.rejected.input_ids) for e in items])
+        pending.append((lengths, executed_rows(batch, lengths, layout)))
         if not widest or batch["input_ids"].shape[1] > widest["input_ids"].shape[1]:
             widest.clear()
             widest.update(batch)
@@ -425,16 +434,16 @@ def run_one(opt: Options) -> Result:
 
     timed = range(opt.warmup + 1, total + 1)
     seconds = times[total] - times[opt.warmup]
-    masks = [m for s in timed for m in per_step[s]]
-    lengths = np.concatenate([m.sum(1).numpy() for m in masks])
-    padded = sum(m.numel() for m in masks)
-    groups = [g for m in masks for g in executed_groups(m, groups)]
+    micro = [m for s in timed for m in per_step[s]]
+    lengths = np.concatenate([lens for lens, _ in micro])
+    padded = sum(len(lens) * int(lens.max()) for lens, _ in micro)  # one padded forward
+    groups = [g for _, rows in micro for g in rows]
     executed = sum(len(g) * int(g[0]) for g in groups)
     model_flops = shape.flops(lengths)
     executed_flops = sum(shape.flops(g) for g in groups)
     # Per step, for the best step's MFU: other jobs on the machine only ever slow a step down.
     step_s = [times[s] - times[s - 1] for s in timed]
-    step_flops = [shape.flops(np.concatenate([m.sum(1).numpy() for m in per_step[s]]))
+    step_flops = [shape.flops(np.concatenate([lens for lens, _ in per_step[s]]))
                   for s in timed]
     peak_gflops = max(peak_before["best"], peak_after["best"])
 
@@ -463,6 +472,7 @@ def run_one(opt: Options) -> Result:
         options=asdict(opt), load_average_before=load_before, load_average_after=load_after,
         torch_threads=torch.get_num_threads(),
         attn_implementation=str(getattr(model.config, "_attn_implementation", "?")),
+        layout=layout.describe(),
         params=n, params_embedding=shape.embedding, params_matmul=shape.matmul,
         pairs_available=len(examples), steps_timed=steps, seconds=round(seconds, 3),
         sec_per_step=round(seconds / steps, 4),
@@ -516,6 +526,7 @@ def report(results: dict[str, dict[str, Any]]) -> None:
     for name, r in results.items():
         m = r["memory"]
         print(f"{name}: threads {r['torch_threads']}, attn {r['attn_implementation']}, "
+              f"layout {r['layout']}, "
               f"mixed precision {r['options']['mixed_precision']}, "
               f"load avg {r['load_average_before']} -> {r['load_average_after']}, matmul peak "
               f"before {r['matmul_peak_gflop_per_s']['before']} after "
@@ -538,8 +549,10 @@ def main() -> None:
     ap.add_argument("--attn", choices=["sdpa", "eager"], default=None,
                     help="attention implementation (default: the model's, sdpa)")
     ap.add_argument("--chunks", type=int, default=None,
-                    help="length-sorted groups per forward pass (default: the library's choice "
-                         "for the device, logps.forward_groups; 1 = one padded forward)")
+                    help="length-sorted groups per padded forward pass (default: the library's "
+                         "choice for the device, logps.forward_layout; 1 = one padded forward)")
+    ap.add_argument("--packing", choices=["auto", "on", "off"], default="auto",
+                    help="padding-free packing (auto: the library's choice for the device)")
     ap.add_argument("--reference-model", action="store_true",
                     help="counterfactual: hold a reference model and run it every step")
     ap.add_argument("--compile", action="store_true",
@@ -562,6 +575,7 @@ def main() -> None:
                       warmup=DEFAULT_WARMUP[name] if args.warmup is None else args.warmup,
                       batch_size=args.batch_size, max_length=args.max_length, pairs=args.pairs,
                       threads=args.threads, attn=args.attn, chunks=args.chunks,
+                      packing={"auto": None, "on": True, "off": False}[args.packing],
                       reference_model=args.reference_model, compile=args.compile,
                       memory_exact=args.memory_exact, mixed_precision=args.mixed_precision)
         results[name] = asdict(run_one(opt))
@@ -569,7 +583,8 @@ def main() -> None:
         # One process per configuration: each peak RSS is then that configuration's alone.
         common = ["--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
                   "--pairs", str(args.pairs), "--threads", str(args.threads),
-                  "--chunks", str(args.chunks)]
+                  "--packing", args.packing]
+        common += ["--chunks", str(args.chunks)] if args.chunks is not None else []
         common += ["--attn", args.attn] if args.attn else []
         common += ["--steps", str(args.steps)] if args.steps else []
         common += ["--warmup", str(args.warmup)] if args.warmup is not None else []

@@ -52,6 +52,7 @@ TRL's sigmoid DPO. Other per-framework defaults are kept and printed: TRL's opti
     python bench/bench_vs_trl.py --config tiny --steps 3 --warmup 2
     python bench/bench_vs_trl.py --config 340m --steps 50 --json out.json
     python bench/bench_vs_trl.py --config 340m --forward-groups 2   # ours in 2 length groups
+    python bench/bench_vs_trl.py --config 340m --packing on         # ours packed, no padding
 
 Each configuration runs in its own process (the timed pair), plus one process per framework for
 its peak memory (`--no-memory` skips those), so each peak is that framework's alone. The
@@ -98,7 +99,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from pipeline.config import TinyModelConfig, TrainConfig
 from pipeline.encoding import IGNORE
-from pipeline.logps import forward_groups, lm_head_of, score_sequences
+from pipeline.logps import ForwardLayout, forward_layout, lm_head_of, score_sequences
 from pipeline.objectives import OBJECTIVES
 from pipeline.training import (
     Checkpointer,
@@ -147,7 +148,11 @@ class Setup:
     max_grad_norm: float
     memory_steps: int
     trl_gradient_checkpointing: bool
-    forward_groups: int | None = None  # ours; None: `logps.forward_groups`' default
+    forward_groups: int | None = None  # ours; None: `logps.forward_layout`'s default
+    packing: bool | None = None  # ours; None: `logps.forward_layout`'s default
+
+    def layout(self, model: torch.nn.Module) -> ForwardLayout:
+        return forward_layout(self.packing, self.forward_groups, model, self.device)
 
     @property
     def total(self) -> int:
@@ -392,13 +397,13 @@ def run_pair(s: Setup) -> dict[str, Any]:
     ref_r = [examples[i].ref_rejected + noise[k, 1] for k, i in enumerate(first)]
     items = [replace(examples[i], ref_chosen=rc, ref_rejected=rr)
              for i, rc, rr in zip(first, ref_c, ref_r, strict=True)]
-    batch = {k: v.to(s.device) for k, v in preference_batch(items, pad).items()}
+    batch = {k: v.to(s.device) for k, v in preference_batch(items, pad, s.layout(model)).items()}
     features = [dict(trainer.train_dataset[used.index(i)], ref_chosen_logps=rc,
                      ref_rejected_logps=rr) for i, rc, rr in zip(first, ref_c, ref_r, strict=True)]
     model.train()
     with torch.no_grad():
         ours_loss, _ = PreferenceLoss(OBJECTIVES["dpo_helpful"], BETA, 0.0,
-                                      forward_groups(s.forward_groups, s.device))(model, batch)
+                                      s.layout(model))(model, batch)
         trl_loss = trainer.compute_loss(
             trainer.model, trainer._prepare_inputs(trainer.data_collator(features)))
     trainer._metrics["train"].clear()  # that call logged metrics; the run starts clean
@@ -418,15 +423,16 @@ def run_pair(s: Setup) -> dict[str, Any]:
 
     trainer.data_collator = trl_collate_counted
 
+    layout = s.layout(model)
+
     def our_batch(items: list[PreferenceExample]) -> dict[str, torch.Tensor]:
-        out = preference_batch(items, pad)
-        tokens["ours"].append(int(out["attention_mask"].sum()))
-        return out
+        tokens["ours"].append(sum(len(e.chosen.input_ids) + len(e.rejected.input_ids)
+                                  for e in items))
+        return preference_batch(items, pad, layout)
 
     # After TRL's: TrainingArguments resets accelerate's shared state when it sets up devices.
     accelerator = make_accelerator(cfg)
-    loss_fn = PreferenceLoss(OBJECTIVES["safedpo"], beta=BETA, delta=10.0,
-                             groups=forward_groups(s.forward_groups, accelerator.device))
+    loss_fn = PreferenceLoss(OBJECTIVES["safedpo"], beta=BETA, delta=10.0, layout=layout)
     peak_dtype = torch.bfloat16 if s.precision == "bf16" else torch.float32
     load_before = load_average()
     peak_before = device_matmul_peak(s.device, peak_dtype)
@@ -462,7 +468,7 @@ def run_pair(s: Setup) -> dict[str, Any]:
             "dtype": str(peak_dtype), "before": peak_before, "after": peak_after, "used": peak},
         "torch_threads": torch.get_num_threads(),
         "ours_logps_path": ours_logps_path(model),
-        "ours_forward_groups": loss_fn.groups,
+        "ours_layout": layout.describe(),
         "trl_optimizer": str(getattr(trainer.args.optim, "value", trainer.args.optim)),
         "load_average": [load_before[0], load_average()[0]],
         "agreement": {"ref_logps": ref_check, "first_batch_loss": loss_check},
@@ -499,12 +505,12 @@ def run_memory(s: Setup, framework: str) -> dict[str, Any]:
     model, tokenizer, examples, cfg, batches = prepare(s, total)
     if framework == "ours":
         accelerator = make_accelerator(cfg)
-        loss_fn = PreferenceLoss(OBJECTIVES["safedpo"], beta=BETA, delta=10.0,
-                                 groups=forward_groups(s.forward_groups, accelerator.device))
+        layout = s.layout(model)
+        loss_fn = PreferenceLoss(OBJECTIVES["safedpo"], beta=BETA, delta=10.0, layout=layout)
         pad = tokenizer.pad_token_id
         with peak_memory(s.device, base) as mem:
-            train_loop(model, examples, lambda items: preference_batch(items, pad), loss_fn,
-                       cfg, accelerator, Checkpointer(None, "bench", every=10**9),
+            train_loop(model, examples, lambda items: preference_batch(items, pad, layout),
+                       loss_fn, cfg, accelerator, Checkpointer(None, "bench", every=10**9),
                        lambda step, metrics: None, stop_after=total)
     else:
         with tempfile.TemporaryDirectory() as tmp:
@@ -571,9 +577,9 @@ def report(results: dict[str, dict[str, Any]]) -> None:
               f"{r['same_batches']}, matmul peak {peak['used']:.0f} GFLOP/s ({peak['dtype']}), "
               f"TRL optimizer {r['trl_optimizer']}, TRL gradient checkpointing "
               f"{s['trl_gradient_checkpointing']}, ours: log-probs from "
-              f"{r.get('ours_logps_path', '?')}, {r.get('ours_forward_groups', '?')} forward "
-              f"group(s), load avg {r['load_average'][0]} -> "
-              f"{r['load_average'][1]}, wall s: pair {r['wall_s']}, memory "
+              f"{r.get('ours_logps_path', '?')}, {r.get('ours_layout', '?')}, load avg "
+              f"{r['load_average'][0]} -> {r['load_average'][1]}, wall s: pair {r['wall_s']}, "
+              f"memory "
               f"{[m['wall_s'] for m in r.get('memory', {}).values()]}; memory: {mem}")
 
 
@@ -603,8 +609,10 @@ def main() -> None:
     ap.add_argument("--trl-gradient-checkpointing", action="store_true",
                     help="TRL with its default gradient checkpointing (ours has none)")
     ap.add_argument("--forward-groups", type=int, default=None,
-                    help="ours: length groups per forward pass (default: logps.forward_groups, "
-                         "4 on CPU, 1 on a GPU)")
+                    help="ours: length groups per padded forward pass (default: "
+                         "logps.forward_layout, 4 on CPU, 1 on a GPU)")
+    ap.add_argument("--packing", choices=["auto", "on", "off"], default="auto",
+                    help="ours: padding-free packing (auto: logps.forward_layout's choice)")
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     ap.add_argument("--role", choices=["pair", "memory-ours", "memory-trl"], default=None,
                     help=argparse.SUPPRESS)
@@ -639,7 +647,8 @@ def main() -> None:
                   pairs=args.pairs, threads=args.threads, lr=args.lr,
                   max_grad_norm=args.max_grad_norm, memory_steps=args.memory_steps,
                   trl_gradient_checkpointing=args.trl_gradient_checkpointing,
-                  forward_groups=args.forward_groups)
+                  forward_groups=args.forward_groups,
+                  packing={"auto": None, "on": True, "off": False}[args.packing])
         results[name] = child(s, "pair")
         if not args.no_memory:
             results[name]["memory"] = {fw: child(s, f"memory-{fw}") for fw in ("ours", "trl")}

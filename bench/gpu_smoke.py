@@ -43,7 +43,7 @@ def main() -> None:
     from pipeline.config import load_params
     from pipeline.encoding import Encoder, load_template
     from pipeline.finetune import preference_examples, run_preference
-    from pipeline.logps import forward_groups
+    from pipeline.logps import forward_layout
     from pipeline.modeling import load_pretrained
     from pipeline.objectives import OBJECTIVES, select_pairs
     from pipeline.reference import attach_reference, fingerprint_for, read_reference
@@ -95,10 +95,10 @@ def main() -> None:
                                                           acc.device))
     selected, _ = select_pairs(train, "safedpo")
     examples = preference_examples(attach_reference(selected, ref), enc)[:32]
+    layout = forward_layout(p.train.packing, p.train.forward_groups, model, acc.device)
     batch = {k: v.to(acc.device) for k, v in
-             preference_batch(examples, tokenizer.pad_token_id).items()}
-    loss = PreferenceLoss(OBJECTIVES["safedpo"], p.beta, p.delta,
-                          forward_groups(None, acc.device))
+             preference_batch(examples, tokenizer.pad_token_id, layout).items()}
+    loss = PreferenceLoss(OBJECTIVES["safedpo"], p.beta, p.delta, layout)
     with torch.no_grad(), acc.autocast():
         _, m = loss(model, batch)
     print(f"step 0 under {acc.mixed_precision}: master weights "

@@ -130,7 +130,10 @@ class OptimConfig:
     mixed_precision: MixedPrecision = "auto"
     gradient_checkpointing: bool = False
     log_every: int = 20
-    # Length-sorted groups per forward pass; null = per device (4 on CPU, 1 on GPU).
+    # The forward layout (`logps.forward_layout`); null = what measured fastest on the device.
+    # packing: sequences end to end in rows, no padding (CPU default where the model allows).
+    packing: bool | None = None
+    # Length-sorted groups per padded forward pass (null: 4 on CPU, 1 on GPU).
     forward_groups: int | None = None
 
     def _validate(self, section: str) -> None:

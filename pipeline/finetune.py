@@ -23,7 +23,7 @@ from pipeline import objectives
 from pipeline.config import LoraConfig, ModelConfig, SFTConfig, TrainConfig
 from pipeline.encoding import Encoder, TruncationStats, load_template, resolve_template
 from pipeline.errors import UserError
-from pipeline.logps import forward_groups, score_sequences
+from pipeline.logps import forward_layout, score_sequences
 from pipeline.modeling import (
     BUILTIN_TINY,
     SUMMARY_FILE,
@@ -42,7 +42,6 @@ from pipeline.training import (
     SFTLoss,
     make_accelerator,
     preference_batch,
-    sft_batch,
     train_loop,
 )
 
@@ -123,9 +122,9 @@ def run_sft(
             history.append({"step": step, **metrics})
 
     key = _run_key("sft", asdict(model_cfg), asdict(cfg), len(examples))
-    loss = SFTLoss(groups=forward_groups(cfg.forward_groups, accelerator.device))
+    layout = forward_layout(cfg.packing, cfg.forward_groups, model, accelerator.device)
     model, result = train_loop(
-        model, examples, lambda b: sft_batch(b, tokenizer.pad_token_id), loss, cfg,
+        model, examples, lambda b: layout.collate(b, tokenizer.pad_token_id), SFTLoss(layout), cfg,
         accelerator, Checkpointer(None, key, every=10**9), log, stop_after)
     after = heldout_loss(model, encoder, test, cfg.responses, device, cfg.mixed_precision)
     summary = {
@@ -139,7 +138,7 @@ def run_sft(
     if accelerator.is_main_process:
         save_model(model, tokenizer, template, out_dir, state_dict=result.state_dict)
         (Path(out_dir) / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-    return {**summary, "seconds": result.seconds}
+    return {**summary, "seconds": result.seconds, "layout": layout.describe()}
 
 
 def preference_examples(selected: pd.DataFrame, encoder: Encoder,
@@ -206,11 +205,11 @@ def run_preference(
                 live.log_metric(k, v)
             live.next_step()
 
-    loss_fn = PreferenceLoss(objective, beta=beta, delta=delta,
-                             groups=forward_groups(cfg.forward_groups, accelerator.device))
+    layout = forward_layout(cfg.packing, cfg.forward_groups, model, accelerator.device)
+    loss_fn = PreferenceLoss(objective, beta=beta, delta=delta, layout=layout)
     model, result = train_loop(
-        model, examples, lambda b: preference_batch(b, tokenizer.pad_token_id), loss_fn, cfg,
-        accelerator, checkpointer, log, stop_after)
+        model, examples, lambda b: preference_batch(b, tokenizer.pad_token_id, layout), loss_fn,
+        cfg, accelerator, checkpointer, log, stop_after)
     summary = {
         # The SFT model this policy started from: evaluation checks it is its reference.
         "sft_model": fp.model,
@@ -236,7 +235,7 @@ def run_preference(
         live.make_summary()
         live.end()
     return {**summary, "final": result.last_metrics, "resumed_from_step": result.resumed_from,
-            "seconds": result.seconds}
+            "seconds": result.seconds, "layout": layout.describe()}
 
 
 def _open_live(live_dir: Path, resumed_step: int):  # -> dvclive.Live

@@ -1,16 +1,16 @@
 """Scoring: sequence log-probabilities, the one function shared by reference precomputation,
-training and evaluation (`batch_logps`), plus padding collate, the forward layout, batched
-scoring of sequences and of both responses of pairs.
+training and evaluation (`batch_logps`), plus the forward layouts (padded `collate`, padding-free
+`pack`, `forward_layout`), batched scoring of sequences and of both responses of pairs.
 
 `batch_logps` projects through the LM head only the positions that carry a label, in chunks
-(`LabelLogps`), for the models where that split is exact (`lm_head_of`); for any other it keeps
-the full (B, T, V) logits and `sequence_logps`, the pure reference both are tested against.
+(`lm_head.LabelLogps`), for the models where that split is exact (`lm_head.lm_head_of`); for any
+other it keeps the full (B, T, V) logits and `sequence_logps`, the pure reference both are
+tested against.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +21,8 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from pipeline.encoding import IGNORE, Encoded, Encoder, TruncationStats
+from pipeline.errors import UserError
+from pipeline.lm_head import LMHead, chunk_rows, head_input, hidden_logps, lm_head_of, unwrap
 from pipeline.precision import MixedPrecision, autocast
 
 
@@ -87,8 +89,15 @@ class TokenLogps(torch.autograd.Function):
         return grad.view_as(logits), None
 
 
-#: The batch key of the flat positions (N,) that carry a label (`label_positions`).
+#: Batch keys of where log-probs are scored, found on the host by `collate` / `pack` (a forward
+#: then reads nothing back from the device before it runs): flat positions (N,) into the
+#: forward's rows × width hidden states; for packed batches also the labels there (N,), the flat
+#: positions (N,) of the (sequences, width) grid that sums them per sequence, and the tokens
+#: scored per sequence (S,).
 SCORED = "scored_positions"
+SCORED_LABELS = "scored_labels"
+SCORED_INTO = "scored_into"
+SEQ_TOKENS = "sequence_tokens"
 
 
 def collate(batch: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
@@ -102,246 +111,146 @@ def collate(batch: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
         ids[i, :n] = torch.tensor(e.input_ids)
         labels[i, :n] = torch.tensor(e.labels)
         attn[i, :n] = 1
-    # Where log-probs are scored, found here on the host: a one-group forward on a GPU then
-    # reads nothing back from the device before it runs (`batch_logps`).
     return {"input_ids": ids, "attention_mask": attn, "labels": labels,
             SCORED: label_positions(labels)[0]}
 
 
-def forward_groups(setting: int | None, on: torch.device | str) -> int:
-    """Length groups per forward pass: `setting` if given, else what measured fastest on the
-    device type: 4 on CPU (padding ~40% -> ~10%, 1.6x at 30M params, bench/bench_train.py),
-    1 on a GPU, where each extra launch costs more than the padding it saves (issue #9's H200
-    runs: 920 vs 222 pairs/s at 110M params)."""
-    if setting is not None:
-        return setting
-    return 4 if torch.device(on).type == "cpu" else 1
+def pack(batch: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """Padding-free layout: the sequences laid end to end in rows as wide as the longest one
+    (first-fit decreasing), each with its own `position_ids` from 0 and no `attention_mask`,
+    from which transformers builds a block-causal mask (or flash-attention's varlen offsets),
+    so no token attends across a boundary. Only the ends of rows hold padding: a batch of 64
+    toy sequences drops from ~45% padding to ~9%, in one forward pass.
+
+    Returns input_ids and position_ids (rows, width), and the scored positions under `SCORED`,
+    `SCORED_LABELS`, `SCORED_INTO`, `SEQ_TOKENS`; `batch_logps` returns in `batch` order.
+    """
+    lengths = [len(e.input_ids) for e in batch]
+    width = max(lengths)
+    free: list[int] = []  # room left in each row
+    where = [(0, 0)] * len(batch)  # (row, offset) of each sequence
+    for i in sorted(range(len(batch)), key=lambda i: -lengths[i]):
+        row = next((r for r, room in enumerate(free) if room >= lengths[i]), len(free))
+        if row == len(free):
+            free.append(width)
+        where[i] = (row, width - free[row])
+        free[row] -= lengths[i]
+    ids = np.full((len(free), width), pad_id, dtype=np.int64)
+    # Row padding counts on from its column: a segment of its own, after every real token.
+    positions = np.tile(np.arange(width, dtype=np.int64), (len(free), 1))
+    src, labels, into, n_tok = [], [], [], []
+    for i, (e, (row, off)) in enumerate(zip(batch, where, strict=True)):
+        n = lengths[i]
+        ids[row, off:off + n] = e.input_ids
+        positions[row, off:off + n] = np.arange(n)
+        # Position t predicts token t + 1 of the same sequence.
+        nxt = np.asarray(e.labels[1:], dtype=np.int64)
+        t = np.flatnonzero(nxt != IGNORE)
+        src.append(row * width + off + t)
+        into.append(i * width + t)
+        labels.append(nxt[t])
+        n_tok.append(len(t))
+    return {"input_ids": torch.from_numpy(ids), "position_ids": torch.from_numpy(positions),
+            SCORED: torch.from_numpy(np.concatenate(src)),
+            SCORED_LABELS: torch.from_numpy(np.concatenate(labels)),
+            SCORED_INTO: torch.from_numpy(np.concatenate(into)),
+            SEQ_TOKENS: torch.tensor(n_tok, dtype=torch.long)}
 
 
-# --- log-probs from hidden states at label positions only ----------------------------------
+#: `model_type`s whose attention honours packed `position_ids` (a new sequence wherever the
+#: position does not count on by one) in transformers 5.24, each checked against the padded
+#: layout by tests/test_logps.py. Left out: OPT (positions from the attention mask), GPT-2
+#: (warns of padding without a mask), anything untested.
+PACKABLE = frozenset({
+    "cohere", "falcon", "gemma", "glm4", "gpt_neox", "gptj", "llama", "mistral", "mixtral",
+    "olmo", "olmo2", "phi", "phi3", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "smollm3",
+    "stablelm", "starcoder2"})
 
-#: `model_type`s whose `*ForCausalLM.forward` returns exactly `lm_head(x)` of the head's input x
-#: (read in transformers 5.24: nothing touches the logits after the head), and those that then
-#: multiply them by a constant they keep in `logit_scale` (Cohere). Anything else, Gemma-2/3's
-#: `final_logit_softcapping` and Granite's `logits_scaling` among them, keeps the full logits.
-_PLAIN_HEAD = frozenset({
-    "deepseek_v3", "falcon", "gemma", "glm4", "gpt2", "gpt_neox", "gptj", "llama", "ministral",
-    "mistral", "mixtral", "olmo", "olmo2", "opt", "phi", "phi3", "qwen2", "qwen2_moe", "qwen3",
-    "qwen3_moe", "smollm3", "stablelm", "starcoder2"})
-_SCALED_HEAD = frozenset({"cohere", "cohere2"})
-#: Config fields by which some models transform their logits after the head: a plain model
-#: type that sets one (a later transformers, a hand-edited config) keeps the full logits.
-_POST_HEAD_FIELDS = ("final_logit_softcapping", "logit_scale", "logits_scaling",
-                     "lm_head_multiplier", "output_multiplier")
+
+def packing_refusal(model: torch.nn.Module) -> str | None:
+    """Why `model` cannot run packed batches, or None if it can: packing needs the label-position
+    head (`lm_head_of`), since no packed row holds one sequence's full logits, and a model type
+    tested to honour packed `position_ids`."""
+    if lm_head_of(model) is None:
+        return "its log-probs need the full logits (lm_head_of refuses the model)"
+    kind = unwrap(model).config.model_type
+    if kind not in PACKABLE:
+        return f"model type {kind!r} is not one tested with packed position_ids"
+    return None
 
 
 @dataclass(frozen=True)
-class LMHead:
-    """The output projection of a causal LM whose logits are exactly `scale · (x Wᵀ + b)`, x
-    being what the model feeds its `lm_head` module; W may be tied to the input embedding."""
+class ForwardLayout:
+    """How a training micro-batch goes through the model: packed (`pack`), or padded
+    (`collate`) and run as `groups` length-sorted groups. The one place that pairs the collate
+    with the forward."""
 
-    module: torch.nn.Linear
-    scale: float = 1.0
+    packed: bool = False
+    groups: int = 1
+
+    def collate(self, batch: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+        return pack(batch, pad_id) if self.packed else collate(batch, pad_id)
+
+    def logps(self, model: PreTrainedModel, batch: dict[str, torch.Tensor]
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        return batch_logps(model, batch, self.groups)
+
+    def describe(self) -> str:
+        return "packed" if self.packed else f"padded, {self.groups} group(s)"
 
 
-def lm_head_of(model: torch.nn.Module) -> LMHead | None:
-    """The LM head to compute log-probs from hidden states with, or None where the split is not
-    sure to be exact and `batch_logps` keeps today's full logits (`sequence_logps`).
-
-    `model` may be wrapped by DDP and by peft (LoRA injects its layers in place; its wrapper
-    only forwards). Refused: models outside `_PLAIN_HEAD`/`_SCALED_HEAD` or with remote code
-    (the forward is unknown), a head that is not a plain `nn.Linear` (LoRA on `lm_head`, a
-    quantized layer), and sharded or offloaded weights (FSDP, DeepSpeed, a `device_map`), which
-    are only whole inside the model's own forward.
-    """
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        model = model.module
-    if callable(getattr(model, "get_base_model", None)):  # peft's PeftModel
-        model = model.get_base_model()
-    if not isinstance(model, PreTrainedModel) \
-            or not type(model).__module__.startswith("transformers.models."):
-        return None
-    kind = model.config.model_type
-    if kind not in _PLAIN_HEAD | _SCALED_HEAD:
-        return None
-    if kind in _PLAIN_HEAD and any(getattr(model.config, f, None) is not None
-                                   for f in _POST_HEAD_FIELDS):
-        return None
-    head = model.get_output_embeddings()
-    if type(head) is not torch.nn.Linear or hasattr(head, "_hf_hook"):
-        return None
-    for p in head.parameters():
-        if type(p) is not torch.nn.Parameter or p.device.type == "meta" or hasattr(p, "ds_id"):
-            return None
-    scale = float(model.logit_scale) if kind in _SCALED_HEAD else 1.0
-    return LMHead(head, scale)
+def forward_layout(packing: bool | None, groups: int | None, model: torch.nn.Module,
+                   on: torch.device | str) -> ForwardLayout:
+    """The layout of `train.packing` and `train.forward_groups`; null means what measured
+    fastest on the device type (docs/benchmarks.md):
+    - CPU: 4 length groups (padding ~45% -> ~17%: 1.6x at 30M params against one padded
+      forward). Packing (~9%) measured the same there (3.95 vs 4.01 s per 32 pairs, within
+      noise): the groups are kept.
+    - GPU: one padded forward, where each extra launch costs more than the padding it saves
+      (issue #9's H200 runs: 920 vs 222 pairs/s at 110M params). Packing runs the same one
+      forward with a fifth of the padding, but is opt-in until measured on a GPU.
+    `packing: true` on a model that cannot honour it (`packing_refusal`) is a `UserError`."""
+    if packing:
+        refusal = packing_refusal(model)
+        if refusal is not None:
+            raise UserError(f"train.packing: true, but this model cannot run packed: {refusal}; "
+                            "set packing: false or null")
+        return ForwardLayout(packed=True)
+    cpu = torch.device(on).type == "cpu"
+    return ForwardLayout(groups=groups if groups is not None else 4 if cpu else 1)
 
 
 def label_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Where a log-prob is scored: (flat positions (N,) into the B·T hidden states, their
     labels (N,), tokens per sequence (B,)), from labels (B, T) with -100 where nothing is
-    scored. Position t predicts token t+1, hence the shift, as in `sequence_logps`.
-
-    `nonzero` waits for the device once; `batch_logps` calls this before the forward pass, when
-    the queue holds nothing else."""
+    scored. Position t predicts token t+1, hence the shift, as in `sequence_logps`."""
     shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE)
     mask = shifted != IGNORE
     pos = mask.view(-1).nonzero().squeeze(1)
     return pos, shifted.view(-1)[pos], mask.sum(-1)
 
 
-#: `torch.addmm(..., out_dtype=)` from half inputs, CUDA only.
-_CUDA_MM_OUT_DTYPE = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 8)
-
-
-def _fp32_addmm_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """`acc += a @ b` into an fp32 `acc`. From half-precision inputs on CUDA, cuBLAS writes the
-    product in fp32 (torch >= 2.8), as TRL's kernel does; elsewhere a half product is rounded
-    once per chunk, as the full-logits path rounds the whole (bf16) gradient once."""
-    if a.dtype == acc.dtype:
-        acc.addmm_(a, b)
-    elif acc.device.type == "cuda" and _CUDA_MM_OUT_DTYPE:
-        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
-    else:
-        acc.add_(torch.mm(a, b))
-
-
-class LabelLogps(torch.autograd.Function):
-    """log softmax(scale · (h Wᵀ + b))[label] at N positions, `chunk` rows at a time, in fp32.
-
-    h (N, H) is in the dtype the head computes in (bf16 under autocast, as `lm_head` would
-    cast it); W (V, H) and b (V,) are the master parameters, cast per call. Each chunk's
-    logits are a GEMM in that dtype, rounded to it as the model's own logits are, then an fp32
-    logsumexp. Backward recomputes each chunk's logits and softmax and turns them into
-    dz = g·(onehot(label) − softmax); grad h = dz W, grad W += dzᵀ h (accumulated in fp32),
-    grad b += Σ dz. Peak memory grows with chunk × V, not with B·T·V. The loop runs over
-    Python ints, so nothing waits for the device.
-    """
-
-    #: Logits per chunk: 2^25 (1,024 rows at V = 32k) hold ~0.3 GB in fp32, their half copy
-    #: and the logsumexp's temporary.
-    CHUNK_LOGITS = 1 << 25
-
-    @staticmethod
-    def forward(ctx: FunctionCtx, hidden: torch.Tensor, weight: torch.Tensor,
-                bias: torch.Tensor | None, labels: torch.Tensor, scale: float, chunk: int
-                ) -> torch.Tensor:
-        dtype, on = hidden.dtype, hidden.device.type
-        out = torch.empty(labels.shape, dtype=torch.float32, device=hidden.device)
-        lse = torch.empty_like(out)
-        # Explicit dtypes: whatever autocast is active around the call must not recast them.
-        with torch.autocast(on, enabled=False):
-            w = weight.to(dtype)
-            b = None if bias is None else bias.to(dtype)
-            for start in range(0, labels.shape[0], chunk):
-                rows = slice(start, start + chunk)
-                z = _chunk_logits(hidden[rows], w, b, scale)
-                lse[rows] = torch.logsumexp(z, -1)
-                out[rows] = z.gather(1, labels[rows, None]).squeeze(1) - lse[rows]
-        ctx.save_for_backward(hidden, weight, bias, labels, lse)
-        ctx.scale, ctx.chunk = scale, chunk
-        return out
-
-    @staticmethod
-    def backward(ctx: FunctionCtx, grad_out: torch.Tensor
-                 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None,
-                            None, None, None]:
-        hidden, weight, bias, labels, lse = ctx.saved_tensors
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        dtype, on = hidden.dtype, hidden.device.type
-        g = grad_out.float()
-        grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
-        grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
-        with torch.autocast(on, enabled=False):
-            w = weight.to(dtype)
-            b = None if bias is None else bias.to(dtype)
-            for start in range(0, labels.shape[0], ctx.chunk):
-                rows = slice(start, start + ctx.chunk)
-                h = hidden[rows]
-                dz = _chunk_logits(h, w, b, ctx.scale).sub_(lse[rows, None]).exp_()
-                dz.mul_(-g[rows, None]).scatter_add_(1, labels[rows, None], g[rows, None])
-                if ctx.scale != 1.0:
-                    dz.mul_(ctx.scale)
-                if grad_b is not None:
-                    grad_b.add_(dz.sum(0))
-                dz = dz.to(dtype)
-                if grad_h is not None:
-                    torch.mm(dz, w, out=grad_h[rows])
-                if grad_w is not None:
-                    _fp32_addmm_(grad_w, dz.t(), h)
-        return (grad_h,
-                None if grad_w is None else grad_w.to(weight.dtype),
-                None if grad_b is None else grad_b.to(bias.dtype),
-                None, None, None)
-
-
-def _chunk_logits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, scale: float
-                  ) -> torch.Tensor:
-    """fp32 logits (n, V) of a chunk, rounded first to the head's dtype as `lm_head` (and a
-    Cohere model's scaling, in that dtype) would round them; a no-op copy in fp32."""
-    z = torch.nn.functional.linear(h, w, b)
-    if scale != 1.0:
-        z = z * scale
-    return z.float()
-
-
-def chunk_rows(vocab: int) -> int:
-    """Rows per `LabelLogps` chunk: about `LabelLogps.CHUNK_LOGITS` logits."""
-    return max(1, LabelLogps.CHUNK_LOGITS // vocab)
-
-
-def hidden_logps(hidden: torch.Tensor, pos: torch.Tensor, labels: torch.Tensor,
-                 head: LMHead, dtype: torch.dtype, chunk: int) -> torch.Tensor:
-    """Summed log-prob of the labels of each sequence (B,) from the head's input hidden
-    (B, T, H), at flat positions `pos` (N,) with their `labels` (N,) (`label_positions`),
-    computed in `dtype` (the head's autocast dtype, or its own)."""
-    rows, width = hidden.shape[:2]
-    h = hidden.reshape(rows * width, -1).index_select(0, pos).to(dtype)
-    lp = LabelLogps.apply(h, head.module.weight, head.module.bias, labels, head.scale, chunk)
-    # Back into a zero (B, T) grid and summed along T: the order of the full-logits path's sum,
-    # deterministic (an index_add_ would sum with atomics on a GPU).
-    grid = torch.zeros(rows * width, dtype=lp.dtype, device=lp.device).index_copy(0, pos, lp)
-    return grid.view(rows, width).sum(-1)
-
-
-@contextmanager
-def _head_input(head: LMHead) -> Iterator[list[tuple[torch.Tensor, torch.dtype]]]:
-    """Catch what the model feeds its LM head, with the dtype the head would compute in, and
-    feed the head an empty slice instead: the model's own logits come out (B, 0, V), so
-    neither the (B, T, V) logits nor accelerate's fp32 copy of them are ever made."""
-    seen: list[tuple[torch.Tensor, torch.dtype]] = []
-
-    def grab(module: torch.nn.Module, args: tuple[torch.Tensor, ...]
-             ) -> tuple[torch.Tensor, ...]:
-        x = args[0]
-        on = x.device.type
-        dtype = torch.get_autocast_dtype(on) if torch.is_autocast_enabled(on) else x.dtype
-        seen.append((x, dtype))
-        return (x[..., :0, :], *args[1:])
-
-    handle = head.module.register_forward_pre_hook(grab)
-    try:
-        yield seen
-    finally:
-        handle.remove()
-
-
 def batch_logps(model: PreTrainedModel, batch: dict[str, torch.Tensor], groups: int = 1,
                 chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward a collated batch and return (logps (B,), n_tokens (B,)), in batch order.
+    """Forward a collated (`collate`) or packed (`pack`) batch and return (logps (S,),
+    n_tokens (S,)), in the order of the sequences given to the collate.
 
     Where `lm_head_of(model)` vouches for the model, the LM head projects only the positions
     with a label, `chunk` rows at a time (default `chunk_rows(V)`) through `LabelLogps`: no
     logits at prompt or padding positions, and none of (B, T, V) size. Otherwise the model
     returns its full logits and `sequence_logps` scores them. Both agree to float rounding.
 
-    With `groups > 1` the sequences run as that many length-sorted groups, each cut to its own
-    longest sequence. Padding is on the right and attention is causal, so only padding is cut
-    and the result is the same up to float rounding; a random batch of toy pairs is ~40%
+    A padded batch with `groups > 1` runs as that many length-sorted groups, each cut to its
+    own longest sequence. Padding is on the right and attention is causal, so only padding is
+    cut and the result is the same up to float rounding; a random batch of toy pairs is ~40%
     padding, a group of sorted ones ~10% (bench/bench_train.py: 1.6x faster at 30M params).
     """
     head = lm_head_of(model)
+    if "position_ids" in batch:
+        if head is None:
+            raise ValueError(f"a packed batch needs the label-position head: "
+                             f"{packing_refusal(model)}")
+        return _packed_logps(model, batch, head, chunk)
     if groups <= 1 and head is not None and SCORED in batch:
         return _one_group_logps(model, batch, head, chunk)
     lengths = batch["attention_mask"].sum(1)
@@ -359,7 +268,7 @@ def batch_logps(model: PreTrainedModel, batch: dict[str, torch.Tensor], groups: 
         if head is None:
             lp, n = sequence_logps(model(**inputs).logits, labels[k])
         else:
-            with _head_input(head) as seen:
+            with head_input(head) as seen:
                 out = model(**inputs)
             if not seen:  # the model never called its head: its logits are the full ones
                 lp, n = sequence_logps(out.logits, labels[k])
@@ -378,6 +287,8 @@ def _fed_once(model: PreTrainedModel, seen: list, rows: int, width: int
               ) -> tuple[torch.Tensor, torch.dtype]:
     """The (hidden, dtype) the model fed its head; a guard for a model that breaks what
     `lm_head_of` vouched for (one call with the whole (rows, width, H) batch)."""
+    if not seen:
+        raise RuntimeError(f"{type(model).__name__} never called its LM head")
     hidden, dtype = seen[0]
     if len(seen) > 1 or hidden.shape[:2] != (rows, width):
         raise RuntimeError(
@@ -392,7 +303,7 @@ def _one_group_logps(model: PreTrainedModel, batch: dict[str, torch.Tensor], hea
     `collate` found on the host: nothing is read back from the device (on a GPU the host keeps
     queueing work while the previous step runs)."""
     labels = batch["labels"]
-    with _head_input(head) as seen:
+    with head_input(head) as seen:
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                     use_cache=False)
     if not seen:  # the model never called its head: its logits are the full ones
@@ -403,6 +314,22 @@ def _one_group_logps(model: PreTrainedModel, batch: dict[str, torch.Tensor], hea
     lp = hidden_logps(hidden, pos, shifted.reshape(-1).index_select(0, pos), head, dtype,
                       chunk or chunk_rows(head.module.out_features))
     return lp, (shifted != IGNORE).sum(-1)
+
+
+def _packed_logps(model: PreTrainedModel, batch: dict[str, torch.Tensor], head: LMHead,
+                  chunk: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`batch_logps` of a packed batch: one forward pass with per-sequence `position_ids` and
+    no attention mask (what makes transformers mask across the packed sequences), then the
+    scored positions summed per sequence through a (sequences, width) grid."""
+    ids = batch["input_ids"]
+    with head_input(head) as seen:
+        model(input_ids=ids, position_ids=batch["position_ids"], use_cache=False)
+    hidden, dtype = _fed_once(model, seen, *ids.shape)
+    n_tok = batch[SEQ_TOKENS]
+    lp = hidden_logps(hidden, batch[SCORED], batch[SCORED_LABELS], head, dtype,
+                      chunk or chunk_rows(head.module.out_features),
+                      into=batch[SCORED_INTO], sequences=len(n_tok))
+    return lp, n_tok
 
 
 def token_batches(sorted_lengths: np.ndarray, max_rows: int, max_tokens: int | None

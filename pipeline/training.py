@@ -31,7 +31,7 @@ from transformers import PreTrainedModel, get_scheduler
 from pipeline.config import OptimConfig
 from pipeline.encoding import Encoded
 from pipeline.errors import UserError
-from pipeline.logps import batch_logps, collate
+from pipeline.logps import ForwardLayout
 from pipeline.objectives import Objective
 from pipeline.precision import device, resolve_mixed_precision
 
@@ -267,19 +267,15 @@ def train_loop(
 
 # --- losses on batches ----------------------------------------------------------------------
 
-def sft_batch(items: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
-    return collate(items, pad_id)
-
-
 @dataclass(frozen=True)
 class SFTLoss:
     """Mean negative log-likelihood per response token of the batch."""
 
-    groups: int
+    layout: ForwardLayout
 
     def __call__(self, model: PreTrainedModel, batch: dict[str, torch.Tensor]
                  ) -> tuple[torch.Tensor, Metrics]:
-        logps, ntok = batch_logps(model, batch, groups=self.groups)
+        logps, ntok = self.layout.logps(model, batch)
         loss = -logps.sum() / ntok.sum().clamp(min=1)
         return loss, {"tokens": ntok.sum().float()}
 
@@ -296,9 +292,10 @@ class PreferenceExample:
     h_rejected: bool
 
 
-def preference_batch(items: list[PreferenceExample], pad_id: int) -> dict[str, torch.Tensor]:
-    """Chosen and rejected sequences padded together, so one forward pass serves both."""
-    seqs = collate([e.chosen for e in items] + [e.rejected for e in items], pad_id)
+def preference_batch(items: list[PreferenceExample], pad_id: int, layout: ForwardLayout
+                     ) -> dict[str, torch.Tensor]:
+    """Chosen and rejected sequences collated together, so one forward pass serves both."""
+    seqs = layout.collate([e.chosen for e in items] + [e.rejected for e in items], pad_id)
     return {
         **seqs,
         "ref_chosen": torch.tensor([e.ref_chosen for e in items], dtype=torch.float32),
@@ -315,11 +312,11 @@ class PreferenceLoss:
     objective: Objective
     beta: float
     delta: float
-    groups: int
+    layout: ForwardLayout
 
     def __call__(self, model: PreTrainedModel, batch: dict[str, torch.Tensor]
                  ) -> tuple[torch.Tensor, Metrics]:
-        logps, _ = batch_logps(model, batch, self.groups)
+        logps, _ = self.layout.logps(model, batch)
         n = batch["ref_chosen"].shape[0]
         chosen, rejected = logps[:n], logps[n:]
         losses, r_c, r_r = self.objective.loss(

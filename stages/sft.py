@@ -18,7 +18,8 @@ def run(params_file: Path = paths.PARAMS) -> None:
     if summary["enabled"]:
         cut = summary["truncation"]
         print(f"sft: {summary['examples']} examples ({cut['truncated']} truncated to "
-              f"max_length), {summary['steps']} steps in {summary['seconds']:.0f}s; held-out "
+              f"max_length), {summary['steps']} steps ({summary['layout']}) in "
+              f"{summary['seconds']:.0f}s; held-out "
               f"loss {summary['heldout_loss_before']:.3f} -> {summary['heldout_loss_after']:.3f}"
               f" nats/token; template {summary['template']} -> {paths.SFT_DIR}")
     else:

@@ -23,6 +23,6 @@ def run(params_file: Path = paths.PARAMS) -> None:
     print(f"train: {summary['objective']} on {summary['pairs_trained']} pairs (kept "
           f"{summary['pairs_kept']}, swapped {summary['pairs_swapped']}, dropped "
           f"{summary['pairs_dropped']}, of which {summary['pairs_contradictory']} contradictory); "
-          f"{summary['steps']} steps in "
+          f"{summary['steps']} steps ({summary['layout']}) in "
           f"{summary['seconds']:.0f}s; loss {final.get('loss', float('nan')):.4f}, "
           f"reward accuracy {final.get('rewards/accuracies', float('nan')):.3f}")

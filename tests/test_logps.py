@@ -14,12 +14,19 @@ from pipeline.artifacts import text_hash
 from pipeline.config import TinyModelConfig
 from pipeline.encoding import Encoded, Encoder, load_template, resolve_template
 from pipeline.errors import UserError
+from pipeline.lm_head import lm_head_of
 from pipeline.logps import (
+    PACKABLE,
     SCORED,
+    SCORED_INTO,
+    SCORED_LABELS,
+    SEQ_TOKENS,
+    ForwardLayout,
     batch_logps,
     collate,
+    forward_layout,
     label_positions,
-    lm_head_of,
+    pack,
     pair_logps,
     sequence_logps,
 )
@@ -175,8 +182,9 @@ def test_dpo_logits_are_zero_at_step_zero_under_the_training_precision(
     ref = pair_logps(model, enc, pairs, batch_size=4, mixed_precision=mp)
     selected, _ = select_pairs(pairs, "safedpo")
     examples = preference_examples(attach_reference(selected, ref), enc)
-    batch = preference_batch(examples, enc.tokenizer.pad_token_id)
-    loss = PreferenceLoss(OBJECTIVES["safedpo"], beta=0.1, delta=10.0, groups=3)
+    layout = ForwardLayout(groups=3)
+    batch = preference_batch(examples, enc.tokenizer.pad_token_id, layout)
+    loss = PreferenceLoss(OBJECTIVES["safedpo"], beta=0.1, delta=10.0, layout=layout)
     with torch.no_grad(), autocast(mp, "cpu"):
         _, m = loss(model, batch)
     assert abs(float(m["rewards/chosen"])) < 1e-6
@@ -407,3 +415,112 @@ def test_one_group_with_host_positions_reads_nothing_back(monkeypatch: pytest.Mo
     enc = [Encoded(input_ids=[1, 5, 6, 7], labels=[-100, -100, 6, 7]),
            Encoded(input_ids=[1, 5], labels=[-100, 5])]
     assert collate(enc, 0)[SCORED].tolist() == [1, 2, 4]
+
+
+# --- the padding-free layout (`pack`) against the padded one ----------------------------------
+
+def test_pack_by_hand() -> None:
+    """First-fit decreasing into rows as wide as the longest sequence; positions restart at
+    each sequence; scored positions map packed rows back to a (sequences, width) grid."""
+    a = Encoded(input_ids=[1, 5, 6, 7, 8], labels=[-100, -100, 6, 7, 8])
+    b = Encoded(input_ids=[1, 9], labels=[-100, 9])
+    c = Encoded(input_ids=[1, 4, 3], labels=[-100, -100, 3])
+    got = pack([a, b, c], pad_id=0)
+    # a fills row 0; c (longer than b) goes first into row 1, b after it.
+    assert got["input_ids"].tolist() == [[1, 5, 6, 7, 8], [1, 4, 3, 1, 9]]
+    assert got["position_ids"].tolist() == [[0, 1, 2, 3, 4], [0, 1, 2, 0, 1]]
+    assert got[SCORED].tolist() == [1, 2, 3, 8, 6]
+    assert got[SCORED_LABELS].tolist() == [6, 7, 8, 9, 3]
+    assert got[SCORED_INTO].tolist() == [1, 2, 3, 5, 11]
+    assert got[SEQ_TOKENS].tolist() == [3, 1, 1]
+    assert "attention_mask" not in got  # transformers masks packed rows only without one
+    # Row padding: positions count on from the column (a segment of its own), never scored.
+    d = pack([a, b], pad_id=0)
+    assert d["input_ids"].tolist() == [[1, 5, 6, 7, 8], [1, 9, 0, 0, 0]]
+    assert d["position_ids"].tolist() == [[0, 1, 2, 3, 4], [0, 1, 2, 3, 4]]
+
+
+def _sequences(n: int = 9, seed: int = 3) -> list[Encoded]:
+    """Sequences of mixed lengths and prompt lengths, one with nothing scored."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i, length in enumerate([23, 5, 17, 9, 23, 12, 3, 20, 14][:n]):
+        ids = torch.randint(3, VOCAB, (length,), generator=gen).tolist()
+        prompt = length if i == 5 else min(length - 1, 1 + i % 4)
+        out.append(Encoded(ids, [-100] * prompt + ids[prompt:]))
+    return out
+
+
+def _tiny(model_type: str) -> torch.nn.Module:
+    """A 2-layer random model of `model_type` with the vocabulary of these tests."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kw: dict[str, object] = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, pad_token_id=0, bos_token_id=1,
+                                 eos_token_id=2)
+    if model_type == "gptj":
+        kw = dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, rotary_dim=4, pad_token_id=0)
+    cfg = AutoConfig.for_model(model_type, **kw)
+    for key in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop",
+                "attn_pdrop", "dropout"):
+        if hasattr(cfg, key):
+            setattr(cfg, key, 0.0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
+
+
+@pytest.mark.parametrize("model_type", sorted(PACKABLE))
+def test_packed_rows_give_the_padded_log_probs(model_type: str) -> None:
+    """Every model type packing is allowed for: log-probs and gradients of packed rows equal
+    those of one padded forward through the full logits (fp32), so no token attends across a
+    sequence boundary and each sequence's positions restart at 0."""
+    model = _tiny(model_type)
+    assert lm_head_of(model) is not None
+    seqs = _sequences()
+    padded = collate(seqs, 0)
+    packed = pack(seqs, 0)
+    assert packed["input_ids"].shape[0] < len(seqs)  # several sequences share rows
+    want, want_g = _logps_and_grads(model, _full_logits(padded))
+    got, got_g = _logps_and_grads(model, lambda m: batch_logps(m, packed, chunk=7))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=5e-5)
+    assert got[5] == 0.0  # nothing scored
+    with torch.no_grad():
+        assert torch.equal(batch_logps(model, packed)[1], _full_logits(padded)(model)[1])
+    _assert_grads_close(got_g, want_g, rtol=1e-4, atol=1e-5)
+
+
+def test_packed_rows_under_cpu_bf16_autocast() -> None:
+    """bf16 autocast: packed rows against the padded label path, to the rounding of bf16
+    activations computed in other shapes (measured 1.0e-3 nats on sums of ~15 log-probs),
+    well inside what bf16 itself moves them from fp32 (0.13 nats, asserted > 2e-2)."""
+    model = _llama(tie_word_embeddings=True)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(20)  # peaked logits: bf16 rounding shows
+    seqs = _sequences()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want, _ = batch_logps(model, collate(seqs, 0))
+        got, _ = batch_logps(model, pack(seqs, 0))
+    fp32, _ = batch_logps(model, pack(seqs, 0))
+    torch.testing.assert_close(got, want, rtol=0.0, atol=5e-3)
+    assert (fp32.detach() - got).abs().max() > 2e-2  # bf16 is what ran
+
+
+def test_forward_layout_per_device_and_refusals() -> None:
+    llama = _llama(tie_word_embeddings=True)
+    assert forward_layout(None, None, llama, "cpu") == ForwardLayout(groups=4)
+    assert forward_layout(None, None, llama, "cuda") == ForwardLayout(groups=1)
+    assert forward_layout(False, 2, llama, "cuda") == ForwardLayout(groups=2)
+    assert forward_layout(True, None, llama, "cpu") == ForwardLayout(packed=True)
+    # OPT derives positions from the attention mask: packed rows would be wrong.
+    from transformers import OPTConfig, OPTForCausalLM
+
+    opt = OPTForCausalLM(OPTConfig(vocab_size=VOCAB, hidden_size=32, ffn_dim=64,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   word_embed_proj_dim=32, pad_token_id=0))
+    with pytest.raises(UserError, match="model type 'opt' is not one tested"):
+        forward_layout(True, None, opt, "cpu")
+    assert forward_layout(None, None, opt, "cpu") == ForwardLayout(groups=4)
+    with pytest.raises(ValueError, match="packed batch needs the label-position head"):
+        batch_logps(_llama(final_logit_softcapping=30.0), pack(_sequences(3), 0))

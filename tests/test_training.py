@@ -104,6 +104,20 @@ def test_resume_after_a_kill_gives_identical_weights(project: Path) -> None:
     assert not (project / "policy-resumed-ckpt").exists()
 
 
+def test_packed_training_follows_the_padded_loss_trajectory(project: Path) -> None:
+    """`train.packing: true` trains the same model as the padded layout: the same per-step
+    losses and final weights, up to the float rounding of other shapes."""
+    padded = _train(project, "policy-padded", train_cfg(epochs=1, packing=False), live=False)
+    packed = _train(project, "policy-packed", train_cfg(epochs=1, packing=True), live=False)
+    assert (padded["layout"], packed["layout"]) == ("padded, 4 group(s)", "packed")
+    for k in ("loss", "rewards/margins", "grad_norm"):
+        assert packed["final"][k] == pytest.approx(padded["final"][k], rel=1e-4, abs=1e-5), k
+    a = load_file(project / "policy-padded" / "model.safetensors")
+    b = load_file(project / "policy-packed" / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-5, msg=k)
+
+
 def test_a_changed_config_does_not_resume_an_old_checkpoint(project: Path) -> None:
     _train(project, "policy-other", train_cfg(epochs=1), stop_after=5)
     summary = _train(project, "policy-other", train_cfg(epochs=1, lr=1e-3))
@@ -181,7 +195,8 @@ def test_prepared_bf16_model_scores_label_positions_only(project: Path,
     logits nor accelerate's fp32 copy of them exist, and the log-probs are those of the full
     bf16 logits."""
     from pipeline.finetune import preference_examples
-    from pipeline.logps import batch_logps, lm_head_of, sequence_logps
+    from pipeline.lm_head import lm_head_of
+    from pipeline.logps import ForwardLayout, batch_logps, sequence_logps
     from pipeline.objectives import select_pairs
     from pipeline.training import make_accelerator, preference_batch
 
@@ -193,7 +208,7 @@ def test_prepared_bf16_model_scores_label_positions_only(project: Path,
     enc = Encoder(tok, load_template(project / paths.SFT_DIR), MAX_LEN)
     selected, _ = select_pairs(pd.read_parquet(project / paths.PAIRS_TRAIN), "safedpo")
     items = preference_examples(selected.head(8).assign(ref_chosen=0.0, ref_rejected=0.0), enc)
-    batch = preference_batch(items, tok.pad_token_id)
+    batch = preference_batch(items, tok.pad_token_id, ForwardLayout(groups=2))
     logits_shapes: list[tuple[int, ...]] = []
     handle = model.lm_head.register_forward_hook(
         lambda m, args, out: logits_shapes.append(tuple(out.shape)))
