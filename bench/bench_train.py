@@ -21,7 +21,7 @@ higher is used).
     python bench/bench_train.py                          # both configs, as `train` runs
     python bench/bench_train.py --threads 1              # on a machine shared with other jobs
     python bench/bench_train.py --chunks 1               # one padded forward (no length groups)
-    python bench/bench_train.py --packing off            # padded, in length groups
+    python bench/bench_train.py --layout padded          # padded, in length groups
     python bench/bench_train.py --config 30m --compile   # torch.compile the model
     python bench/bench_train.py --config 30m --memory-exact --steps 1 [--reference-model]
 
@@ -309,7 +309,7 @@ def executed_rows(batch: dict[str, torch.Tensor], lengths: np.ndarray, layout: F
     """Per forward pass of a micro-batch: its rows, each at the width the kernels run (a packed
     row holds several sequences; attention is counted over the whole row)."""
     rows, width = batch["input_ids"].shape
-    if layout.packed or layout.groups <= 1:
+    if layout.kind != "padded" or layout.groups <= 1:
         return [np.full(rows, width)]
     parts = np.array_split(np.sort(lengths), min(layout.groups, len(lengths)))
     return [np.full(len(p), p.max()) for p in parts]
@@ -328,7 +328,7 @@ class Options:
     threads: int
     attn: str | None
     chunks: int | None
-    packing: bool | None
+    layout: str | None
     reference_model: bool
     compile: bool
     memory_exact: bool
@@ -388,7 +388,7 @@ def run_one(opt: Options) -> Result:
     accelerator = make_accelerator(cfg)
     # The peak of the dtype the matmuls run in: bf16 autocast runs them in bf16.
     peak_dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
-    layout = forward_layout(opt.packing, opt.chunks, model, accelerator.device)
+    layout = forward_layout(opt.layout, opt.chunks, model, accelerator.device)
     loss_fn: training.LossFn = PreferenceLoss(OBJECTIVES["safedpo"], beta=BETA, delta=DELTA,
                                               layout=layout)
     reference = None
@@ -551,8 +551,8 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, default=None,
                     help="length-sorted groups per padded forward pass (default: the library's "
                          "choice for the device, logps.forward_layout; 1 = one padded forward)")
-    ap.add_argument("--packing", choices=["auto", "on", "off"], default="auto",
-                    help="padding-free packing (auto: the library's choice for the device)")
+    ap.add_argument("--layout", choices=["auto", "padded", "packed", "shared_prompts"],
+                    default="auto", help="forward layout (auto: logps.forward_layout's choice)")
     ap.add_argument("--reference-model", action="store_true",
                     help="counterfactual: hold a reference model and run it every step")
     ap.add_argument("--compile", action="store_true",
@@ -575,7 +575,7 @@ def main() -> None:
                       warmup=DEFAULT_WARMUP[name] if args.warmup is None else args.warmup,
                       batch_size=args.batch_size, max_length=args.max_length, pairs=args.pairs,
                       threads=args.threads, attn=args.attn, chunks=args.chunks,
-                      packing={"auto": None, "on": True, "off": False}[args.packing],
+                      layout=None if args.layout == "auto" else args.layout,
                       reference_model=args.reference_model, compile=args.compile,
                       memory_exact=args.memory_exact, mixed_precision=args.mixed_precision)
         results[name] = asdict(run_one(opt))
@@ -583,7 +583,7 @@ def main() -> None:
         # One process per configuration: each peak RSS is then that configuration's alone.
         common = ["--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
                   "--pairs", str(args.pairs), "--threads", str(args.threads),
-                  "--packing", args.packing]
+                  "--layout", args.layout]
         common += ["--chunks", str(args.chunks)] if args.chunks is not None else []
         common += ["--attn", args.attn] if args.attn else []
         common += ["--steps", str(args.steps)] if args.steps else []

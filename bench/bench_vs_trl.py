@@ -52,7 +52,7 @@ TRL's sigmoid DPO. Other per-framework defaults are kept and printed: TRL's opti
     python bench/bench_vs_trl.py --config tiny --steps 3 --warmup 2
     python bench/bench_vs_trl.py --config 340m --steps 50 --json out.json
     python bench/bench_vs_trl.py --config 340m --forward-groups 2   # ours in 2 length groups
-    python bench/bench_vs_trl.py --config 340m --packing on         # ours packed, no padding
+    python bench/bench_vs_trl.py --config 340m --layout shared_prompts  # ours packed, prompts once
 
 Each configuration runs in its own process (the timed pair), plus one process per framework for
 its peak memory (`--no-memory` skips those), so each peak is that framework's alone. The
@@ -149,10 +149,10 @@ class Setup:
     memory_steps: int
     trl_gradient_checkpointing: bool
     forward_groups: int | None = None  # ours; None: `logps.forward_layout`'s default
-    packing: bool | None = None  # ours; None: `logps.forward_layout`'s default
+    layout: str | None = None  # ours; None: `logps.forward_layout`'s default
 
-    def layout(self, model: torch.nn.Module) -> ForwardLayout:
-        return forward_layout(self.packing, self.forward_groups, model, self.device)
+    def ours_layout(self, model: torch.nn.Module) -> ForwardLayout:
+        return forward_layout(self.layout, self.forward_groups, model, self.device)
 
     @property
     def total(self) -> int:
@@ -397,13 +397,14 @@ def run_pair(s: Setup) -> dict[str, Any]:
     ref_r = [examples[i].ref_rejected + noise[k, 1] for k, i in enumerate(first)]
     items = [replace(examples[i], ref_chosen=rc, ref_rejected=rr)
              for i, rc, rr in zip(first, ref_c, ref_r, strict=True)]
-    batch = {k: v.to(s.device) for k, v in preference_batch(items, pad, s.layout(model)).items()}
+    first_batch = preference_batch(items, pad, s.ours_layout(model))
+    batch = {k: v.to(s.device) for k, v in first_batch.items()}
     features = [dict(trainer.train_dataset[used.index(i)], ref_chosen_logps=rc,
                      ref_rejected_logps=rr) for i, rc, rr in zip(first, ref_c, ref_r, strict=True)]
     model.train()
     with torch.no_grad():
         ours_loss, _ = PreferenceLoss(OBJECTIVES["dpo_helpful"], BETA, 0.0,
-                                      s.layout(model))(model, batch)
+                                      s.ours_layout(model))(model, batch)
         trl_loss = trainer.compute_loss(
             trainer.model, trainer._prepare_inputs(trainer.data_collator(features)))
     trainer._metrics["train"].clear()  # that call logged metrics; the run starts clean
@@ -423,7 +424,7 @@ def run_pair(s: Setup) -> dict[str, Any]:
 
     trainer.data_collator = trl_collate_counted
 
-    layout = s.layout(model)
+    layout = s.ours_layout(model)
 
     def our_batch(items: list[PreferenceExample]) -> dict[str, torch.Tensor]:
         tokens["ours"].append(sum(len(e.chosen.input_ids) + len(e.rejected.input_ids)
@@ -505,7 +506,7 @@ def run_memory(s: Setup, framework: str) -> dict[str, Any]:
     model, tokenizer, examples, cfg, batches = prepare(s, total)
     if framework == "ours":
         accelerator = make_accelerator(cfg)
-        layout = s.layout(model)
+        layout = s.ours_layout(model)
         loss_fn = PreferenceLoss(OBJECTIVES["safedpo"], beta=BETA, delta=10.0, layout=layout)
         pad = tokenizer.pad_token_id
         with peak_memory(s.device, base) as mem:
@@ -611,8 +612,9 @@ def main() -> None:
     ap.add_argument("--forward-groups", type=int, default=None,
                     help="ours: length groups per padded forward pass (default: "
                          "logps.forward_layout, 4 on CPU, 1 on a GPU)")
-    ap.add_argument("--packing", choices=["auto", "on", "off"], default="auto",
-                    help="ours: padding-free packing (auto: logps.forward_layout's choice)")
+    ap.add_argument("--layout", choices=["auto", "padded", "packed", "shared_prompts"],
+                    default="auto", help="ours: forward layout (auto: logps.forward_layout's "
+                                         "choice for the device)")
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     ap.add_argument("--role", choices=["pair", "memory-ours", "memory-trl"], default=None,
                     help=argparse.SUPPRESS)
@@ -648,7 +650,7 @@ def main() -> None:
                   max_grad_norm=args.max_grad_norm, memory_steps=args.memory_steps,
                   trl_gradient_checkpointing=args.trl_gradient_checkpointing,
                   forward_groups=args.forward_groups,
-                  packing={"auto": None, "on": True, "off": False}[args.packing])
+                  layout=None if args.layout == "auto" else args.layout)
         results[name] = child(s, "pair")
         if not args.no_memory:
             results[name]["memory"] = {fw: child(s, f"memory-{fw}") for fw in ("ours", "trl")}

@@ -95,7 +95,7 @@ def main() -> None:
                                                           acc.device))
     selected, _ = select_pairs(train, "safedpo")
     examples = preference_examples(attach_reference(selected, ref), enc)[:32]
-    layout = forward_layout(p.train.packing, p.train.forward_groups, model, acc.device)
+    layout = forward_layout(p.train.layout, p.train.forward_groups, model, acc.device)
     batch = {k: v.to(acc.device) for k, v in
              preference_batch(examples, tokenizer.pad_token_id, layout).items()}
     loss = PreferenceLoss(OBJECTIVES["safedpo"], p.beta, p.delta, layout)

@@ -130,9 +130,9 @@ class OptimConfig:
     mixed_precision: MixedPrecision = "auto"
     gradient_checkpointing: bool = False
     log_every: int = 20
-    # The forward layout (`logps.forward_layout`); null = what measured fastest on the device.
-    # packing: sequences end to end in rows, no padding (CPU default where the model allows).
-    packing: bool | None = None
+    # The forward layout (`logps.forward_layout`): padded | packed | shared_prompts; null =
+    # what measured fastest on the device.
+    layout: Literal["padded", "packed", "shared_prompts"] | None = None
     # Length-sorted groups per padded forward pass (null: 4 on CPU, 1 on GPU).
     forward_groups: int | None = None
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -115,109 +116,217 @@ def collate(batch: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
             SCORED: label_positions(labels)[0]}
 
 
-def pack(batch: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
-    """Padding-free layout: the sequences laid end to end in rows as wide as the longest one
-    (first-fit decreasing), each with its own `position_ids` from 0 and no `attention_mask`,
-    from which transformers builds a block-causal mask (or flash-attention's varlen offsets),
-    so no token attends across a boundary. Only the ends of rows hold padding: a batch of 64
-    toy sequences drops from ~45% padding to ~9%, in one forward pass.
+#: Batch keys of a packed batch whose sequences share prompts (`pack(share_prompts=True)`): per
+#: token, the unit (a prompt and the responses that follow it) and the branch (0: the prompt,
+#: j: the j-th response) it belongs to, from which `shared_prompt_mask` is built on the device.
+UNITS = "unit_ids"
+BRANCHES = "branch_ids"
 
-    Returns input_ids and position_ids (rows, width), and the scored positions under `SCORED`,
-    `SCORED_LABELS`, `SCORED_INTO`, `SEQ_TOKENS`; `batch_logps` returns in `batch` order.
+
+def pack(batch: Sequence[Encoded], pad_id: int, share_prompts: bool = False,
+         attn_cost: float = 0.0) -> dict[str, torch.Tensor]:
+    """Padding-free layout: the sequences laid end to end in rows (first-fit decreasing), each
+    with its own `position_ids` from 0 and no `attention_mask`, from which transformers builds a
+    block-causal mask (or flash-attention's varlen offsets), so no token attends across a
+    boundary. Only the ends of rows hold padding: a batch of 64 toy sequences drops from ~45%
+    padding to ~9%, in one forward pass.
+
+    With `share_prompts`, sequences with the same prompt (the ids before the first label: both
+    responses of a pair, all responses of one prompt in SFT) form one unit, the prompt once and
+    then each response with the positions it has in its own sequence; `UNITS` and `BRANCHES`
+    say which tokens each may attend to (`shared_prompt_mask`). Causal attention makes the
+    prompt's hidden states the same in every sequence, so the log-probs are those of the
+    sequences run alone, and the prompt is computed once instead of once per response.
+
+    Row width: 1, 1.5, 2 or 3 times the widest unit, whichever `row_cost` finds cheapest with
+    `attn_cost` (`attention_cost` of the model; 0 takes the narrowest of the fewest tokens).
+    Returns input_ids and position_ids (rows, width), the scored positions under `SCORED`,
+    `SCORED_LABELS`, `SCORED_INTO`, `SEQ_TOKENS`, and with `share_prompts` `UNITS` and
+    `BRANCHES`; `batch_logps` returns in `batch` order.
     """
-    lengths = [len(e.input_ids) for e in batch]
-    width = max(lengths)
+    # A unit: the shared prefix (k tokens of its first member) and its members.
+    units: list[tuple[int, list[int]]] = []
+    if share_prompts:
+        by_prompt: dict[tuple[int, ...], int] = {}
+        for i, e in enumerate(batch):
+            k = next((t for t, lab in enumerate(e.labels) if lab != IGNORE), len(e.labels))
+            key = tuple(e.input_ids[:k])
+            if key in by_prompt:
+                units[by_prompt[key]][1].append(i)
+            else:
+                by_prompt[key] = len(units)
+                units.append((k, [i]))
+    else:
+        units = [(len(e.input_ids), [i]) for i, e in enumerate(batch)]
+    sizes = [k + sum(len(batch[i].input_ids) - k for i in members) for k, members in units]
+    widths = sorted({int(max(sizes) * f) for f in (1, 1.5, 2, 3)})
+    fits = {w: fit_rows(sizes, w) for w in widths}
+    width = min(widths, key=lambda w: row_cost(fits[w][1], w, attn_cost))
+    where, rows = fits[width]
+    ids = np.full((rows, width), pad_id, dtype=np.int64)
+    # Row padding counts on from its column and is a unit of its own, after every real token.
+    positions = np.tile(np.arange(width, dtype=np.int64), (rows, 1))
+    unit_ids = np.full((rows, width), -1, dtype=np.int64)
+    branch_ids = np.zeros((rows, width), dtype=np.int64)
+    src, labels, into, n_tok = [None] * len(batch), [None] * len(batch), [None] * len(batch), \
+        [0] * len(batch)
+    for u, ((k, members), (row, off)) in enumerate(zip(units, where, strict=True)):
+        first = batch[members[0]].input_ids
+        ids[row, off:off + k] = first[:k]
+        positions[row, off:off + k] = np.arange(k)
+        unit_ids[row, off:off + sizes[u]] = u
+        tail = off + k  # where the next member's own tokens go
+        for j, i in enumerate(members, start=1):
+            e = batch[i]
+            n = len(e.input_ids)
+            ids[row, tail:tail + n - k] = e.input_ids[k:]
+            positions[row, tail:tail + n - k] = np.arange(k, n)
+            branch_ids[row, tail:tail + n - k] = j
+            # Position t predicts token t + 1: the prompt's positions are shared, the rest its own.
+            nxt = np.asarray(e.labels[1:], dtype=np.int64)
+            t = np.flatnonzero(nxt != IGNORE)
+            src[i] = row * width + np.where(t < k, off + t, tail + t - k)
+            into[i] = i * width + t
+            labels[i] = nxt[t]
+            n_tok[i] = len(t)
+            tail += n - k
+    out = {"input_ids": torch.from_numpy(ids), "position_ids": torch.from_numpy(positions),
+           SCORED: torch.from_numpy(np.concatenate(src)),
+           SCORED_LABELS: torch.from_numpy(np.concatenate(labels)),
+           SCORED_INTO: torch.from_numpy(np.concatenate(into)),
+           SEQ_TOKENS: torch.tensor(n_tok, dtype=torch.long)}
+    if share_prompts:
+        out[UNITS] = torch.from_numpy(unit_ids)
+        out[BRANCHES] = torch.from_numpy(branch_ids)
+    return out
+
+
+def fit_rows(sizes: Sequence[int], width: int) -> tuple[list[tuple[int, int]], int]:
+    """First-fit decreasing: (row, offset) of each item of `sizes` in rows of `width`, and the
+    number of rows."""
     free: list[int] = []  # room left in each row
-    where = [(0, 0)] * len(batch)  # (row, offset) of each sequence
-    for i in sorted(range(len(batch)), key=lambda i: -lengths[i]):
-        row = next((r for r, room in enumerate(free) if room >= lengths[i]), len(free))
+    where = [(0, 0)] * len(sizes)
+    for u in sorted(range(len(sizes)), key=lambda u: -sizes[u]):
+        row = next((r for r, room in enumerate(free) if room >= sizes[u]), len(free))
         if row == len(free):
             free.append(width)
-        where[i] = (row, width - free[row])
-        free[row] -= lengths[i]
-    ids = np.full((len(free), width), pad_id, dtype=np.int64)
-    # Row padding counts on from its column: a segment of its own, after every real token.
-    positions = np.tile(np.arange(width, dtype=np.int64), (len(free), 1))
-    src, labels, into, n_tok = [], [], [], []
-    for i, (e, (row, off)) in enumerate(zip(batch, where, strict=True)):
-        n = lengths[i]
-        ids[row, off:off + n] = e.input_ids
-        positions[row, off:off + n] = np.arange(n)
-        # Position t predicts token t + 1 of the same sequence.
-        nxt = np.asarray(e.labels[1:], dtype=np.int64)
-        t = np.flatnonzero(nxt != IGNORE)
-        src.append(row * width + off + t)
-        into.append(i * width + t)
-        labels.append(nxt[t])
-        n_tok.append(len(t))
-    return {"input_ids": torch.from_numpy(ids), "position_ids": torch.from_numpy(positions),
-            SCORED: torch.from_numpy(np.concatenate(src)),
-            SCORED_LABELS: torch.from_numpy(np.concatenate(labels)),
-            SCORED_INTO: torch.from_numpy(np.concatenate(into)),
-            SEQ_TOKENS: torch.tensor(n_tok, dtype=torch.long)}
+        where[u] = (row, width - free[row])
+        free[row] -= sizes[u]
+    return where, len(free)
+
+
+def row_cost(rows: int, width: int, attn_cost: float) -> float:
+    """Relative cost of a forward over rows × width tokens: the linear layers grow with the
+    tokens, attention (masked, so computed over whole rows) with rows × width²; `attn_cost` is
+    the ratio of one query-key pair's FLOPs to one token's (`attention_cost`)."""
+    return rows * width * (1.0 + attn_cost * width)
+
+
+def attention_cost(model: torch.nn.Module) -> float:
+    """FLOPs of attention per query-key pair over FLOPs of the linear layers per token:
+    4·L·d / (2·P), P the weights of the layers' matrices (not the embedding, not the head,
+    which only runs at label positions). ~1/400 for the tiny default, ~1/3000 at 30M params,
+    ~1/25000 for a 7B Llama: wider packed rows pay off as the model grows."""
+    m = unwrap(model)
+    skip = {id(m.get_input_embeddings().weight), id(m.get_output_embeddings().weight)}
+    linear = sum(p.numel() for p in m.parameters() if p.ndim == 2 and id(p) not in skip)
+    return 2.0 * m.config.num_hidden_layers * m.config.hidden_size / max(linear, 1)
+
+
+def shared_prompt_mask(units: torch.Tensor, branches: torch.Tensor, attn_implementation: str,
+                       dtype: torch.dtype) -> torch.Tensor:
+    """The (rows, 1, W, W) attention mask of a `pack(share_prompts=True)` batch, as transformers
+    takes a ready 4D mask: a token sees the earlier tokens of its unit's prompt and of its own
+    branch. Boolean (True: attend) for sdpa, additive (0 / dtype min) for eager."""
+    width = units.shape[1]
+    causal = torch.ones(width, width, dtype=torch.bool, device=units.device).tril()
+    same = units[:, :, None] == units[:, None, :]
+    seen = (branches[:, None, :] == 0) | (branches[:, :, None] == branches[:, None, :])
+    mask = (same & seen & causal)[:, None]
+    if attn_implementation == "sdpa":
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(
+        ~mask, torch.finfo(dtype).min)
 
 
 #: `model_type`s whose attention honours packed `position_ids` (a new sequence wherever the
-#: position does not count on by one) in transformers 5.24, each checked against the padded
-#: layout by tests/test_logps.py. Left out: OPT (positions from the attention mask), GPT-2
-#: (warns of padding without a mask), anything untested.
+#: position does not count on by one) and a ready 4D mask (shared prompts) in transformers
+#: 5.24, each checked against the padded layout by tests/test_logps.py. Left out: OPT
+#: (positions from the attention mask), GPT-2 (warns of padding without a mask), the untested.
 PACKABLE = frozenset({
     "cohere", "falcon", "gemma", "glm4", "gpt_neox", "gptj", "llama", "mistral", "mixtral",
     "olmo", "olmo2", "phi", "phi3", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "smollm3",
     "stablelm", "starcoder2"})
+#: Attention implementations that take the boolean or additive 4D mask of shared prompts
+#: (flash-attention takes none: plain packing still runs there, as varlen).
+_MASKED_ATTENTION = frozenset({"sdpa", "eager"})
+
+LayoutKind = Literal["padded", "packed", "shared_prompts"]
 
 
-def packing_refusal(model: torch.nn.Module) -> str | None:
-    """Why `model` cannot run packed batches, or None if it can: packing needs the label-position
-    head (`lm_head_of`), since no packed row holds one sequence's full logits, and a model type
-    tested to honour packed `position_ids`."""
+def packing_refusal(model: torch.nn.Module, kind: LayoutKind) -> str | None:
+    """Why `model` cannot run the packed layout `kind`, or None if it can. Packing needs the
+    label-position head (`lm_head_of`), since no packed row holds one sequence's full logits,
+    and a model type tested with packed rows; shared prompts also need an attention that takes
+    a 4D mask (and rows no wider than a sliding window, checked by `_packed_logps`)."""
     if lm_head_of(model) is None:
         return "its log-probs need the full logits (lm_head_of refuses the model)"
-    kind = unwrap(model).config.model_type
-    if kind not in PACKABLE:
-        return f"model type {kind!r} is not one tested with packed position_ids"
+    config = unwrap(model).config
+    if config.model_type not in PACKABLE:
+        return f"model type {config.model_type!r} is not one tested with packed rows"
+    if kind == "shared_prompts":
+        attn = config._attn_implementation
+        if attn not in _MASKED_ATTENTION:
+            return f"attention {attn!r} takes no 4D mask (use sdpa or eager, or layout: packed)"
     return None
 
 
 @dataclass(frozen=True)
 class ForwardLayout:
-    """How a training micro-batch goes through the model: packed (`pack`), or padded
-    (`collate`) and run as `groups` length-sorted groups. The one place that pairs the collate
+    """How a training micro-batch goes through the model: padded (`collate`) and run as
+    `groups` length-sorted groups, packed (`pack`), or packed with each prompt computed once
+    for all its responses (`pack(share_prompts=True)`). The one place that pairs the collate
     with the forward."""
 
-    packed: bool = False
+    kind: LayoutKind = "padded"
     groups: int = 1
+    attn_cost: float = 0.0  # `attention_cost` of the model, for the packed row width
 
     def collate(self, batch: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
-        return pack(batch, pad_id) if self.packed else collate(batch, pad_id)
+        if self.kind == "padded":
+            return collate(batch, pad_id)
+        return pack(batch, pad_id, self.kind == "shared_prompts", self.attn_cost)
 
     def logps(self, model: PreTrainedModel, batch: dict[str, torch.Tensor]
               ) -> tuple[torch.Tensor, torch.Tensor]:
         return batch_logps(model, batch, self.groups)
 
     def describe(self) -> str:
-        return "packed" if self.packed else f"padded, {self.groups} group(s)"
+        return f"padded, {self.groups} group(s)" if self.kind == "padded" else self.kind
 
 
-def forward_layout(packing: bool | None, groups: int | None, model: torch.nn.Module,
+def forward_layout(kind: LayoutKind | None, groups: int | None, model: torch.nn.Module,
                    on: torch.device | str) -> ForwardLayout:
-    """The layout of `train.packing` and `train.forward_groups`; null means what measured
+    """The layout of `train.layout` and `train.forward_groups`; null means what measured
     fastest on the device type (docs/benchmarks.md):
-    - CPU: 4 length groups (padding ~45% -> ~17%: 1.6x at 30M params against one padded
-      forward). Packing (~9%) measured the same there (3.95 vs 4.01 s per 32 pairs, within
-      noise): the groups are kept.
+    - CPU: shared prompts where the model allows (`packing_refusal`): 1.2x a step of 4 length
+      groups at 30M params, as fast for the tiny default; else 4 length groups (padding ~45% ->
+      ~17%: 1.6x one padded forward at 30M params).
     - GPU: one padded forward, where each extra launch costs more than the padding it saves
-      (issue #9's H200 runs: 920 vs 222 pairs/s at 110M params). Packing runs the same one
-      forward with a fifth of the padding, but is opt-in until measured on a GPU.
-    `packing: true` on a model that cannot honour it (`packing_refusal`) is a `UserError`."""
-    if packing:
-        refusal = packing_refusal(model)
-        if refusal is not None:
-            raise UserError(f"train.packing: true, but this model cannot run packed: {refusal}; "
-                            "set packing: false or null")
-        return ForwardLayout(packed=True)
+      (issue #9's H200 runs: 920 vs 222 pairs/s at 110M params). The packed layouts run one
+      forward too, with far fewer tokens, but are opt-in there until measured on a GPU.
+    An explicit packed layout that the model cannot run is a `UserError`."""
     cpu = torch.device(on).type == "cpu"
-    return ForwardLayout(groups=groups if groups is not None else 4 if cpu else 1)
+    if kind is None:
+        kind = "shared_prompts" if cpu and packing_refusal(model, "shared_prompts") is None \
+            else "padded"
+    if kind == "padded":
+        return ForwardLayout(groups=groups if groups is not None else 4 if cpu else 1)
+    refusal = packing_refusal(model, kind)
+    if refusal is not None:
+        raise UserError(f"train.layout: {kind}, but this model cannot run it: {refusal}; "
+                        "set layout: padded or null")
+    return ForwardLayout(kind, attn_cost=attention_cost(model))
 
 
 def label_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -249,7 +358,7 @@ def batch_logps(model: PreTrainedModel, batch: dict[str, torch.Tensor], groups: 
     if "position_ids" in batch:
         if head is None:
             raise ValueError(f"a packed batch needs the label-position head: "
-                             f"{packing_refusal(model)}")
+                             f"{packing_refusal(model, 'packed')}")
         return _packed_logps(model, batch, head, chunk)
     if groups <= 1 and head is not None and SCORED in batch:
         return _one_group_logps(model, batch, head, chunk)
@@ -319,11 +428,26 @@ def _one_group_logps(model: PreTrainedModel, batch: dict[str, torch.Tensor], hea
 def _packed_logps(model: PreTrainedModel, batch: dict[str, torch.Tensor], head: LMHead,
                   chunk: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """`batch_logps` of a packed batch: one forward pass with per-sequence `position_ids` and
-    no attention mask (what makes transformers mask across the packed sequences), then the
-    scored positions summed per sequence through a (sequences, width) grid."""
+    no attention mask (what makes transformers mask across the packed sequences), or the mask of
+    shared prompts; then the scored positions summed per sequence through a (sequences, width)
+    grid."""
     ids = batch["input_ids"]
+    mask = None
+    if UNITS in batch:
+        config = unwrap(model).config
+        window = getattr(config, "sliding_window", None)
+        if window is not None and getattr(config, "use_sliding_window", True) \
+                and window < ids.shape[1]:
+            # The ready mask replaces the model's own, sliding window included.
+            raise UserError(f"layout shared_prompts: packed rows of {ids.shape[1]} tokens are "
+                            f"wider than the model's sliding window ({window}); use layout: "
+                            "packed or padded")
+        dtype = next(model.parameters()).dtype
+        mask = shared_prompt_mask(batch[UNITS], batch[BRANCHES], config._attn_implementation,
+                                  dtype)
     with head_input(head) as seen:
-        model(input_ids=ids, position_ids=batch["position_ids"], use_cache=False)
+        model(input_ids=ids, position_ids=batch["position_ids"], attention_mask=mask,
+              use_cache=False)
     hidden, dtype = _fed_once(model, seen, *ids.shape)
     n_tok = batch[SEQ_TOKENS]
     lp = hidden_logps(hidden, batch[SCORED], batch[SCORED_LABELS], head, dtype,

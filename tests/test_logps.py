@@ -16,19 +16,25 @@ from pipeline.encoding import Encoded, Encoder, load_template, resolve_template
 from pipeline.errors import UserError
 from pipeline.lm_head import lm_head_of
 from pipeline.logps import (
+    BRANCHES,
     PACKABLE,
     SCORED,
     SCORED_INTO,
     SCORED_LABELS,
     SEQ_TOKENS,
+    UNITS,
     ForwardLayout,
+    attention_cost,
     batch_logps,
     collate,
+    fit_rows,
     forward_layout,
     label_positions,
     pack,
     pair_logps,
+    row_cost,
     sequence_logps,
+    shared_prompt_mask,
 )
 from pipeline.modeling import build_tiny_model, load_pretrained, save_model, train_tiny_tokenizer
 from pipeline.reference import (
@@ -417,7 +423,7 @@ def test_one_group_with_host_positions_reads_nothing_back(monkeypatch: pytest.Mo
     assert collate(enc, 0)[SCORED].tolist() == [1, 2, 4]
 
 
-# --- the padding-free layout (`pack`) against the padded one ----------------------------------
+# --- the packed layouts (`pack`) against the padded one --------------------------------------
 
 def test_pack_by_hand() -> None:
     """First-fit decreasing into rows as wide as the longest sequence; positions restart at
@@ -425,7 +431,7 @@ def test_pack_by_hand() -> None:
     a = Encoded(input_ids=[1, 5, 6, 7, 8], labels=[-100, -100, 6, 7, 8])
     b = Encoded(input_ids=[1, 9], labels=[-100, 9])
     c = Encoded(input_ids=[1, 4, 3], labels=[-100, -100, 3])
-    got = pack([a, b, c], pad_id=0)
+    got = pack([a, b, c], pad_id=0, attn_cost=1.0)  # costly attention: the narrowest rows
     # a fills row 0; c (longer than b) goes first into row 1, b after it.
     assert got["input_ids"].tolist() == [[1, 5, 6, 7, 8], [1, 4, 3, 1, 9]]
     assert got["position_ids"].tolist() == [[0, 1, 2, 3, 4], [0, 1, 2, 0, 1]]
@@ -435,9 +441,48 @@ def test_pack_by_hand() -> None:
     assert got[SEQ_TOKENS].tolist() == [3, 1, 1]
     assert "attention_mask" not in got  # transformers masks packed rows only without one
     # Row padding: positions count on from the column (a segment of its own), never scored.
-    d = pack([a, b], pad_id=0)
-    assert d["input_ids"].tolist() == [[1, 5, 6, 7, 8], [1, 9, 0, 0, 0]]
+    d = pack([a, c], pad_id=0, attn_cost=1.0)
+    assert d["input_ids"].tolist() == [[1, 5, 6, 7, 8], [1, 4, 3, 0, 0]]
     assert d["position_ids"].tolist() == [[0, 1, 2, 3, 4], [0, 1, 2, 3, 4]]
+
+
+def test_pack_with_shared_prompts_by_hand() -> None:
+    """Two responses of one prompt: the prompt once, each response at the positions it has in
+    its own sequence; the last prompt position scores the first token of both responses."""
+    a = Encoded(input_ids=[1, 5, 6, 7], labels=[-100, -100, 6, 7])
+    b = Encoded(input_ids=[1, 5, 9], labels=[-100, -100, 9])
+    c = Encoded(input_ids=[1, 4, 3], labels=[-100, -100, 3])  # another prompt
+    got = pack([a, b, c], pad_id=0, share_prompts=True, attn_cost=1.0)
+    # Units: [1 5 | 6 7 | 9] (5 tokens) and [1 4 | 3] (3 tokens), rows 5 wide.
+    assert got["input_ids"].tolist() == [[1, 5, 6, 7, 9], [1, 4, 3, 0, 0]]
+    assert got["position_ids"].tolist() == [[0, 1, 2, 3, 2], [0, 1, 2, 3, 4]]
+    assert got[UNITS].tolist() == [[0, 0, 0, 0, 0], [1, 1, 1, -1, -1]]
+    assert got[BRANCHES].tolist() == [[0, 0, 1, 1, 2], [0, 0, 1, 0, 0]]
+    assert got[SCORED].tolist() == [1, 2, 1, 6]
+    assert got[SCORED_LABELS].tolist() == [6, 7, 9, 3]
+    assert got[SCORED_INTO].tolist() == [1, 2, 6, 11]
+    assert got[SEQ_TOKENS].tolist() == [2, 1, 1]
+    mask = shared_prompt_mask(got[UNITS], got[BRANCHES], "sdpa", torch.float32)
+    # Row 0: the second response (column 4) sees the prompt and itself, not the first one.
+    assert mask[0, 0].int().tolist() == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0],
+                                         [1, 1, 1, 1, 0], [1, 1, 0, 0, 1]]
+    assert mask[1, 0, 3].int().tolist() == [0, 0, 0, 1, 0]  # row padding: itself only
+    additive = shared_prompt_mask(got[UNITS], got[BRANCHES], "eager", torch.float32)
+    assert torch.equal(additive == 0, mask)
+
+
+def test_packed_row_width_by_cost() -> None:
+    """Wider rows waste less at their ends but attend over more: `pack` takes the width of the
+    least `row_cost` among 1, 1.5, 2 and 3 times the widest unit."""
+    sizes = [10, 7, 7, 5]
+    assert fit_rows(sizes, 10) == ([(0, 0), (1, 0), (2, 0), (3, 0)], 4)
+    assert fit_rows(sizes, 15) == ([(0, 0), (1, 0), (1, 7), (0, 10)], 2)
+    assert row_cost(4, 10, 0.0) == 40 and row_cost(2, 15, 0.0) == 30
+    assert row_cost(4, 10, 0.5) == 240 < row_cost(2, 15, 0.5) == 255
+    seqs = [Encoded([1] * n, [-100] + [1] * (n - 1)) for n in sizes]
+    assert pack(seqs, 0, attn_cost=0.5)["input_ids"].shape == (4, 10)
+    # Free attention: the fewest tokens, and of 15 and 30 wide (both 30 tokens) the narrower.
+    assert pack(seqs, 0, attn_cost=0.0)["input_ids"].shape == (2, 15)
 
 
 def _sequences(n: int = 9, seed: int = 3) -> list[Encoded]:
@@ -449,6 +494,17 @@ def _sequences(n: int = 9, seed: int = 3) -> list[Encoded]:
         prompt = length if i == 5 else min(length - 1, 1 + i % 4)
         out.append(Encoded(ids, [-100] * prompt + ids[prompt:]))
     return out
+
+
+def _pairs_sharing_prompts() -> list[Encoded]:
+    """`_sequences` as chosen sides, each with a rejected side on the same prompt."""
+    gen = torch.Generator().manual_seed(5)
+    chosen, rejected = _sequences(), []
+    for e in chosen:
+        k = next((t for t, lab in enumerate(e.labels) if lab != -100), len(e.labels))
+        tail = torch.randint(3, VOCAB, (1 + k % 6,), generator=gen).tolist()
+        rejected.append(Encoded(e.input_ids[:k] + tail, [-100] * k + tail))
+    return chosen + rejected
 
 
 def _tiny(model_type: str) -> torch.nn.Module:
@@ -471,23 +527,37 @@ def _tiny(model_type: str) -> torch.nn.Module:
         return AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
 
 
+@pytest.mark.parametrize("kind", ["packed", "shared_prompts"])
 @pytest.mark.parametrize("model_type", sorted(PACKABLE))
-def test_packed_rows_give_the_padded_log_probs(model_type: str) -> None:
+def test_packed_rows_give_the_padded_log_probs(model_type: str, kind: str) -> None:
     """Every model type packing is allowed for: log-probs and gradients of packed rows equal
     those of one padded forward through the full logits (fp32), so no token attends across a
-    sequence boundary and each sequence's positions restart at 0."""
+    sequence boundary (or, with shared prompts, into another response) and each sequence's
+    positions are its own."""
     model = _tiny(model_type)
     assert lm_head_of(model) is not None
-    seqs = _sequences()
+    seqs = _pairs_sharing_prompts()
     padded = collate(seqs, 0)
-    packed = pack(seqs, 0)
-    assert packed["input_ids"].shape[0] < len(seqs)  # several sequences share rows
+    layout = forward_layout(kind, None, model, "cpu")  # type: ignore[arg-type]
+    packed = layout.collate(seqs, 0)
+    assert packed["input_ids"].numel() < padded["input_ids"].numel() * 0.8
     want, want_g = _logps_and_grads(model, _full_logits(padded))
     got, got_g = _logps_and_grads(model, lambda m: batch_logps(m, packed, chunk=7))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=5e-5)
     assert got[5] == 0.0  # nothing scored
     with torch.no_grad():
         assert torch.equal(batch_logps(model, packed)[1], _full_logits(padded)(model)[1])
+    _assert_grads_close(got_g, want_g, rtol=1e-4, atol=1e-5)
+
+
+def test_shared_prompts_with_eager_attention() -> None:
+    model = _llama(tie_word_embeddings=True)
+    model.set_attn_implementation("eager")
+    seqs = _pairs_sharing_prompts()
+    want, want_g = _logps_and_grads(model, _full_logits(collate(seqs, 0)))
+    packed = pack(seqs, 0, share_prompts=True)
+    got, got_g = _logps_and_grads(model, lambda m: batch_logps(m, packed))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=5e-5)
     _assert_grads_close(got_g, want_g, rtol=1e-4, atol=1e-5)
 
 
@@ -498,21 +568,26 @@ def test_packed_rows_under_cpu_bf16_autocast() -> None:
     model = _llama(tie_word_embeddings=True)
     with torch.no_grad():
         model.model.embed_tokens.weight.mul_(20)  # peaked logits: bf16 rounding shows
-    seqs = _sequences()
+    seqs = _pairs_sharing_prompts()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         want, _ = batch_logps(model, collate(seqs, 0))
-        got, _ = batch_logps(model, pack(seqs, 0))
-    fp32, _ = batch_logps(model, pack(seqs, 0))
-    torch.testing.assert_close(got, want, rtol=0.0, atol=5e-3)
+        for share in (False, True):
+            got, _ = batch_logps(model, pack(seqs, 0, share_prompts=share))
+            torch.testing.assert_close(got, want, rtol=0.0, atol=5e-3)
+    fp32, _ = batch_logps(model, pack(seqs, 0, share_prompts=True))
     assert (fp32.detach() - got).abs().max() > 2e-2  # bf16 is what ran
 
 
 def test_forward_layout_per_device_and_refusals() -> None:
     llama = _llama(tie_word_embeddings=True)
-    assert forward_layout(None, None, llama, "cpu") == ForwardLayout(groups=4)
+    cost = attention_cost(llama)
+    # 2·L·d / weights of the layers' matrices: q, o 32x32; k, v 32x16 (2 KV heads); MLP 3x32x64
+    assert cost == pytest.approx(2 * 2 * 32 / (2 * (2 * 32 * 32 + 2 * 32 * 16 + 3 * 32 * 64)))
+    assert forward_layout(None, None, llama, "cpu") == ForwardLayout("shared_prompts",
+                                                                     attn_cost=cost)
     assert forward_layout(None, None, llama, "cuda") == ForwardLayout(groups=1)
-    assert forward_layout(False, 2, llama, "cuda") == ForwardLayout(groups=2)
-    assert forward_layout(True, None, llama, "cpu") == ForwardLayout(packed=True)
+    assert forward_layout("padded", 2, llama, "cuda") == ForwardLayout(groups=2)
+    assert forward_layout("packed", None, llama, "cuda").kind == "packed"
     # OPT derives positions from the attention mask: packed rows would be wrong.
     from transformers import OPTConfig, OPTForCausalLM
 
@@ -520,7 +595,17 @@ def test_forward_layout_per_device_and_refusals() -> None:
                                    num_hidden_layers=2, num_attention_heads=4,
                                    word_embed_proj_dim=32, pad_token_id=0))
     with pytest.raises(UserError, match="model type 'opt' is not one tested"):
-        forward_layout(True, None, opt, "cpu")
+        forward_layout("packed", None, opt, "cpu")
     assert forward_layout(None, None, opt, "cpu") == ForwardLayout(groups=4)
     with pytest.raises(ValueError, match="packed batch needs the label-position head"):
         batch_logps(_llama(final_logit_softcapping=30.0), pack(_sequences(3), 0))
+    # Shared prompts need a 4D mask: not flash-attention's (plain packing runs there).
+    llama.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(UserError, match="takes no 4D mask"):
+        forward_layout("shared_prompts", None, llama, "cuda")
+    assert forward_layout(None, None, llama, "cpu") == ForwardLayout(groups=4)
+    # A sliding window narrower than the rows: the ready mask would drop it.
+    mistral = _tiny("mistral")
+    mistral.config.sliding_window = 8
+    with pytest.raises(UserError, match="wider than the model's sliding window"):
+        batch_logps(mistral, pack(_pairs_sharing_prompts(), 0, share_prompts=True))

@@ -104,18 +104,21 @@ def test_resume_after_a_kill_gives_identical_weights(project: Path) -> None:
     assert not (project / "policy-resumed-ckpt").exists()
 
 
-def test_packed_training_follows_the_padded_loss_trajectory(project: Path) -> None:
-    """`train.packing: true` trains the same model as the padded layout: the same per-step
-    losses and final weights, up to the float rounding of other shapes."""
-    padded = _train(project, "policy-padded", train_cfg(epochs=1, packing=False), live=False)
-    packed = _train(project, "policy-packed", train_cfg(epochs=1, packing=True), live=False)
-    assert (padded["layout"], packed["layout"]) == ("padded, 4 group(s)", "packed")
-    for k in ("loss", "rewards/margins", "grad_norm"):
-        assert packed["final"][k] == pytest.approx(padded["final"][k], rel=1e-4, abs=1e-5), k
+def test_packed_layouts_follow_the_padded_loss_trajectory(project: Path) -> None:
+    """`train.layout` packed and shared_prompts train the same model as the padded layout: the
+    same last-step metrics and final weights, up to the float rounding of other shapes."""
+    runs = {kind: _train(project, f"policy-{kind}", train_cfg(epochs=1, layout=kind), live=False)
+            for kind in ("padded", "packed", "shared_prompts")}
+    assert [r["layout"] for r in runs.values()] == ["padded, 4 group(s)", "packed",
+                                                     "shared_prompts"]
     a = load_file(project / "policy-padded" / "model.safetensors")
-    b = load_file(project / "policy-packed" / "model.safetensors")
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-5, msg=k)
+    for kind in ("packed", "shared_prompts"):
+        for k in ("loss", "rewards/margins", "grad_norm"):
+            assert runs[kind]["final"][k] == pytest.approx(runs["padded"]["final"][k], rel=1e-4,
+                                                           abs=1e-5), (kind, k)
+        b = load_file(project / f"policy-{kind}" / "model.safetensors")
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-5, msg=f"{kind} {k}")
 
 
 def test_a_changed_config_does_not_resume_an_old_checkpoint(project: Path) -> None:
