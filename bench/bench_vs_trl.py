@@ -29,7 +29,9 @@ autocast on a GPU), peak memory (GPU: `torch.cuda.max_memory_allocated`; CPU: pe
 training minus RSS before the model was built) measured in a separate process per framework,
 and the ratio ours / TRL. The FLOPs counted are the model's, not what each framework executes:
 work one of them skips (TRL's fused LM head on CUDA projects only completion positions; ours
-cuts padding with length groups on CPU) shows as more pairs/s at the same FLOP count.
+projects only label positions, and on CPU runs each prompt once for both responses with no
+padding, `layout: shared_prompts`) shows as more pairs/s at the same FLOP count, and as an MFU
+above what the hardware executes.
 
 Agreement, checked before any update:
 (a) reference log-probs: ours (`score_sequences`) against the ones TRL precomputes for the same
@@ -39,9 +41,10 @@ Agreement, checked before any update:
     (`dpo_helpful`) against TRL's `sigmoid` loss; target |Δ| ≤ 1e-4.
 What is left between the two: float rounding only. TRL computes log-probs with its fused,
 chunked LM head (on CUDA with Triton only at completion positions, on CPU at every position),
-ours with `logps.LabelLogps` (the LM head only at label positions, in row chunks, an fp32
-logsumexp; `ours_logps_path` in the results says which path ran), in 4 length-sorted groups on
-CPU; sums of ~100 fp32 log-probs of a few nats differ in the last bits.
+ours with `lm_head.LabelLogps` (the LM head only at label positions, in row chunks, an fp32
+logsumexp; `ours_logps_path` in the results says which path ran), in the layout of
+`logps.forward_layout` (`ours_layout`; `--layout` to choose); sums of ~100 fp32 log-probs of a
+few nats differ in the last bits.
 
 The timed step is what `train` runs (SafeDPO; its margin costs a few element-wise ops) against
 TRL's sigmoid DPO. Other per-framework defaults are kept and printed: TRL's optimizer is
@@ -99,7 +102,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from pipeline.config import TinyModelConfig, TrainConfig
 from pipeline.encoding import IGNORE
-from pipeline.logps import ForwardLayout, forward_layout, lm_head_of, score_sequences
+from pipeline.lm_head import lm_head_of
+from pipeline.logps import ForwardLayout, forward_layout, score_sequences
 from pipeline.objectives import OBJECTIVES
 from pipeline.training import (
     Checkpointer,
@@ -472,6 +476,12 @@ def run_pair(s: Setup) -> dict[str, Any]:
         "ours_layout": layout.describe(),
         "trl_optimizer": str(getattr(trainer.args.optim, "value", trainer.args.optim)),
         "load_average": [load_before[0], load_average()[0]],
+        # Both loops share the process's CUDA allocator: retries (a cudaFree of the cache and a
+        # new cudaMalloc) or many device allocations would explain rare slow steps.
+        "cuda_allocator": {k: v for k, v in torch.cuda.memory_stats().items()
+                           if k in ("num_alloc_retries", "num_device_alloc", "num_device_free",
+                                    "num_sync_all_streams", "num_ooms")}
+        if s.device == "cuda" else None,
         "agreement": {"ref_logps": ref_check, "first_batch_loss": loss_check},
     }
 
@@ -582,6 +592,8 @@ def report(results: dict[str, dict[str, Any]]) -> None:
               f"{r['load_average'][0]} -> {r['load_average'][1]}, wall s: pair {r['wall_s']}, "
               f"memory "
               f"{[m['wall_s'] for m in r.get('memory', {}).values()]}; memory: {mem}")
+        if r.get("cuda_allocator"):
+            print(f"{name}: CUDA allocator over the timed pair: {r['cuda_allocator']}")
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""Log-probs at label positions (`logps.LabelLogps`) against the full logits, on one device:
+"""Log-probs at label positions (`lm_head.LabelLogps`) against the full logits, on one device:
 the same sums and gradients, and what each costs in time and peak memory.
 
 A randomly initialised Llama (tied head, fp32 master weights) scores a batch of right-padded
@@ -34,7 +34,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.logps import batch_logps, lm_head_of, sequence_logps
+from pipeline.lm_head import lm_head_of
+from pipeline.logps import batch_logps, sequence_logps
 
 Score = Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
 
