@@ -23,6 +23,18 @@ from transformers import PreTrainedModel
 
 from pipeline.encoding import IGNORE, Encoded, Encoder, TruncationStats
 from pipeline.errors import UserError
+from pipeline.layouts import (
+    BRANCHES,
+    SCORED,
+    SCORED_INTO,
+    SCORED_LABELS,
+    SEQ_TOKENS,
+    UNITS,
+    collate,
+    label_positions,
+    pack,
+    shared_prompt_mask,
+)
 from pipeline.lm_head import LMHead, chunk_rows, head_input, hidden_logps, lm_head_of, unwrap
 from pipeline.precision import MixedPrecision, autocast
 
@@ -90,138 +102,6 @@ class TokenLogps(torch.autograd.Function):
         return grad.view_as(logits), None
 
 
-#: Batch keys of where log-probs are scored, found on the host by `collate` / `pack` (a forward
-#: then reads nothing back from the device before it runs): flat positions (N,) into the
-#: forward's rows × width hidden states; for packed batches also the labels there (N,), the flat
-#: positions (N,) of the (sequences, width) grid that sums them per sequence, and the tokens
-#: scored per sequence (S,).
-SCORED = "scored_positions"
-SCORED_LABELS = "scored_labels"
-SCORED_INTO = "scored_into"
-SEQ_TOKENS = "sequence_tokens"
-
-
-def collate(batch: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a batch: pad token in `input_ids`, 0 in `attention_mask`, -100 in `labels`."""
-    width = max(len(e.input_ids) for e in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
-    attn = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, e in enumerate(batch):
-        n = len(e.input_ids)
-        ids[i, :n] = torch.tensor(e.input_ids)
-        labels[i, :n] = torch.tensor(e.labels)
-        attn[i, :n] = 1
-    return {"input_ids": ids, "attention_mask": attn, "labels": labels,
-            SCORED: label_positions(labels)[0]}
-
-
-#: Batch keys of a packed batch whose sequences share prompts (`pack(share_prompts=True)`): per
-#: token, the unit (a prompt and the responses that follow it) and the branch (0: the prompt,
-#: j: the j-th response) it belongs to, from which `shared_prompt_mask` is built on the device.
-UNITS = "unit_ids"
-BRANCHES = "branch_ids"
-
-
-def pack(batch: Sequence[Encoded], pad_id: int, share_prompts: bool = False,
-         attn_cost: float = 0.0) -> dict[str, torch.Tensor]:
-    """Padding-free layout: the sequences laid end to end in rows (first-fit decreasing), each
-    with its own `position_ids` from 0 and no `attention_mask`, from which transformers builds a
-    block-causal mask (or flash-attention's varlen offsets), so no token attends across a
-    boundary. Only the ends of rows hold padding: a batch of 64 toy sequences drops from ~45%
-    padding to ~9%, in one forward pass.
-
-    With `share_prompts`, sequences with the same prompt (the ids before the first label: both
-    responses of a pair, all responses of one prompt in SFT) form one unit, the prompt once and
-    then each response with the positions it has in its own sequence; `UNITS` and `BRANCHES`
-    say which tokens each may attend to (`shared_prompt_mask`). Causal attention makes the
-    prompt's hidden states the same in every sequence, so the log-probs are those of the
-    sequences run alone, and the prompt is computed once instead of once per response.
-
-    Row width: 1, 1.5, 2 or 3 times the widest unit, whichever `row_cost` finds cheapest with
-    `attn_cost` (`attention_cost` of the model; 0 takes the narrowest of the fewest tokens).
-    Returns input_ids and position_ids (rows, width), the scored positions under `SCORED`,
-    `SCORED_LABELS`, `SCORED_INTO`, `SEQ_TOKENS`, and with `share_prompts` `UNITS` and
-    `BRANCHES`; `batch_logps` returns in `batch` order.
-    """
-    # A unit: the shared prefix (k tokens of its first member) and its members.
-    units: list[tuple[int, list[int]]] = []
-    if share_prompts:
-        by_prompt: dict[tuple[int, ...], int] = {}
-        for i, e in enumerate(batch):
-            k = next((t for t, lab in enumerate(e.labels) if lab != IGNORE), len(e.labels))
-            key = tuple(e.input_ids[:k])
-            if key in by_prompt:
-                units[by_prompt[key]][1].append(i)
-            else:
-                by_prompt[key] = len(units)
-                units.append((k, [i]))
-    else:
-        units = [(len(e.input_ids), [i]) for i, e in enumerate(batch)]
-    sizes = [k + sum(len(batch[i].input_ids) - k for i in members) for k, members in units]
-    widths = sorted({int(max(sizes) * f) for f in (1, 1.5, 2, 3)})
-    fits = {w: fit_rows(sizes, w) for w in widths}
-    width = min(widths, key=lambda w: row_cost(fits[w][1], w, attn_cost))
-    where, rows = fits[width]
-    ids = np.full((rows, width), pad_id, dtype=np.int64)
-    # Row padding counts on from its column and is a unit of its own, after every real token.
-    positions = np.tile(np.arange(width, dtype=np.int64), (rows, 1))
-    unit_ids = np.full((rows, width), -1, dtype=np.int64)
-    branch_ids = np.zeros((rows, width), dtype=np.int64)
-    src, labels, into, n_tok = [None] * len(batch), [None] * len(batch), [None] * len(batch), \
-        [0] * len(batch)
-    for u, ((k, members), (row, off)) in enumerate(zip(units, where, strict=True)):
-        first = batch[members[0]].input_ids
-        ids[row, off:off + k] = first[:k]
-        positions[row, off:off + k] = np.arange(k)
-        unit_ids[row, off:off + sizes[u]] = u
-        tail = off + k  # where the next member's own tokens go
-        for j, i in enumerate(members, start=1):
-            e = batch[i]
-            n = len(e.input_ids)
-            ids[row, tail:tail + n - k] = e.input_ids[k:]
-            positions[row, tail:tail + n - k] = np.arange(k, n)
-            branch_ids[row, tail:tail + n - k] = j
-            # Position t predicts token t + 1: the prompt's positions are shared, the rest its own.
-            nxt = np.asarray(e.labels[1:], dtype=np.int64)
-            t = np.flatnonzero(nxt != IGNORE)
-            src[i] = row * width + np.where(t < k, off + t, tail + t - k)
-            into[i] = i * width + t
-            labels[i] = nxt[t]
-            n_tok[i] = len(t)
-            tail += n - k
-    out = {"input_ids": torch.from_numpy(ids), "position_ids": torch.from_numpy(positions),
-           SCORED: torch.from_numpy(np.concatenate(src)),
-           SCORED_LABELS: torch.from_numpy(np.concatenate(labels)),
-           SCORED_INTO: torch.from_numpy(np.concatenate(into)),
-           SEQ_TOKENS: torch.tensor(n_tok, dtype=torch.long)}
-    if share_prompts:
-        out[UNITS] = torch.from_numpy(unit_ids)
-        out[BRANCHES] = torch.from_numpy(branch_ids)
-    return out
-
-
-def fit_rows(sizes: Sequence[int], width: int) -> tuple[list[tuple[int, int]], int]:
-    """First-fit decreasing: (row, offset) of each item of `sizes` in rows of `width`, and the
-    number of rows."""
-    free: list[int] = []  # room left in each row
-    where = [(0, 0)] * len(sizes)
-    for u in sorted(range(len(sizes)), key=lambda u: -sizes[u]):
-        row = next((r for r, room in enumerate(free) if room >= sizes[u]), len(free))
-        if row == len(free):
-            free.append(width)
-        where[u] = (row, width - free[row])
-        free[row] -= sizes[u]
-    return where, len(free)
-
-
-def row_cost(rows: int, width: int, attn_cost: float) -> float:
-    """Relative cost of a forward over rows × width tokens: the linear layers grow with the
-    tokens, attention (masked, so computed over whole rows) with rows × width²; `attn_cost` is
-    the ratio of one query-key pair's FLOPs to one token's (`attention_cost`)."""
-    return rows * width * (1.0 + attn_cost * width)
-
-
 def attention_cost(model: torch.nn.Module) -> float:
     """FLOPs of attention per query-key pair over FLOPs of the linear layers per token:
     4·L·d / (2·P), P the weights of the layers' matrices (not the embedding, not the head,
@@ -231,22 +111,6 @@ def attention_cost(model: torch.nn.Module) -> float:
     skip = {id(m.get_input_embeddings().weight), id(m.get_output_embeddings().weight)}
     linear = sum(p.numel() for p in m.parameters() if p.ndim == 2 and id(p) not in skip)
     return 2.0 * m.config.num_hidden_layers * m.config.hidden_size / max(linear, 1)
-
-
-def shared_prompt_mask(units: torch.Tensor, branches: torch.Tensor, attn_implementation: str,
-                       dtype: torch.dtype) -> torch.Tensor:
-    """The (rows, 1, W, W) attention mask of a `pack(share_prompts=True)` batch, as transformers
-    takes a ready 4D mask: a token sees the earlier tokens of its unit's prompt and of its own
-    branch. Boolean (True: attend) for sdpa, additive (0 / dtype min) for eager."""
-    width = units.shape[1]
-    causal = torch.ones(width, width, dtype=torch.bool, device=units.device).tril()
-    same = units[:, :, None] == units[:, None, :]
-    seen = (branches[:, None, :] == 0) | (branches[:, :, None] == branches[:, None, :])
-    mask = (same & seen & causal)[:, None]
-    if attn_implementation == "sdpa":
-        return mask
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(
-        ~mask, torch.finfo(dtype).min)
 
 
 #: `model_type`s whose attention honours packed `position_ids` (a new sequence wherever the
@@ -327,16 +191,6 @@ def forward_layout(kind: LayoutKind | None, groups: int | None, model: torch.nn.
         raise UserError(f"train.layout: {kind}, but this model cannot run it: {refusal}; "
                         "set layout: padded or null")
     return ForwardLayout(kind, attn_cost=attention_cost(model))
-
-
-def label_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Where a log-prob is scored: (flat positions (N,) into the B·T hidden states, their
-    labels (N,), tokens per sequence (B,)), from labels (B, T) with -100 where nothing is
-    scored. Position t predicts token t+1, hence the shift, as in `sequence_logps`."""
-    shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE)
-    mask = shifted != IGNORE
-    pos = mask.view(-1).nonzero().squeeze(1)
-    return pos, shifted.view(-1)[pos], mask.sum(-1)
 
 
 def batch_logps(model: PreTrainedModel, batch: dict[str, torch.Tensor], groups: int = 1,

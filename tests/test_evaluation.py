@@ -157,7 +157,8 @@ def test_generation_stores_token_ids_and_kl_scores_exactly_those(hub_like) -> No
     from pipeline.encoding import Encoded
     from pipeline.evaluation import sample_logps
     from pipeline.generation import eos_token_ids
-    from pipeline.logps import collate, sequence_logps
+    from pipeline.layouts import collate
+    from pipeline.logps import sequence_logps
 
     model, enc, rows = hub_like
     extra = enc.tokenizer.convert_tokens_to_ids("▁the")

@@ -9,32 +9,30 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from tiny_lms import (
+    VOCAB,
+    assert_grads_close,
+    full_logits,
+    llama,
+    logps_and_grads,
+    padded_batch,
+    tiny_lm,
+)
 
 from pipeline.artifacts import text_hash
 from pipeline.config import TinyModelConfig
 from pipeline.encoding import Encoded, Encoder, load_template, resolve_template
 from pipeline.errors import UserError
+from pipeline.layouts import SCORED, collate, label_positions, pack
 from pipeline.lm_head import lm_head_of
 from pipeline.logps import (
-    BRANCHES,
     PACKABLE,
-    SCORED,
-    SCORED_INTO,
-    SCORED_LABELS,
-    SEQ_TOKENS,
-    UNITS,
     ForwardLayout,
     attention_cost,
     batch_logps,
-    collate,
-    fit_rows,
     forward_layout,
-    label_positions,
-    pack,
     pair_logps,
-    row_cost,
     sequence_logps,
-    shared_prompt_mask,
 )
 from pipeline.modeling import build_tiny_model, load_pretrained, save_model, train_tiny_tokenizer
 from pipeline.reference import (
@@ -221,183 +219,23 @@ def test_scoring_in_token_sized_batches_gives_the_same_log_probs(
     pd.testing.assert_frame_equal(a, b, rtol=1e-5, atol=1e-5)
 
 
-# --- log-probs from hidden states at label positions (`LabelLogps`) against full logits -----
-
-VOCAB = 211
-
-
-def _llama(**kw: object) -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      pad_token_id=0, bos_token_id=1, eos_token_id=2, **kw)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return LlamaForCausalLM(cfg)
-
-
-def _padded_batch(rows: int = 7, width: int = 23) -> dict[str, torch.Tensor]:
-    """Right-padded sequences of different lengths, each with a prompt of its own length
-    (labels -100 there and on the padding), and one sequence with nothing scored."""
-    gen = torch.Generator().manual_seed(1)
-    ids = torch.randint(3, VOCAB, (rows, width), generator=gen)
-    attn = torch.ones(rows, width, dtype=torch.long)
-    labels = ids.clone()
-    for i in range(rows):
-        n = width - 2 * i
-        ids[i, n:], attn[i, n:], labels[i, n:] = 0, 0, -100
-        labels[i, :2 + i] = -100
-    labels[-1] = -100
-    return {"input_ids": ids, "attention_mask": attn, "labels": labels}
-
-
-def _logps_and_grads(model: torch.nn.Module, score) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """`score(model)` -> (logps (B,), n (B,)), and the gradients of a weighted sum of the
-    log-probs (a weight per sequence, as the DPO loss gives) wrt every parameter."""
-    model.zero_grad(set_to_none=True)
-    lp, _ = score(model)
-    weights = torch.linspace(-1.0, 2.0, lp.shape[0])
-    (lp * weights).sum().backward()
-    return lp.detach(), {k: p.grad.clone() for k, p in model.named_parameters()
-                         if p.grad is not None}
-
-
-def _full_logits(batch: dict[str, torch.Tensor]):
-    """Today's path: one padded forward, (B, T, V) logits, `sequence_logps`."""
-    def score(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        return sequence_logps(out.logits, batch["labels"])
-    return score
-
-
-def _assert_grads_close(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor],
-                        rtol: float, atol: float) -> None:
-    assert got.keys() == want.keys()
-    for k in want:
-        torch.testing.assert_close(got[k], want[k], rtol=rtol, atol=atol, msg=k)
-
-
-@pytest.mark.parametrize("chunk", [1, 7, 64, None])
-@pytest.mark.parametrize("head", ["tied", "untied with bias"])
-def test_label_positions_equal_full_logits_fp32(chunk: int | None, head: str) -> None:
-    model = _llama(tie_word_embeddings=head == "tied")
-    if head != "tied":
-        model.lm_head = torch.nn.Linear(32, VOCAB, bias=True)
-        torch.nn.init.normal_(model.lm_head.bias, std=0.5)
-    assert lm_head_of(model) is not None
-    batch = _padded_batch()
-    n_scored = len(label_positions(batch["labels"])[0])
-    assert chunk is None or chunk == 1 or n_scored % chunk, "a last chunk that is not full"
-    want, want_g = _logps_and_grads(model, _full_logits(batch))
-    got, got_g = _logps_and_grads(model, lambda m: batch_logps(m, batch, chunk=chunk))
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    assert got[-1] == 0.0  # nothing scored: exactly 0, as in `sequence_logps`
-    _assert_grads_close(got_g, want_g, rtol=1e-5, atol=1e-5)
-    if head != "tied":
-        assert "lm_head.bias" in got_g
-
+# --- forward layouts against one padded forward through the full logits --------------------
 
 @pytest.mark.parametrize("host_positions", [False, True])
 @pytest.mark.parametrize("groups", [1, 2, 4])
 def test_every_forward_layout_gives_the_same_log_probs(groups: int, host_positions: bool) -> None:
     """Also with the label positions found on the host by `collate` (SCORED), which the
     one-group forward takes instead of reading them back from the device."""
-    model = _llama(tie_word_embeddings=True)
-    batch = _padded_batch()
+    model = llama(tie_word_embeddings=True)
+    batch = padded_batch()
     if host_positions:
         batch[SCORED] = label_positions(batch["labels"])[0]
-    want, want_g = _logps_and_grads(model, _full_logits(batch))
-    got, got_g = _logps_and_grads(model, lambda m: batch_logps(m, batch, groups, chunk=5))
+    want, want_g = logps_and_grads(model, full_logits(batch))
+    got, got_g = logps_and_grads(model, lambda m: batch_logps(m, batch, groups, chunk=5))
     with torch.no_grad():
-        assert torch.equal(batch_logps(model, batch, groups)[1], _full_logits(batch)(model)[1])
+        assert torch.equal(batch_logps(model, batch, groups)[1], full_logits(batch)(model)[1])
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    _assert_grads_close(got_g, want_g, rtol=1e-5, atol=1e-5)
-
-
-def test_label_positions_under_cpu_bf16_autocast() -> None:
-    """bf16 hidden states and weights as `lm_head` computes them under autocast, fp32
-    logsumexp: the same bf16 logits as the full path, so the sums agree to fp32 summation order
-    (stated tolerance 1e-4 nats); the gradients to 2% of each parameter's largest (measured
-    0.2% for the tied embedding, whose gradient the label path sums in fp32 over its chunks and
-    the full path rounds to bf16 once, and 0.5% in layers that run other shapes in 2 groups)."""
-    model = _llama(tie_word_embeddings=True)
-    batch = _padded_batch()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        want, want_g = _logps_and_grads(model, _full_logits(batch))
-        got, got_g = _logps_and_grads(model, lambda m: batch_logps(m, batch, 2, chunk=7))
-    torch.testing.assert_close(got, want, rtol=0.0, atol=1e-4)
-    for k, g in want_g.items():
-        assert (got_g[k] - g).abs().max() <= 2e-2 * g.abs().max(), k
-    # And bf16 is what ran: fp32 log-probs differ by far more than the tolerance.
-    fp32, _ = batch_logps(model, batch)
-    assert (fp32 - got).abs().max() > 1e-4
-
-
-def test_scaled_logits_cohere() -> None:
-    from transformers import CohereConfig, CohereForCausalLM
-
-    cfg = CohereConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
-                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                       logit_scale=0.25, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = CohereForCausalLM(cfg)
-    head = lm_head_of(model)
-    assert head is not None and head.scale == 0.25
-    batch = _padded_batch()
-    want, want_g = _logps_and_grads(model, _full_logits(batch))
-    got, got_g = _logps_and_grads(model, lambda m: batch_logps(m, batch, chunk=7))
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    _assert_grads_close(got_g, want_g, rtol=1e-5, atol=1e-5)
-
-
-def test_softcapped_logits_take_the_full_logits_path() -> None:
-    """Gemma-2 caps its logits after the head (c·tanh(z/c)): the split would not be exact, so
-    `batch_logps` keeps the full logits, and gives what they give."""
-    from transformers import Gemma2Config, Gemma2ForCausalLM
-
-    cfg = Gemma2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
-                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                       head_dim=8, final_logit_softcapping=0.5, pad_token_id=0, bos_token_id=1,
-                       eos_token_id=2)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = Gemma2ForCausalLM(cfg)
-    assert lm_head_of(model) is None
-    batch = _padded_batch()
-    want, _ = _logps_and_grads(model, _full_logits(batch))
-    got, _ = _logps_and_grads(model, lambda m: batch_logps(m, batch, 2))
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    # A plain model type whose config carries a post-head transform falls back as well.
-    assert lm_head_of(_llama(final_logit_softcapping=30.0)) is None
-
-
-def test_lora_models_use_the_label_path_unless_lora_is_on_the_head() -> None:
-    from peft import LoraConfig, get_peft_model
-
-    batch = _padded_batch()
-    lora = get_peft_model(_llama(tie_word_embeddings=True), LoraConfig(
-        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
-    assert lm_head_of(lora) is not None
-    want, want_g = _logps_and_grads(lora, _full_logits(batch))
-    got, got_g = _logps_and_grads(lora, lambda m: batch_logps(m, batch, 2, chunk=7))
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    assert any("lora_" in k for k in got_g)
-    _assert_grads_close(got_g, want_g, rtol=1e-5, atol=1e-5)
-    on_head = get_peft_model(_llama(tie_word_embeddings=False),
-                             LoraConfig(r=4, target_modules=["lm_head"]))
-    assert lm_head_of(on_head) is None
-
-
-def test_scoring_without_gradients_uses_the_label_path() -> None:
-    model = _llama(tie_word_embeddings=True)
-    batch = _padded_batch()
-    with torch.no_grad():
-        want, _ = _full_logits(batch)(model)
-    with torch.inference_mode():
-        got, _ = batch_logps(model, batch, 4, chunk=3)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert_grads_close(got_g, want_g, rtol=1e-5, atol=1e-5)
 
 
 def test_one_group_with_host_positions_reads_nothing_back(monkeypatch: pytest.MonkeyPatch
@@ -406,8 +244,8 @@ def test_one_group_with_host_positions_reads_nothing_back(monkeypatch: pytest.Mo
     waits for a GPU) and no group widths read back; `collate` provides the key."""
     from pipeline import logps
 
-    model = _llama(tie_word_embeddings=True)
-    batch = _padded_batch()
+    model = llama(tie_word_embeddings=True)
+    batch = padded_batch()
     want = batch_logps(model, batch, 1)[0]
     batch[SCORED] = label_positions(batch["labels"])[0]
 
@@ -424,66 +262,6 @@ def test_one_group_with_host_positions_reads_nothing_back(monkeypatch: pytest.Mo
 
 
 # --- the packed layouts (`pack`) against the padded one --------------------------------------
-
-def test_pack_by_hand() -> None:
-    """First-fit decreasing into rows as wide as the longest sequence; positions restart at
-    each sequence; scored positions map packed rows back to a (sequences, width) grid."""
-    a = Encoded(input_ids=[1, 5, 6, 7, 8], labels=[-100, -100, 6, 7, 8])
-    b = Encoded(input_ids=[1, 9], labels=[-100, 9])
-    c = Encoded(input_ids=[1, 4, 3], labels=[-100, -100, 3])
-    got = pack([a, b, c], pad_id=0, attn_cost=1.0)  # costly attention: the narrowest rows
-    # a fills row 0; c (longer than b) goes first into row 1, b after it.
-    assert got["input_ids"].tolist() == [[1, 5, 6, 7, 8], [1, 4, 3, 1, 9]]
-    assert got["position_ids"].tolist() == [[0, 1, 2, 3, 4], [0, 1, 2, 0, 1]]
-    assert got[SCORED].tolist() == [1, 2, 3, 8, 6]
-    assert got[SCORED_LABELS].tolist() == [6, 7, 8, 9, 3]
-    assert got[SCORED_INTO].tolist() == [1, 2, 3, 5, 11]
-    assert got[SEQ_TOKENS].tolist() == [3, 1, 1]
-    assert "attention_mask" not in got  # transformers masks packed rows only without one
-    # Row padding: positions count on from the column (a segment of its own), never scored.
-    d = pack([a, c], pad_id=0, attn_cost=1.0)
-    assert d["input_ids"].tolist() == [[1, 5, 6, 7, 8], [1, 4, 3, 0, 0]]
-    assert d["position_ids"].tolist() == [[0, 1, 2, 3, 4], [0, 1, 2, 3, 4]]
-
-
-def test_pack_with_shared_prompts_by_hand() -> None:
-    """Two responses of one prompt: the prompt once, each response at the positions it has in
-    its own sequence; the last prompt position scores the first token of both responses."""
-    a = Encoded(input_ids=[1, 5, 6, 7], labels=[-100, -100, 6, 7])
-    b = Encoded(input_ids=[1, 5, 9], labels=[-100, -100, 9])
-    c = Encoded(input_ids=[1, 4, 3], labels=[-100, -100, 3])  # another prompt
-    got = pack([a, b, c], pad_id=0, share_prompts=True, attn_cost=1.0)
-    # Units: [1 5 | 6 7 | 9] (5 tokens) and [1 4 | 3] (3 tokens), rows 5 wide.
-    assert got["input_ids"].tolist() == [[1, 5, 6, 7, 9], [1, 4, 3, 0, 0]]
-    assert got["position_ids"].tolist() == [[0, 1, 2, 3, 2], [0, 1, 2, 3, 4]]
-    assert got[UNITS].tolist() == [[0, 0, 0, 0, 0], [1, 1, 1, -1, -1]]
-    assert got[BRANCHES].tolist() == [[0, 0, 1, 1, 2], [0, 0, 1, 0, 0]]
-    assert got[SCORED].tolist() == [1, 2, 1, 6]
-    assert got[SCORED_LABELS].tolist() == [6, 7, 9, 3]
-    assert got[SCORED_INTO].tolist() == [1, 2, 6, 11]
-    assert got[SEQ_TOKENS].tolist() == [2, 1, 1]
-    mask = shared_prompt_mask(got[UNITS], got[BRANCHES], "sdpa", torch.float32)
-    # Row 0: the second response (column 4) sees the prompt and itself, not the first one.
-    assert mask[0, 0].int().tolist() == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0],
-                                         [1, 1, 1, 1, 0], [1, 1, 0, 0, 1]]
-    assert mask[1, 0, 3].int().tolist() == [0, 0, 0, 1, 0]  # row padding: itself only
-    additive = shared_prompt_mask(got[UNITS], got[BRANCHES], "eager", torch.float32)
-    assert torch.equal(additive == 0, mask)
-
-
-def test_packed_row_width_by_cost() -> None:
-    """Wider rows waste less at their ends but attend over more: `pack` takes the width of the
-    least `row_cost` among 1, 1.5, 2 and 3 times the widest unit."""
-    sizes = [10, 7, 7, 5]
-    assert fit_rows(sizes, 10) == ([(0, 0), (1, 0), (2, 0), (3, 0)], 4)
-    assert fit_rows(sizes, 15) == ([(0, 0), (1, 0), (1, 7), (0, 10)], 2)
-    assert row_cost(4, 10, 0.0) == 40 and row_cost(2, 15, 0.0) == 30
-    assert row_cost(4, 10, 0.5) == 240 < row_cost(2, 15, 0.5) == 255
-    seqs = [Encoded([1] * n, [-100] + [1] * (n - 1)) for n in sizes]
-    assert pack(seqs, 0, attn_cost=0.5)["input_ids"].shape == (4, 10)
-    # Free attention: the fewest tokens, and of 15 and 30 wide (both 30 tokens) the narrower.
-    assert pack(seqs, 0, attn_cost=0.0)["input_ids"].shape == (2, 15)
-
 
 def _sequences(n: int = 9, seed: int = 3) -> list[Encoded]:
     """Sequences of mixed lengths and prompt lengths, one with nothing scored."""
@@ -507,26 +285,6 @@ def _pairs_sharing_prompts() -> list[Encoded]:
     return chosen + rejected
 
 
-def _tiny(model_type: str) -> torch.nn.Module:
-    """A 2-layer random model of `model_type` with the vocabulary of these tests."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    kw: dict[str, object] = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
-                                 num_hidden_layers=2, num_attention_heads=4,
-                                 num_key_value_heads=2, pad_token_id=0, bos_token_id=1,
-                                 eos_token_id=2)
-    if model_type == "gptj":
-        kw = dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, rotary_dim=4, pad_token_id=0)
-    cfg = AutoConfig.for_model(model_type, **kw)
-    for key in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop",
-                "attn_pdrop", "dropout"):
-        if hasattr(cfg, key):
-            setattr(cfg, key, 0.0)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
-
-
 @pytest.mark.parametrize("kind", ["packed", "shared_prompts"])
 @pytest.mark.parametrize("model_type", sorted(PACKABLE))
 def test_packed_rows_give_the_padded_log_probs(model_type: str, kind: str) -> None:
@@ -534,38 +292,38 @@ def test_packed_rows_give_the_padded_log_probs(model_type: str, kind: str) -> No
     those of one padded forward through the full logits (fp32), so no token attends across a
     sequence boundary (or, with shared prompts, into another response) and each sequence's
     positions are its own."""
-    model = _tiny(model_type)
+    model = tiny_lm(model_type)
     assert lm_head_of(model) is not None
     seqs = _pairs_sharing_prompts()
     padded = collate(seqs, 0)
     layout = forward_layout(kind, None, model, "cpu")  # type: ignore[arg-type]
     packed = layout.collate(seqs, 0)
     assert packed["input_ids"].numel() < padded["input_ids"].numel() * 0.8
-    want, want_g = _logps_and_grads(model, _full_logits(padded))
-    got, got_g = _logps_and_grads(model, lambda m: batch_logps(m, packed, chunk=7))
+    want, want_g = logps_and_grads(model, full_logits(padded))
+    got, got_g = logps_and_grads(model, lambda m: batch_logps(m, packed, chunk=7))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=5e-5)
     assert got[5] == 0.0  # nothing scored
     with torch.no_grad():
-        assert torch.equal(batch_logps(model, packed)[1], _full_logits(padded)(model)[1])
-    _assert_grads_close(got_g, want_g, rtol=1e-4, atol=1e-5)
+        assert torch.equal(batch_logps(model, packed)[1], full_logits(padded)(model)[1])
+    assert_grads_close(got_g, want_g, rtol=1e-4, atol=1e-5)
 
 
 def test_shared_prompts_with_eager_attention() -> None:
-    model = _llama(tie_word_embeddings=True)
+    model = llama(tie_word_embeddings=True)
     model.set_attn_implementation("eager")
     seqs = _pairs_sharing_prompts()
-    want, want_g = _logps_and_grads(model, _full_logits(collate(seqs, 0)))
+    want, want_g = logps_and_grads(model, full_logits(collate(seqs, 0)))
     packed = pack(seqs, 0, share_prompts=True)
-    got, got_g = _logps_and_grads(model, lambda m: batch_logps(m, packed))
+    got, got_g = logps_and_grads(model, lambda m: batch_logps(m, packed))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=5e-5)
-    _assert_grads_close(got_g, want_g, rtol=1e-4, atol=1e-5)
+    assert_grads_close(got_g, want_g, rtol=1e-4, atol=1e-5)
 
 
 def test_packed_rows_under_cpu_bf16_autocast() -> None:
     """bf16 autocast: packed rows against the padded label path, to the rounding of bf16
     activations computed in other shapes (measured 1.0e-3 nats on sums of ~15 log-probs),
     well inside what bf16 itself moves them from fp32 (0.13 nats, asserted > 2e-2)."""
-    model = _llama(tie_word_embeddings=True)
+    model = llama(tie_word_embeddings=True)
     with torch.no_grad():
         model.model.embed_tokens.weight.mul_(20)  # peaked logits: bf16 rounding shows
     seqs = _pairs_sharing_prompts()
@@ -579,15 +337,15 @@ def test_packed_rows_under_cpu_bf16_autocast() -> None:
 
 
 def test_forward_layout_per_device_and_refusals() -> None:
-    llama = _llama(tie_word_embeddings=True)
-    cost = attention_cost(llama)
+    model = llama(tie_word_embeddings=True)
+    cost = attention_cost(model)
     # 2·L·d / weights of the layers' matrices: q, o 32x32; k, v 32x16 (2 KV heads); MLP 3x32x64
     assert cost == pytest.approx(2 * 2 * 32 / (2 * (2 * 32 * 32 + 2 * 32 * 16 + 3 * 32 * 64)))
-    assert forward_layout(None, None, llama, "cpu") == ForwardLayout("shared_prompts",
+    assert forward_layout(None, None, model, "cpu") == ForwardLayout("shared_prompts",
                                                                      attn_cost=cost)
-    assert forward_layout(None, None, llama, "cuda") == ForwardLayout(groups=1)
-    assert forward_layout("padded", 2, llama, "cuda") == ForwardLayout(groups=2)
-    assert forward_layout("packed", None, llama, "cuda").kind == "packed"
+    assert forward_layout(None, None, model, "cuda") == ForwardLayout(groups=1)
+    assert forward_layout("padded", 2, model, "cuda") == ForwardLayout(groups=2)
+    assert forward_layout("packed", None, model, "cuda").kind == "packed"
     # OPT derives positions from the attention mask: packed rows would be wrong.
     from transformers import OPTConfig, OPTForCausalLM
 
@@ -598,14 +356,14 @@ def test_forward_layout_per_device_and_refusals() -> None:
         forward_layout("packed", None, opt, "cpu")
     assert forward_layout(None, None, opt, "cpu") == ForwardLayout(groups=4)
     with pytest.raises(ValueError, match="packed batch needs the label-position head"):
-        batch_logps(_llama(final_logit_softcapping=30.0), pack(_sequences(3), 0))
+        batch_logps(llama(final_logit_softcapping=30.0), pack(_sequences(3), 0))
     # Shared prompts need a 4D mask: not flash-attention's (plain packing runs there).
-    llama.config._attn_implementation = "flash_attention_2"
+    model.config._attn_implementation = "flash_attention_2"
     with pytest.raises(UserError, match="takes no 4D mask"):
-        forward_layout("shared_prompts", None, llama, "cuda")
-    assert forward_layout(None, None, llama, "cpu") == ForwardLayout(groups=4)
+        forward_layout("shared_prompts", None, model, "cuda")
+    assert forward_layout(None, None, model, "cpu") == ForwardLayout(groups=4)
     # A sliding window narrower than the rows: the ready mask would drop it.
-    mistral = _tiny("mistral")
+    mistral = tiny_lm("mistral")
     mistral.config.sliding_window = 8
     with pytest.raises(UserError, match="wider than the model's sliding window"):
         batch_logps(mistral, pack(_pairs_sharing_prompts(), 0, share_prompts=True))

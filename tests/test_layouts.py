@@ -1,0 +1,79 @@
+"""Batches as the model runs them: padded rows, packed rows, shared prompts, by hand."""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline.encoding import Encoded
+from pipeline.layouts import (
+    BRANCHES,
+    SCORED,
+    SCORED_INTO,
+    SCORED_LABELS,
+    SEQ_TOKENS,
+    UNITS,
+    fit_rows,
+    pack,
+    row_cost,
+    shared_prompt_mask,
+)
+
+
+def test_pack_by_hand() -> None:
+    """First-fit decreasing into rows as wide as the longest sequence; positions restart at
+    each sequence; scored positions map packed rows back to a (sequences, width) grid."""
+    a = Encoded(input_ids=[1, 5, 6, 7, 8], labels=[-100, -100, 6, 7, 8])
+    b = Encoded(input_ids=[1, 9], labels=[-100, 9])
+    c = Encoded(input_ids=[1, 4, 3], labels=[-100, -100, 3])
+    got = pack([a, b, c], pad_id=0, attn_cost=1.0)  # costly attention: the narrowest rows
+    # a fills row 0; c (longer than b) goes first into row 1, b after it.
+    assert got["input_ids"].tolist() == [[1, 5, 6, 7, 8], [1, 4, 3, 1, 9]]
+    assert got["position_ids"].tolist() == [[0, 1, 2, 3, 4], [0, 1, 2, 0, 1]]
+    assert got[SCORED].tolist() == [1, 2, 3, 8, 6]
+    assert got[SCORED_LABELS].tolist() == [6, 7, 8, 9, 3]
+    assert got[SCORED_INTO].tolist() == [1, 2, 3, 5, 11]
+    assert got[SEQ_TOKENS].tolist() == [3, 1, 1]
+    assert "attention_mask" not in got  # transformers masks packed rows only without one
+    # Row padding: positions count on from the column (a segment of its own), never scored.
+    d = pack([a, c], pad_id=0, attn_cost=1.0)
+    assert d["input_ids"].tolist() == [[1, 5, 6, 7, 8], [1, 4, 3, 0, 0]]
+    assert d["position_ids"].tolist() == [[0, 1, 2, 3, 4], [0, 1, 2, 3, 4]]
+
+
+def test_pack_with_shared_prompts_by_hand() -> None:
+    """Two responses of one prompt: the prompt once, each response at the positions it has in
+    its own sequence; the last prompt position scores the first token of both responses."""
+    a = Encoded(input_ids=[1, 5, 6, 7], labels=[-100, -100, 6, 7])
+    b = Encoded(input_ids=[1, 5, 9], labels=[-100, -100, 9])
+    c = Encoded(input_ids=[1, 4, 3], labels=[-100, -100, 3])  # another prompt
+    got = pack([a, b, c], pad_id=0, share_prompts=True, attn_cost=1.0)
+    # Units: [1 5 | 6 7 | 9] (5 tokens) and [1 4 | 3] (3 tokens), rows 5 wide.
+    assert got["input_ids"].tolist() == [[1, 5, 6, 7, 9], [1, 4, 3, 0, 0]]
+    assert got["position_ids"].tolist() == [[0, 1, 2, 3, 2], [0, 1, 2, 3, 4]]
+    assert got[UNITS].tolist() == [[0, 0, 0, 0, 0], [1, 1, 1, -1, -1]]
+    assert got[BRANCHES].tolist() == [[0, 0, 1, 1, 2], [0, 0, 1, 0, 0]]
+    assert got[SCORED].tolist() == [1, 2, 1, 6]
+    assert got[SCORED_LABELS].tolist() == [6, 7, 9, 3]
+    assert got[SCORED_INTO].tolist() == [1, 2, 6, 11]
+    assert got[SEQ_TOKENS].tolist() == [2, 1, 1]
+    mask = shared_prompt_mask(got[UNITS], got[BRANCHES], "sdpa", torch.float32)
+    # Row 0: the second response (column 4) sees the prompt and itself, not the first one.
+    assert mask[0, 0].int().tolist() == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0],
+                                         [1, 1, 1, 1, 0], [1, 1, 0, 0, 1]]
+    assert mask[1, 0, 3].int().tolist() == [0, 0, 0, 1, 0]  # row padding: itself only
+    additive = shared_prompt_mask(got[UNITS], got[BRANCHES], "eager", torch.float32)
+    assert torch.equal(additive == 0, mask)
+
+
+def test_packed_row_width_by_cost() -> None:
+    """Wider rows waste less at their ends but attend over more: `pack` takes the width of the
+    least `row_cost` among 1, 1.5, 2 and 3 times the widest unit."""
+    sizes = [10, 7, 7, 5]
+    assert fit_rows(sizes, 10) == ([(0, 0), (1, 0), (2, 0), (3, 0)], 4)
+    assert fit_rows(sizes, 15) == ([(0, 0), (1, 0), (1, 7), (0, 10)], 2)
+    assert row_cost(4, 10, 0.0) == 40 and row_cost(2, 15, 0.0) == 30
+    assert row_cost(4, 10, 0.5) == 240 < row_cost(2, 15, 0.5) == 255
+    seqs = [Encoded([1] * n, [-100] + [1] * (n - 1)) for n in sizes]
+    assert pack(seqs, 0, attn_cost=0.5)["input_ids"].shape == (4, 10)
+    # Free attention: the fewest tokens, and of 15 and 30 wide (both 30 tokens) the narrower.
+    assert pack(seqs, 0, attn_cost=0.0)["input_ids"].shape == (2, 15)
