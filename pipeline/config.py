@@ -217,6 +217,8 @@ class GenerateConfig:
     repetition_penalty: float = 1.0
     samples_per_prompt: int = 1
     batch_size: int = 64
+    # Tokens per batch, prompts + new tokens of every sample: bounds the KV cache on long prompts.
+    max_tokens: int = 65536
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -232,6 +234,7 @@ class GenerateConfig:
         _check(not self.do_sample or self.temperature > 0, "generate.temperature",
                "must be > 0 when do_sample is true")
         _check(self.batch_size > 0, "generate.batch_size", "must be > 0")
+        _check(self.max_tokens > 0, "generate.max_tokens", "must be > 0")
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from transformers import GenerationConfig, PreTrainedModel
 
 from pipeline.config import GenerateConfig, MixedPrecision
 from pipeline.encoding import Encoder
+from pipeline.layouts import token_batches
 from pipeline.precision import autocast
 from pipeline.suites import TEST_SUITE
 
@@ -104,9 +105,10 @@ def generate(
     the test prompts' suite), `cfg.samples_per_prompt` each.
 
     Prompts are cut by the training rule (`Encoder.generation_prompts`), length-sorted into
-    batches and left-padded, so every row of a batch generates from the same position with the
-    KV cache. Sampling draws from the torch RNG seeded with `cfg.seed`, forked so the global
-    state is left as it was.
+    batches of at most `cfg.batch_size` prompts and `cfg.max_tokens` tokens (prompt + new
+    tokens, times the samples: what the KV cache grows to), and left-padded, so every row of a
+    batch generates from the same position with the KV cache. Sampling draws from the torch RNG
+    seeded with `cfg.seed`, forked so the global state is left as it was.
     """
     model.eval()
     tok = encoder.tokenizer
@@ -117,6 +119,9 @@ def generate(
     ids = encoder.generation_prompts(prompts["prompt"].tolist(), cfg.max_new_tokens)
     suites = (prompts["suite"].tolist() if "suite" in prompts else [TEST_SUITE] * len(prompts))
     order = np.argsort([len(x) for x in ids], kind="stable")
+    # A row holds its prompt and the new tokens of each sample (the KV cache grows to that).
+    widths = np.array([len(ids[i]) + cfg.max_new_tokens for i in order]) * cfg.samples_per_prompt
+    batches = token_batches(widths, cfg.batch_size, cfg.max_tokens)
     pad, eos = tok.pad_token_id, set(eos_ids)
     rows: list[dict[str, object]] = []
     new_tokens = 0
@@ -126,9 +131,8 @@ def generate(
         with torch.random.fork_rng(devices=[] if dev.type == "cpu" else [dev]), \
                 autocast(mixed_precision, dev):
             torch.manual_seed(cfg.seed)
-            for start in tqdm(range(0, len(order), cfg.batch_size), desc=f"generate {tag}",
-                              unit="batch"):
-                idx = order[start:start + cfg.batch_size]
+            for start, stop in tqdm(batches, desc=f"generate {tag}", unit="batch"):
+                idx = order[start:stop]
                 width = max(len(ids[i]) for i in idx)
                 input_ids = torch.full((len(idx), width), pad, dtype=torch.long)
                 attn = torch.zeros((len(idx), width), dtype=torch.long)

@@ -169,3 +169,18 @@ def label_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     mask = shifted != IGNORE
     pos = mask.view(-1).nonzero().squeeze(1)
     return pos, shifted.view(-1)[pos], mask.sum(-1)
+
+
+def token_batches(sorted_lengths: np.ndarray, max_rows: int, max_tokens: int | None
+                  ) -> list[tuple[int, int]]:
+    """(start, stop) of consecutive batches of ascending lengths: at most `max_rows` rows, and
+    rows × longest length at most `max_tokens` (a longer sequence still gets a batch alone)."""
+    out, start = [], 0
+    for i, n in enumerate(sorted_lengths):
+        rows = i - start + 1
+        if rows > max_rows or (max_tokens is not None and rows > 1 and rows * n > max_tokens):
+            out.append((start, i))
+            start = i
+    if len(sorted_lengths):
+        out.append((start, len(sorted_lengths)))
+    return out

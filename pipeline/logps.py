@@ -34,6 +34,7 @@ from pipeline.layouts import (
     label_positions,
     pack,
     shared_prompt_mask,
+    token_batches,
 )
 from pipeline.lm_head import LMHead, chunk_rows, head_input, hidden_logps, lm_head_of, unwrap
 from pipeline.precision import MixedPrecision, autocast
@@ -308,21 +309,6 @@ def _packed_logps(model: PreTrainedModel, batch: dict[str, torch.Tensor], head: 
                       chunk or chunk_rows(head.module.out_features),
                       into=batch[SCORED_INTO], sequences=len(n_tok))
     return lp, n_tok
-
-
-def token_batches(sorted_lengths: np.ndarray, max_rows: int, max_tokens: int | None
-                  ) -> list[tuple[int, int]]:
-    """(start, stop) of consecutive batches of ascending lengths: at most `max_rows` rows, and
-    rows × longest length at most `max_tokens` (a longer sequence still gets a batch alone)."""
-    out, start = [], 0
-    for i, n in enumerate(sorted_lengths):
-        rows = i - start + 1
-        if rows > max_rows or (max_tokens is not None and rows > 1 and rows * n > max_tokens):
-            out.append((start, i))
-            start = i
-    if len(sorted_lengths):
-        out.append((start, len(sorted_lengths)))
-    return out
 
 
 @torch.inference_mode()

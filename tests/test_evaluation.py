@@ -94,6 +94,23 @@ def test_batched_left_padded_generation_equals_one_at_a_time() -> None:
     single, _ = generate(model, enc, prompts, GenerateConfig(
         n_prompts=3, max_new_tokens=8, do_sample=False, batch_size=1), "sft")
     pd.testing.assert_frame_equal(batched, single)
+    # A token budget splits the batch: each row holds its prompt and 8 new tokens.
+    budget = GenerateConfig(n_prompts=3, max_new_tokens=8, do_sample=False, batch_size=3,
+                            max_tokens=24)
+    seen: list[int] = []
+    generate_of = model.generate
+
+    def count_rows(*args: object, **kw: torch.Tensor) -> torch.Tensor:
+        seen.append(kw["input_ids"].shape[0])
+        return generate_of(*args, **kw)
+
+    model.generate = count_rows  # type: ignore[method-assign]
+    bounded, _ = generate(model, enc, prompts, budget, "sft")
+    del model.generate
+    widths = sorted(len(p) + 8 for p in enc.generation_prompts(prompts["prompt"].tolist(), 8))
+    assert sum(seen) == 3 and max(seen) < 3 and all(
+        n == 1 or n * max(widths[:n]) <= 24 for n in seen), (seen, widths)
+    pd.testing.assert_frame_equal(bounded, single)
     assert set(batched["finish_reason"]) <= {"eos", "length"}
     assert (batched["n_tokens"] <= 8).all() and stats.new_tokens > 0
     # Sampling is reproducible from generate.seed and leaves the global RNG alone.

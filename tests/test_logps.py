@@ -200,7 +200,7 @@ def test_dpo_logits_are_zero_at_step_zero_under_the_training_precision(
 
 
 def test_token_batches_bound_rows_and_padded_tokens() -> None:
-    from pipeline.logps import token_batches
+    from pipeline.layouts import token_batches
 
     lengths = np.array([3, 4, 5, 10, 10, 40, 500])
     assert token_batches(lengths, 64, None) == [(0, 7)]
