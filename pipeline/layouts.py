@@ -50,16 +50,18 @@ def pack(batch: Sequence[Encoded], pad_id: int, share_prompts: bool = False,
          attn_cost: float = 0.0) -> dict[str, torch.Tensor]:
     """Padding-free layout: the sequences laid end to end in rows (first-fit decreasing), each
     with its own `position_ids` from 0 and no `attention_mask`, from which transformers builds a
-    block-causal mask (or flash-attention's varlen offsets), so no token attends across a
-    boundary. Only the ends of rows hold padding: a batch of 64 toy sequences drops from ~45%
-    padding to ~9%, in one forward pass.
+    block-causal mask, so no token attends across a boundary. Only the ends of rows hold
+    padding (position 0 each: a segment of its own, and no position beyond a sequence's): a
+    batch of 64 toy sequences drops from ~45% padding to ~9%, in one forward pass.
 
-    With `share_prompts`, sequences with the same prompt (the ids before the first label: both
-    responses of a pair, all responses of one prompt in SFT) form one unit, the prompt once and
-    then each response with the positions it has in its own sequence; `UNITS` and `BRANCHES`
-    say which tokens each may attend to (`shared_prompt_mask`). Causal attention makes the
-    prompt's hidden states the same in every sequence, so the log-probs are those of the
-    sequences run alone, and the prompt is computed once instead of once per response.
+    With `share_prompts`, sequences with the same non-empty prompt (the ids before the first
+    label) form units of a prompt and at most two responses (both sides of a pair; pairs of
+    responses to one prompt in SFT), the prompt once and then each response at the positions
+    it has in its own sequence; `UNITS` and `BRANCHES` say which tokens each may attend to
+    (`shared_prompt_mask`). Causal attention makes the prompt's hidden states the same in every
+    sequence, so the log-probs are those of the sequences run alone, and the prompt is computed
+    once for two responses. Two, not more: the prompt positions' gradients then sum two terms,
+    exactly, where more would be summed in an order a GPU's atomics leave open.
 
     Row width: 1, 1.5, 2 or 3 times the widest unit, whichever `row_cost` finds cheapest with
     `attn_cost` (`attention_cost` of the model; 0 takes the narrowest of the fewest tokens).
@@ -69,26 +71,24 @@ def pack(batch: Sequence[Encoded], pad_id: int, share_prompts: bool = False,
     """
     # A unit: the shared prefix (k tokens of its first member) and its members.
     units: list[tuple[int, list[int]]] = []
-    if share_prompts:
-        by_prompt: dict[tuple[int, ...], int] = {}
-        for i, e in enumerate(batch):
-            k = next((t for t, lab in enumerate(e.labels) if lab != IGNORE), len(e.labels))
-            key = tuple(e.input_ids[:k])
-            if key in by_prompt:
-                units[by_prompt[key]][1].append(i)
-            else:
-                by_prompt[key] = len(units)
-                units.append((k, [i]))
-    else:
-        units = [(len(e.input_ids), [i]) for i, e in enumerate(batch)]
+    open_units: dict[tuple[int, ...], int] = {}  # prompt -> its unit with room for a response
+    for i, e in enumerate(batch):
+        k = next((t for t, lab in enumerate(e.labels) if lab != IGNORE), len(e.labels))
+        key = tuple(e.input_ids[:k])
+        if share_prompts and k and key in open_units:
+            units[open_units.pop(key)][1].append(i)
+        elif share_prompts and k:
+            open_units[key] = len(units)
+            units.append((k, [i]))
+        else:
+            units.append((len(e.input_ids), [i]))
     sizes = [k + sum(len(batch[i].input_ids) - k for i in members) for k, members in units]
     widths = sorted({int(max(sizes) * f) for f in (1, 1.5, 2, 3)})
     fits = {w: fit_rows(sizes, w) for w in widths}
     width = min(widths, key=lambda w: row_cost(fits[w][1], w, attn_cost))
     where, rows = fits[width]
     ids = np.full((rows, width), pad_id, dtype=np.int64)
-    # Row padding counts on from its column and is a unit of its own, after every real token.
-    positions = np.tile(np.arange(width, dtype=np.int64), (rows, 1))
+    positions = np.zeros((rows, width), dtype=np.int64)
     unit_ids = np.full((rows, width), -1, dtype=np.int64)
     branch_ids = np.zeros((rows, width), dtype=np.int64)
     src, labels, into, n_tok = [None] * len(batch), [None] * len(batch), [None] * len(batch), \

@@ -122,8 +122,9 @@ PACKABLE = frozenset({
     "cohere", "falcon", "gemma", "glm4", "gpt_neox", "gptj", "llama", "mistral", "mixtral",
     "olmo", "olmo2", "phi", "phi3", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "smollm3",
     "stablelm", "starcoder2"})
-#: Attention implementations that take the boolean or additive 4D mask of shared prompts
-#: (flash-attention takes none: plain packing still runs there, as varlen).
+#: Attention implementations tested with packed rows. Not flash-attention: it takes no 4D mask
+#: (shared prompts), and transformers 5.24 reads packed `position_ids` as varlen offsets only
+#: for a batch of one row, so it would attend across the sequences of several.
 _MASKED_ATTENTION = frozenset({"sdpa", "eager"})
 
 LayoutKind = Literal["padded", "packed", "shared_prompts"]
@@ -132,17 +133,19 @@ LayoutKind = Literal["padded", "packed", "shared_prompts"]
 def packing_refusal(model: torch.nn.Module, kind: LayoutKind) -> str | None:
     """Why `model` cannot run the packed layout `kind`, or None if it can. Packing needs the
     label-position head (`lm_head_of`), since no packed row holds one sequence's full logits,
-    and a model type tested with packed rows; shared prompts also need an attention that takes
-    a 4D mask (and rows no wider than a sliding window, checked by `_packed_logps`)."""
+    a model type and an attention tested with packed rows; shared prompts also need positions
+    that come from `position_ids` alone (not ALiBi, which measures distance in columns) and
+    rows no wider than a sliding window (checked by `_packed_logps`)."""
     if lm_head_of(model) is None:
         return "its log-probs need the full logits (lm_head_of refuses the model)"
     config = unwrap(model).config
     if config.model_type not in PACKABLE:
         return f"model type {config.model_type!r} is not one tested with packed rows"
-    if kind == "shared_prompts":
-        attn = config._attn_implementation
-        if attn not in _MASKED_ATTENTION:
-            return f"attention {attn!r} takes no 4D mask (use sdpa or eager, or layout: packed)"
+    attn = config._attn_implementation
+    if attn not in _MASKED_ATTENTION:
+        return f"attention {attn!r} is not tested with packed rows (use sdpa or eager)"
+    if kind == "shared_prompts" and getattr(config, "alibi", False):
+        return "ALiBi measures distances in columns, which shared prompts do not keep"
     return None
 
 

@@ -34,10 +34,10 @@ def test_pack_by_hand() -> None:
     assert got[SCORED_INTO].tolist() == [1, 2, 3, 5, 11]
     assert got[SEQ_TOKENS].tolist() == [3, 1, 1]
     assert "attention_mask" not in got  # transformers masks packed rows only without one
-    # Row padding: positions count on from the column (a segment of its own), never scored.
+    # Row padding: position 0 (a segment of its own, beyond no sequence's length), not scored.
     d = pack([a, c], pad_id=0, attn_cost=1.0)
     assert d["input_ids"].tolist() == [[1, 5, 6, 7, 8], [1, 4, 3, 0, 0]]
-    assert d["position_ids"].tolist() == [[0, 1, 2, 3, 4], [0, 1, 2, 3, 4]]
+    assert d["position_ids"].tolist() == [[0, 1, 2, 3, 4], [0, 1, 2, 0, 0]]
 
 
 def test_pack_with_shared_prompts_by_hand() -> None:
@@ -49,7 +49,7 @@ def test_pack_with_shared_prompts_by_hand() -> None:
     got = pack([a, b, c], pad_id=0, share_prompts=True, attn_cost=1.0)
     # Units: [1 5 | 6 7 | 9] (5 tokens) and [1 4 | 3] (3 tokens), rows 5 wide.
     assert got["input_ids"].tolist() == [[1, 5, 6, 7, 9], [1, 4, 3, 0, 0]]
-    assert got["position_ids"].tolist() == [[0, 1, 2, 3, 2], [0, 1, 2, 3, 4]]
+    assert got["position_ids"].tolist() == [[0, 1, 2, 3, 2], [0, 1, 2, 0, 0]]
     assert got[UNITS].tolist() == [[0, 0, 0, 0, 0], [1, 1, 1, -1, -1]]
     assert got[BRANCHES].tolist() == [[0, 0, 1, 1, 2], [0, 0, 1, 0, 0]]
     assert got[SCORED].tolist() == [1, 2, 1, 6]
@@ -77,3 +77,18 @@ def test_packed_row_width_by_cost() -> None:
     assert pack(seqs, 0, attn_cost=0.5)["input_ids"].shape == (4, 10)
     # Free attention: the fewest tokens, and of 15 and 30 wide (both 30 tokens) the narrower.
     assert pack(seqs, 0, attn_cost=0.0)["input_ids"].shape == (2, 15)
+
+
+def test_shared_prompts_pair_responses_two_at_a_time() -> None:
+    """Three responses of one prompt: the prompt once for the first two, again for the third
+    (the prompt's gradient then sums two terms, exactly, on any device); a sequence without a
+    prompt shares nothing."""
+    seqs = [Encoded([1, 5, 10 + r], [-100, -100, 10 + r]) for r in range(3)]
+    seqs.append(Encoded([7, 8], [7, 8]))  # no prompt: scored from its first token on
+    got = pack(seqs, pad_id=0, share_prompts=True, attn_cost=1.0)
+    units = [sorted(set(row) - {-1}) for row in got[UNITS].tolist()]
+    assert sorted(u for row in units for u in row) == [0, 1, 2]
+    ids = got["input_ids"].tolist()
+    assert [1, 5, 10, 11] in [row[:4] for row in ids]
+    assert sum(row.count(5) for row in ids) == 2  # the prompt twice, not three times
+    assert got[SEQ_TOKENS].tolist() == [1, 1, 1, 1]

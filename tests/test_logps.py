@@ -299,6 +299,9 @@ def test_packed_rows_give_the_padded_log_probs(model_type: str, kind: str) -> No
     layout = forward_layout(kind, None, model, "cpu")  # type: ignore[arg-type]
     packed = layout.collate(seqs, 0)
     assert packed["input_ids"].numel() < padded["input_ids"].numel() * 0.8
+    # No position beyond what a sequence has: models with a position table (GPT-J's sinusoids,
+    # learned embeddings) or a scaling picked from the largest position see nothing new.
+    assert packed["position_ids"].max() < max(len(e.input_ids) for e in seqs)
     want, want_g = logps_and_grads(model, full_logits(padded))
     got, got_g = logps_and_grads(model, lambda m: batch_logps(m, packed, chunk=7))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=5e-5)
@@ -357,11 +360,23 @@ def test_forward_layout_per_device_and_refusals() -> None:
     assert forward_layout(None, None, opt, "cpu") == ForwardLayout(groups=4)
     with pytest.raises(ValueError, match="packed batch needs the label-position head"):
         batch_logps(llama(final_logit_softcapping=30.0), pack(_sequences(3), 0))
-    # Shared prompts need a 4D mask: not flash-attention's (plain packing runs there).
+    # Not flash-attention: it reads packed positions only for a batch of one row.
     model.config._attn_implementation = "flash_attention_2"
-    with pytest.raises(UserError, match="takes no 4D mask"):
-        forward_layout("shared_prompts", None, model, "cuda")
+    for kind in ("packed", "shared_prompts"):
+        with pytest.raises(UserError, match="attention 'flash_attention_2' is not tested"):
+            forward_layout(kind, None, model, "cuda")  # type: ignore[arg-type]
     assert forward_layout(None, None, model, "cpu") == ForwardLayout(groups=4)
+    # ALiBi (Falcon's option) measures distances in columns: packed rows keep them, shared
+    # prompts do not.
+    falcon = tiny_lm("falcon", alibi=True)
+    assert falcon.transformer.use_alibi
+    assert forward_layout(None, None, falcon, "cpu") == ForwardLayout(groups=4)
+    with pytest.raises(UserError, match="ALiBi"):
+        forward_layout("shared_prompts", None, falcon, "cpu")
+    seqs = _pairs_sharing_prompts()
+    want, _ = full_logits(collate(seqs, 0))(falcon)
+    got, _ = batch_logps(falcon, forward_layout("packed", None, falcon, "cpu").collate(seqs, 0))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=5e-5)
     # A sliding window narrower than the rows: the ready mask would drop it.
     mistral = tiny_lm("mistral")
     mistral.config.sliding_window = 8

@@ -65,8 +65,9 @@ def assert_grads_close(got: dict[str, torch.Tensor], want: dict[str, torch.Tenso
         torch.testing.assert_close(got[k], want[k], rtol=rtol, atol=atol, msg=k)
 
 
-def tiny_lm(model_type: str) -> torch.nn.Module:
-    """A 2-layer random model of `model_type` with the vocabulary of these tests."""
+def tiny_lm(model_type: str, **overrides: object) -> torch.nn.Module:
+    """A 2-layer random model of `model_type` with the vocabulary of these tests; `overrides`
+    go into its config."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     kw: dict[str, object] = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
@@ -75,7 +76,7 @@ def tiny_lm(model_type: str) -> torch.nn.Module:
                                  eos_token_id=2)
     if model_type == "gptj":
         kw = dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, rotary_dim=4, pad_token_id=0)
-    cfg = AutoConfig.for_model(model_type, **kw)
+    cfg = AutoConfig.for_model(model_type, **kw, **overrides)
     for key in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop",
                 "attn_pdrop", "dropout"):
         if hasattr(cfg, key):
