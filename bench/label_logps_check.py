@@ -1,22 +1,25 @@
-"""Log-probs at label positions (`lm_head.LabelLogps`) against the full logits, on one device:
-the same sums and gradients, and what each costs in time and peak memory.
+"""Log-probs at label positions (`lm_head.LabelLogps`) and in every forward layout
+(`layouts.collate`, `layouts.pack`, shared prompts) against the full logits, on one device: the
+same sums and gradients, and what each costs in time and peak memory.
 
-A randomly initialised Llama (tied head, fp32 master weights) scores a batch of right-padded
-sequences with a prompt of their own length each, two ways, under the run's precision (bf16
-autocast on a GPU, fp32 on CPU): `batch_logps` (hidden states at label positions, chunked LM
-head) and one forward to the (B, T, V) logits scored by `sequence_logps`, the pure reference.
-Each is timed over forward + backward of a per-sequence weighted sum (as the DPO loss weighs
-its sequences), after a warm-up, with a device synchronize around each repetition; GPU peak
-memory is `torch.cuda.max_memory_allocated` above what the model and its gradients hold.
+A randomly initialised Llama (tied head, fp32 master weights) scores `--rows` sequences, two
+responses to each of `--rows / 2` prompts (as a batch of pairs), under the run's precision
+(bf16 autocast on a GPU, fp32 on CPU), four ways: one padded forward to the (B, T, V) logits
+scored by `sequence_logps` (the pure reference, "full"); `batch_logps` on the padded batch
+(hidden states at label positions, chunked LM head, "label"); on packed rows ("packed"); on
+packed rows with each prompt once ("shared"). Each is timed over forward + backward of a
+per-sequence weighted sum (as the DPO loss weighs its sequences), after a warm-up, with a
+device synchronize around each repetition; GPU peak memory is `torch.cuda.max_memory_allocated`
+above what the model and its gradients hold.
 
     python bench/label_logps_check.py                       # GPU if there is one: 340m shape
     python bench/label_logps_check.py --device cpu --hidden 256 --layers 2 --vocab 8192
 
-Exits 1 when the two disagree beyond the tolerance of the precision, |Δ| ≤ atol + rtol·|sum|
-on each sequence's log-prob sum (fp32: 1e-4 + 1e-6·|sum|, GEMMs blocked by another row count
-round otherwise; bf16: 2e-2 + 1e-4·|sum|, a logit rounded to the other side of a bf16 step
-moves a sum by up to one step) and max |Δ grad| over each parameter's largest gradient
-(fp32 1e-4, bf16 2e-2).
+Exits 1 when a path disagrees with the full logits beyond the tolerance of the precision,
+|Δ| ≤ atol + rtol·|sum| on each sequence's log-prob sum (fp32: 1e-4 + 1e-6·|sum|, GEMMs blocked
+by another row count round otherwise; bf16: 2e-2 + 1e-4·|sum|, a logit rounded to the other
+side of a bf16 step moves a sum by up to one step) and max |Δ grad| over each parameter's
+largest gradient (fp32 1e-4, bf16 2e-2).
 """
 
 from __future__ import annotations
@@ -34,29 +37,27 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipeline.encoding import Encoded
+from pipeline.layouts import collate, pack
 from pipeline.lm_head import lm_head_of
-from pipeline.logps import batch_logps, sequence_logps
+from pipeline.logps import attention_cost, batch_logps, sequence_logps
 
 Score = Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
 
 
-def make_batch(rows: int, width: int, vocab: int, device: str, seed: int = 0
-               ) -> dict[str, torch.Tensor]:
-    """Right-padded sequences of lengths in [width/2, width], prompts of 20-50% of each."""
+def make_sequences(rows: int, width: int, vocab: int, seed: int = 0) -> list[Encoded]:
+    """`rows` sequences of lengths in [width/2, width]: two responses to each of `rows / 2`
+    prompts of 20-50% of the longer one."""
     gen = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(width // 2, width + 1, (rows,), generator=gen)
-    prompts = (lengths * (0.2 + 0.3 * torch.rand(rows, generator=gen))).long()
-    ids = torch.randint(3, vocab, (rows, width), generator=gen)
-    pos = torch.arange(width)
-    pad = pos[None, :] >= lengths[:, None]
-    ids[pad] = 0
-    labels = ids.masked_fill(pad | (pos[None, :] < prompts[:, None]), -100)
-    return {"input_ids": ids.to(device), "attention_mask": (~pad).long().to(device),
-            "labels": labels.to(device)}
-
-
-def label_path(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    return batch_logps(model, batch)[0]
+    out = []
+    for _ in range(rows // 2):
+        lengths = torch.randint(width // 2, width + 1, (2,), generator=gen).tolist()
+        k = int(max(lengths) * (0.2 + 0.3 * float(torch.rand(1, generator=gen))))
+        prompt = torch.randint(3, vocab, (k,), generator=gen).tolist()
+        for n in lengths:
+            response = torch.randint(3, vocab, (n - k,), generator=gen).tolist()
+            out.append(Encoded.join(prompt, response))
+    return out
 
 
 def full_path(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -64,11 +65,15 @@ def full_path(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.T
     return sequence_logps(out.logits, batch["labels"])[0]
 
 
+def layout_path(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return batch_logps(model, batch)[0]
+
+
 def run(model: torch.nn.Module, batch: dict[str, torch.Tensor], score: Score,
-        amp: Callable[[], AbstractContextManager[object]], device: str, reps: int
-        ) -> dict[str, object]:
+        amp: Callable[[], AbstractContextManager[object]], device: str, reps: int,
+        n_sequences: int) -> dict[str, object]:
     """Time and peak memory of fwd + bwd; the log-probs and gradients of the last repetition."""
-    weights = torch.linspace(-1.0, 2.0, batch["labels"].shape[0], device=device)
+    weights = torch.linspace(-1.0, 2.0, n_sequences, device=device)
     seconds, peak = [], 0.0
     for rep in range(reps + 1):
         model.zero_grad(set_to_none=False)
@@ -121,33 +126,41 @@ def main() -> None:
     def amp() -> AbstractContextManager[object]:
         return torch.autocast(device, dtype=torch.bfloat16) if bf16 else nullcontext()
 
-    batch = make_batch(opt.rows, opt.width, opt.vocab, device)
-    scored = int((batch["labels"][:, 1:] != -100).sum())
-    results = {name: run(model, batch, fn, amp, device, opt.reps)
-               for name, fn in (("label", label_path), ("full", full_path))}
-    a, b = results["label"], results["full"]
-    diff = (a["logps"] - b["logps"]).abs()
-    d_lp = float(diff.max())
-    d_g = max(float((a["grads"][k] - g).abs().max() / g.abs().max().clamp(min=1e-30))
-              for k, g in b["grads"].items())
-    (atol, rtol), tol_g = ((2e-2, 1e-4), 2e-2) if bf16 else ((1e-4, 1e-6), 1e-4)
-    lp_ok = bool((diff <= atol + rtol * b["logps"].abs()).all())
+    seqs = make_sequences(opt.rows, opt.width, opt.vocab)
+    padded = collate(seqs, 0)
+    cost = attention_cost(model)
+    batches = {"full": padded, "label": padded, "packed": pack(seqs, 0, False, cost),
+               "shared": pack(seqs, 0, True, cost)}
+    batches = {k: {n: t.to(device) for n, t in b.items()} for k, b in batches.items()}
+    scored = sum(e.n_response_tokens for e in seqs)
+    tokens = sum(len(e.input_ids) for e in seqs)
+    results = {name: run(model, batch, full_path if name == "full" else layout_path, amp,
+                         device, opt.reps, len(seqs))
+               for name, batch in batches.items()}
     params = sum(p.numel() for p in model.parameters())
     print(f"{device} ({torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}), torch "
           f"{torch.__version__}, {'bf16 autocast' if bf16 else 'fp32'}, {params / 1e6:.0f}M "
-          f"params, {opt.rows} sequences x {opt.width} (padded), {scored} label positions "
-          f"({scored / batch['attention_mask'].sum().item():.0%} of the non-pad tokens), "
-          f"vocab {opt.vocab}")
+          f"params, {opt.rows} sequences ({opt.rows // 2} prompts x 2) up to {opt.width} tokens, "
+          f"{tokens} tokens, {scored} label positions, vocab {opt.vocab}")
+    ref = results["full"]
+    (atol, rtol), tol_g = ((2e-2, 1e-4), 2e-2) if bf16 else ((1e-4, 1e-6), 1e-4)
+    ok = True
     for name, r in results.items():
-        mem = f"{r['peak_mb']:9.0f} MB" if device == "cuda" else "(GPU only)"
-        print(f"  {name:<5}  fwd+bwd {r['seconds'] * 1e3:8.1f} ms   peak above weights+grads "
-              f"{mem}")
-    ratio = f", peak {a['peak_mb'] / b['peak_mb']:.2f}x" if device == "cuda" else ""
-    print(f"  label/full: time {a['seconds'] / b['seconds']:.2f}x{ratio}")
-    ok = lp_ok and d_g <= tol_g
-    print(f"  max |Δ log-prob sum| {d_lp:.2e} (sums up to {float(b['logps'].abs().max()):.0f}; "
-          f"tolerance {atol:.0e} + {rtol:.0e}·|sum|); max |Δ grad| / max |grad| {d_g:.2e} "
-          f"(tolerance {tol_g:.0e}): {'OK' if ok else 'FAILED'}")
+        shape = tuple(batches[name]["input_ids"].shape)
+        mem = f"{r['peak_mb']:8.0f} MB" if device == "cuda" else "(GPU only)"
+        line = (f"  {name:<6} {shape!s:<12} fwd+bwd {r['seconds'] * 1e3:8.1f} ms "
+                f"({r['seconds'] / ref['seconds']:.2f}x full), peak above weights+grads {mem}")
+        if name != "full":
+            diff = (r["logps"] - ref["logps"]).abs()
+            d_g = max(float((r["grads"][k] - g).abs().max() / g.abs().max().clamp(min=1e-30))
+                      for k, g in ref["grads"].items())
+            good = bool((diff <= atol + rtol * ref["logps"].abs()).all()) and d_g <= tol_g
+            ok = ok and good
+            line += (f"; max |Δ sum| {float(diff.max()):.1e}, max |Δ grad|/max |grad| "
+                     f"{d_g:.1e}: {'OK' if good else 'FAILED'}")
+        print(line)
+    print(f"  tolerance: |Δ sum| <= {atol:.0e} + {rtol:.0e}·|sum| (sums up to "
+          f"{float(ref['logps'].abs().max()):.0f}), |Δ grad| / max |grad| <= {tol_g:.0e}")
     sys.exit(0 if ok else 1)
 
 

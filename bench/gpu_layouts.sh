@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The GPU figures issue #9 still needs, in one command (about 6 minutes on one H200): the forward
+# layouts checked against the full logits on the device (bench/label_logps_check.py, 342M shape,
+# bf16), then our `train` step in the packed layouts against TRL's DPOTrainer
+# (bench/bench_vs_trl.py). Results go to $OUT (default ./bench-out).
+#
+#   bash bench/gpu_layouts.sh
+#
+# TRL and datasets come from wheels in .whl/ where the machine has no index (see
+# docs/benchmarks.md); the check itself needs neither.
+set -euo pipefail
+out=${OUT:-bench-out}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+if ! python3 -c "import trl, datasets" 2>/dev/null; then
+    python3 -m pip install -q --no-index --find-links .whl trl datasets \
+        || python3 -m pip install -q --no-index --no-deps .whl/*.whl
+fi
+python3 bench/label_logps_check.py | tee "$out/layout_check.txt"
+python3 bench/bench_vs_trl.py --config 340m --layout shared_prompts --json "$out/shared_340m.json"
+python3 bench/bench_vs_trl.py --config 340m --layout packed --no-memory \
+    --json "$out/packed_340m.json"
+python3 bench/bench_vs_trl.py --config 110m --layout shared_prompts --json "$out/shared_110m.json"
