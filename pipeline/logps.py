@@ -173,21 +173,29 @@ class ForwardLayout:
         return f"padded, {self.groups} group(s)" if self.kind == "padded" else self.kind
 
 
+def sliding_window(config: object) -> int | None:
+    """The window of a model that attends through one (Mistral v0.1: 4096), else None."""
+    window = getattr(config, "sliding_window", None)
+    return window if window is not None and getattr(config, "use_sliding_window", True) else None
+
+
 def forward_layout(kind: LayoutKind | None, groups: int | None, model: torch.nn.Module,
                    on: torch.device | str) -> ForwardLayout:
     """The layout of `train.layout` and `train.forward_groups`; null means what measured
     fastest on the device type (docs/benchmarks.md):
-    - CPU: shared prompts where the model allows (`packing_refusal`): 1.2x a step of 4 length
-      groups at 30M params, as fast for the tiny default; else 4 length groups (padding ~45% ->
-      ~17%: 1.6x one padded forward at 30M params).
+    - CPU: shared prompts where the model allows (`packing_refusal`, and no sliding window):
+      1.2x a step of 4 length groups at 30M params, 1.16x for the tiny default; else 4 length
+      groups (padding ~45% -> ~17%: 1.6x one padded forward at 30M params).
     - GPU: one padded forward, where each extra launch costs more than the padding it saves
       (issue #9's H200 runs: 920 vs 222 pairs/s at 110M params). The packed layouts run one
       forward too, with far fewer tokens, but are opt-in there until measured on a GPU.
     An explicit packed layout that the model cannot run is a `UserError`."""
     cpu = torch.device(on).type == "cpu"
     if kind is None:
-        kind = "shared_prompts" if cpu and packing_refusal(model, "shared_prompts") is None \
-            else "padded"
+        # Not where a sliding window could be narrower than the rows: a run would stop there.
+        shared = packing_refusal(model, "shared_prompts") is None \
+            and sliding_window(unwrap(model).config) is None
+        kind = "shared_prompts" if cpu and shared else "padded"
     if kind == "padded":
         return ForwardLayout(groups=groups if groups is not None else 4 if cpu else 1)
     refusal = packing_refusal(model, kind)
@@ -293,9 +301,8 @@ def _packed_logps(model: PreTrainedModel, batch: dict[str, torch.Tensor], head: 
     mask = None
     if UNITS in batch:
         config = unwrap(model).config
-        window = getattr(config, "sliding_window", None)
-        if window is not None and getattr(config, "use_sliding_window", True) \
-                and window < ids.shape[1]:
+        window = sliding_window(config)
+        if window is not None and window < ids.shape[1]:
             # The ready mask replaces the model's own, sliding window included.
             raise UserError(f"layout shared_prompts: packed rows of {ids.shape[1]} tokens are "
                             f"wider than the model's sliding window ({window}); use layout: "

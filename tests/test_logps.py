@@ -380,5 +380,6 @@ def test_forward_layout_per_device_and_refusals() -> None:
     # A sliding window narrower than the rows: the ready mask would drop it.
     mistral = tiny_lm("mistral")
     mistral.config.sliding_window = 8
+    assert forward_layout(None, None, mistral, "cpu") == ForwardLayout(groups=4)
     with pytest.raises(UserError, match="wider than the model's sliding window"):
         batch_logps(mistral, pack(_pairs_sharing_prompts(), 0, share_prompts=True))
