@@ -21,6 +21,8 @@ import yaml
 from pipeline.errors import UserError
 
 MixedPrecision = Literal["auto", "no", "bf16", "fp16"]
+#: Forward layouts of training batches (`logps.forward_layout`).
+LayoutKind = Literal["padded", "packed", "shared_prompts"]
 WeightDtype = Literal["auto", "float32", "bfloat16", "float16"]
 
 
@@ -132,7 +134,7 @@ class OptimConfig:
     log_every: int = 20
     # The forward layout (`logps.forward_layout`): padded | packed | shared_prompts; null =
     # what measured fastest on the device.
-    layout: Literal["padded", "packed", "shared_prompts"] | None = None
+    layout: LayoutKind | None = None
     # Length-sorted groups per padded forward pass (null: 4 on CPU, 1 on GPU).
     forward_groups: int | None = None
 

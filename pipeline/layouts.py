@@ -73,11 +73,13 @@ def pack(batch: Sequence[Encoded], pad_id: int, share_prompts: bool = False,
     units: list[tuple[int, list[int]]] = []
     open_units: dict[tuple[int, ...], int] = {}  # prompt -> its unit with room for a response
     for i, e in enumerate(batch):
-        k = next((t for t, lab in enumerate(e.labels) if lab != IGNORE), len(e.labels))
+        # The prompt: the ids before the first label (0 when prompts are not shared).
+        k = next((t for t, lab in enumerate(e.labels) if lab != IGNORE), len(e.labels)) \
+            if share_prompts else 0
         key = tuple(e.input_ids[:k])
-        if share_prompts and k and key in open_units:
+        if k and key in open_units:
             units[open_units.pop(key)][1].append(i)
-        elif share_prompts and k:
+        elif k:
             open_units[key] = len(units)
             units.append((k, [i]))
         else:
@@ -91,8 +93,8 @@ def pack(batch: Sequence[Encoded], pad_id: int, share_prompts: bool = False,
     positions = np.zeros((rows, width), dtype=np.int64)
     unit_ids = np.full((rows, width), -1, dtype=np.int64)
     branch_ids = np.zeros((rows, width), dtype=np.int64)
-    src, labels, into, n_tok = [None] * len(batch), [None] * len(batch), [None] * len(batch), \
-        [0] * len(batch)
+    src: list[np.ndarray] = [np.empty(0, np.int64)] * len(batch)
+    labels, into, n_tok = list(src), list(src), [0] * len(batch)
     for u, ((k, members), (row, off)) in enumerate(zip(units, where, strict=True)):
         first = batch[members[0]].input_ids
         ids[row, off:off + k] = first[:k]

@@ -78,7 +78,6 @@ def lm_head_of(model: torch.nn.Module) -> LMHead | None:
     return LMHead(head, scale)
 
 
-
 #: `torch.addmm(..., out_dtype=)` from half inputs, CUDA only.
 _CUDA_MM_OUT_DTYPE = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 8)
 

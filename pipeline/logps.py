@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -21,6 +20,7 @@ from torch.autograd.function import FunctionCtx
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from pipeline.config import LayoutKind
 from pipeline.encoding import IGNORE, Encoded, Encoder, TruncationStats
 from pipeline.errors import UserError
 from pipeline.layouts import (
@@ -127,8 +127,6 @@ PACKABLE = frozenset({
 #: for a batch of one row, so it would attend across the sequences of several.
 _MASKED_ATTENTION = frozenset({"sdpa", "eager"})
 
-LayoutKind = Literal["padded", "packed", "shared_prompts"]
-
 
 def packing_refusal(model: torch.nn.Module, kind: LayoutKind) -> str | None:
     """Why `model` cannot run the packed layout `kind`, or None if it can. Packing needs the
@@ -191,13 +189,15 @@ def forward_layout(kind: LayoutKind | None, groups: int | None, model: torch.nn.
       forward too, with far fewer tokens, but are opt-in there until measured on a GPU.
     An explicit packed layout that the model cannot run is a `UserError`."""
     cpu = torch.device(on).type == "cpu"
+    padded = ForwardLayout(groups=groups if groups is not None else 4 if cpu else 1)
     if kind is None:
         # Not where a sliding window could be narrower than the rows: a run would stop there.
-        shared = packing_refusal(model, "shared_prompts") is None \
-            and sliding_window(unwrap(model).config) is None
-        kind = "shared_prompts" if cpu and shared else "padded"
+        if cpu and sliding_window(unwrap(model).config) is None \
+                and packing_refusal(model, "shared_prompts") is None:
+            return ForwardLayout("shared_prompts", attn_cost=attention_cost(model))
+        return padded
     if kind == "padded":
-        return ForwardLayout(groups=groups if groups is not None else 4 if cpu else 1)
+        return padded
     refusal = packing_refusal(model, kind)
     if refusal is not None:
         raise UserError(f"train.layout: {kind}, but this model cannot run it: {refusal}; "
@@ -307,9 +307,8 @@ def _packed_logps(model: PreTrainedModel, batch: dict[str, torch.Tensor], head: 
             raise UserError(f"layout shared_prompts: packed rows of {ids.shape[1]} tokens are "
                             f"wider than the model's sliding window ({window}); use layout: "
                             "packed or padded")
-        dtype = next(model.parameters()).dtype
         mask = shared_prompt_mask(batch[UNITS], batch[BRANCHES], config._attn_implementation,
-                                  dtype)
+                                  next(model.parameters()).dtype)
     with head_input(head) as seen:
         model(input_ids=ids, position_ids=batch["position_ids"], attention_mask=mask,
               use_cache=False)
