@@ -37,6 +37,7 @@ import argparse
 import contextlib
 import ctypes
 import gc
+import importlib.util
 import json
 import math
 import os
@@ -49,9 +50,11 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -232,22 +235,54 @@ def saved_activation_bytes(model: PreTrainedModel, loss_fn: training.LossFn,
 
 # --- data and model --------------------------------------------------------------------------
 
-def toy_pairs(n_train: int) -> Any:
-    """Toy raw rows -> normalized pairs (the `data` + `normalize` stages, in memory)."""
-    raw_train, raw_test = generate(ToyConfig(n_train=n_train, n_test=50))
+# Inputs: `toy`, the built-in toy pairs with the plain template (the default run), or `pku`,
+# long PKU-SafeRLHF-v1-shaped rows (prompts of 20-120 words, responses of 150-400) with a
+# SentencePiece-style tokenizer and a Llama-2-style chat template, as the users'-path tests
+# build them (tests/real_models.py). `pku` is the shape a real run has: prompts a small share of
+# each sequence, long responses, and pairs cut at `max_length` (512 as in safe-rlhf).
+DATA = ("toy", "pku")
+DEFAULT_MAX_LENGTH = {"toy": TrainConfig().max_length, "pku": 512}
+
+
+def _real_models() -> ModuleType:
+    """tests/real_models.py, loaded by path: the tests and the benchmarks share one definition of
+    the users' data shape."""
+    path = Path(__file__).resolve().parents[1] / "tests" / "real_models.py"
+    spec = importlib.util.spec_from_file_location("real_models", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def bench_pairs(data: str, n_train: int) -> pd.DataFrame:
+    """Raw rows of `data` -> normalized pairs (the `data` + `normalize` stages, in memory)."""
+    if data == "toy":
+        raw_train, raw_test = generate(ToyConfig(n_train=n_train, n_test=50))
+    else:
+        rows = pd.DataFrame(_real_models().pku_v1_rows(n_train + 50, seed=0))
+        raw_train, raw_test = rows.iloc[:n_train], rows.iloc[n_train:]
     train, _, _ = normalize_splits(raw_train, raw_test)
     return train
 
 
-def build(name: str, pairs: Any, max_length: int, seed: int
+def build(name: str, data: str, pairs: pd.DataFrame, max_length: int, seed: int
           ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, list[PreferenceExample]]:
     cfg = CONFIGS[name]
-    # As `run_sft` does: the tokenizer learns from the templated texts it will see.
-    prompts = pairs["prompt"].tolist() * 2
-    responses = pairs["response_0"].tolist() + pairs["response_1"].tolist()
-    template = resolve_template("plain", None)
-    corpus = [f"{template.render(None, p)} {r}" for p, r in zip(prompts, responses, strict=True)]
-    tokenizer = train_tiny_tokenizer(corpus, cfg.vocab_size)
+    cfg = replace(cfg, max_position_embeddings=max(cfg.max_position_embeddings, max_length))
+    # As `run_sft` does: the tokenizer learns from the texts it will see.
+    if data == "toy":
+        template = resolve_template("plain", None)
+        prompts = pairs["prompt"].tolist() * 2
+        responses = pairs["response_0"].tolist() + pairs["response_1"].tolist()
+        corpus = [f"{template.render(None, p)} {r}"
+                  for p, r in zip(prompts, responses, strict=True)]
+        tokenizer = train_tiny_tokenizer(corpus, cfg.vocab_size)
+    else:
+        texts = pairs[["prompt", "response_0", "response_1"]].to_numpy().ravel().tolist()
+        tokenizer = _real_models().metaspace_tokenizer(texts, vocab_size=cfg.vocab_size)
+        tokenizer.pad_token = tokenizer.eos_token  # as `modeling` does for a pad-less checkpoint
+        template = resolve_template("chat", tokenizer)
     selected, _ = select_pairs(pairs, "safedpo")
     # As `preference_examples` does, with random reference log-probs (cost does not depend on
     # them; a scale like real summed log-probs keeps the loss finite).
@@ -309,7 +344,7 @@ def executed_rows(batch: dict[str, torch.Tensor], lengths: np.ndarray, layout: F
     """Per forward pass of a micro-batch: its rows, each at the width the kernels run (a packed
     row holds several sequences; attention is counted over the whole row)."""
     rows, width = batch["input_ids"].shape
-    if layout.kind != "padded" or layout.groups <= 1:
+    if "position_ids" in batch or layout.groups <= 1:  # packed (also as `auto` chose)
         return [np.full(rows, width)]
     parts = np.array_split(np.sort(lengths), min(layout.groups, len(lengths)))
     return [np.full(len(p), p.max()) for p in parts]
@@ -320,6 +355,7 @@ def executed_rows(batch: dict[str, torch.Tensor], lengths: np.ndarray, layout: F
 @dataclass
 class Options:
     config: str
+    data: str
     steps: int
     warmup: int
     batch_size: int
@@ -371,10 +407,10 @@ def run_one(opt: Options) -> Result:
     torch.manual_seed(0)
     pinned = opt.memory_exact and pin_mmap_threshold(1 << 20)
     load_before = load_average()
-    pairs = toy_pairs(opt.pairs)
+    pairs = bench_pairs(opt.data, opt.pairs)
     gc.collect()
     rss_base = rss_mb()
-    model, tokenizer, examples = build(opt.config, pairs, opt.max_length, seed=0)
+    model, tokenizer, examples = build(opt.config, opt.data, pairs, opt.max_length, seed=0)
     if opt.attn:
         model.set_attn_implementation(opt.attn)
     shape = ModelShape.of(model)
@@ -393,7 +429,7 @@ def run_one(opt: Options) -> Result:
                                               layout=layout)
     reference = None
     if opt.reference_model:
-        reference = build(opt.config, pairs, opt.max_length, seed=0)[0].eval()
+        reference = build(opt.config, opt.data, pairs, opt.max_length, seed=0)[0].eval()
         reference.requires_grad_(False)
         loss_fn = ReferenceHeldLoss(loss_fn, reference)
     if opt.compile:
@@ -525,7 +561,8 @@ def report(results: dict[str, dict[str, Any]]) -> None:
     print(LEGEND)
     for name, r in results.items():
         m = r["memory"]
-        print(f"{name}: threads {r['torch_threads']}, attn {r['attn_implementation']}, "
+        print(f"{name}: data {r['options']['data']}, max_length {r['options']['max_length']}, "
+              f"threads {r['torch_threads']}, attn {r['attn_implementation']}, "
               f"layout {r['layout']}, "
               f"mixed precision {r['options']['mixed_precision']}, "
               f"load avg {r['load_average_before']} -> {r['load_average_after']}, matmul peak "
@@ -543,8 +580,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="timed steps (default per config)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps first")
     ap.add_argument("--batch-size", type=int, default=TrainConfig().batch_size)
-    ap.add_argument("--max-length", type=int, default=TrainConfig().max_length)
-    ap.add_argument("--pairs", type=int, default=1000, help="toy rows generated")
+    ap.add_argument("--data", choices=DATA, default="toy",
+                    help="toy pairs, or long PKU-SafeRLHF-shaped pairs with a chat template")
+    ap.add_argument("--max-length", type=int, default=None,
+                    help="default: 192 (toy, params.yaml) or 512 (pku)")
+    ap.add_argument("--pairs", type=int, default=1000, help="rows generated")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--attn", choices=["sdpa", "eager"], default=None,
                     help="attention implementation (default: the model's, sdpa)")
@@ -567,11 +607,13 @@ def main() -> None:
     if args.warmup is not None and args.warmup < 1:
         ap.error("--warmup must be >= 1: the first step allocates AdamW state")
 
+    if args.max_length is None:
+        args.max_length = DEFAULT_MAX_LENGTH[args.data]
     names = ["tiny", "30m"] if args.config == "both" else [args.config]
     results: dict[str, dict[str, Any]] = {}
     if len(names) == 1:
         name = names[0]
-        opt = Options(config=name, steps=args.steps or DEFAULT_STEPS[name],
+        opt = Options(config=name, data=args.data, steps=args.steps or DEFAULT_STEPS[name],
                       warmup=DEFAULT_WARMUP[name] if args.warmup is None else args.warmup,
                       batch_size=args.batch_size, max_length=args.max_length, pairs=args.pairs,
                       threads=args.threads, attn=args.attn, chunks=args.chunks,
@@ -581,7 +623,8 @@ def main() -> None:
         results[name] = asdict(run_one(opt))
     else:
         # One process per configuration: each peak RSS is then that configuration's alone.
-        common = ["--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
+        common = ["--data", args.data, "--batch-size", str(args.batch_size),
+                  "--max-length", str(args.max_length),
                   "--pairs", str(args.pairs), "--threads", str(args.threads),
                   "--layout", args.layout]
         common += ["--chunks", str(args.chunks)] if args.chunks is not None else []

@@ -89,14 +89,16 @@ import numpy as np
 import torch
 from bench_train import (
     CONFIGS,
+    DATA,
+    DEFAULT_MAX_LENGTH,
     ModelShape,
     PeakRSS,
+    bench_pairs,
     build,
     load_average,
     matmul_peak,
     pin_mmap_threshold,
     rss_mb,
-    toy_pairs,
 )
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -139,6 +141,7 @@ CHILD_ENV = {"TQDM_DISABLE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_OFFLI
 @dataclass(frozen=True)
 class Setup:
     config: str
+    data: str  # bench_train.DATA
     device: str  # "cuda" | "cpu"
     precision: str  # "no" (fp32) | "bf16" (autocast, fp32 master weights)
     batch_size: int
@@ -349,7 +352,8 @@ def prepare(s: Setup, total: int) -> tuple[PreTrainedModel, PreTrainedTokenizerB
                                             list[list[int]]]:
     torch.set_num_threads(s.threads)
     torch.manual_seed(0)
-    model, tokenizer, examples = build(s.config, toy_pairs(s.pairs), s.max_length, seed=0)
+    model, tokenizer, examples = build(s.config, s.data, bench_pairs(s.data, s.pairs),
+                                       s.max_length, seed=0)
     cfg = our_config(s, len(examples), total)
     return model, tokenizer, examples, cfg, batch_order(cfg, len(examples), total)
 
@@ -582,9 +586,9 @@ def report(results: dict[str, dict[str, Any]]) -> None:
               f"{loss['abs_diff']:.1e} (target ≤ {loss['tolerance']:.0e}) {ok}")
         peak = r["matmul_peak_gflop_per_s"]
         mem = next(iter(r.get("memory", {}).values()), {}).get("method", "not measured")
-        print(f"{name}: {s['device']}, {prec}, batch {s['batch_size']} pairs, max_length "
-              f"{s['max_length']}, {s['warmup']} warm-up + {s['steps']} timed steps each, turns "
-              f"of {s['window']} step(s), {r['torch_threads']} threads, same batches: "
+        print(f"{name}: {s['data']} data, {s['device']}, {prec}, batch {s['batch_size']} pairs, "
+              f"max_length {s['max_length']}, {s['warmup']} warm-up + {s['steps']} timed steps "
+              f"each, turns of {s['window']} step(s), {r['torch_threads']} threads, same batches: "
               f"{r['same_batches']}, matmul peak {peak['used']:.0f} GFLOP/s ({peak['dtype']}), "
               f"TRL optimizer {r['trl_optimizer']}, TRL gradient checkpointing "
               f"{s['trl_gradient_checkpointing']}, ours: log-probs from "
@@ -607,12 +611,15 @@ def main() -> None:
                     help="auto: bf16 autocast on a GPU, fp32 on CPU (as train.mixed_precision)")
     ap.add_argument("--batch-size", type=int, default=None,
                     help="pairs per step (default 64 on a GPU; on CPU 32 tiny, 16 otherwise)")
-    ap.add_argument("--max-length", type=int, default=TrainConfig().max_length)
+    ap.add_argument("--data", choices=DATA, default="toy",
+                    help="toy pairs, or long PKU-SafeRLHF-shaped pairs with a chat template")
+    ap.add_argument("--max-length", type=int, default=None,
+                    help="default: 192 (toy, params.yaml) or 512 (pku)")
     ap.add_argument("--warmup", type=int, default=5, help="untimed steps first, each")
     ap.add_argument("--steps", type=int, default=None, help="timed steps each (default per "
                     f"config: {DEFAULT_STEPS})")
     ap.add_argument("--window", type=int, default=1, help="steps per turn")
-    ap.add_argument("--pairs", type=int, default=1000, help="toy rows generated")
+    ap.add_argument("--pairs", type=int, default=1000, help="rows generated")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--lr", type=float, default=TrainConfig().lr)
     ap.add_argument("--max-grad-norm", type=float, default=TrainConfig().max_grad_norm)
@@ -655,8 +662,9 @@ def main() -> None:
     results: dict[str, dict[str, Any]] = {}
     for name in SETS.get(config, [config]):
         batch = args.batch_size or (64 if device == "cuda" else 32 if name == "tiny" else 16)
-        s = Setup(config=name, device=device, precision=precision, batch_size=batch,
-                  max_length=args.max_length, warmup=args.warmup,
+        s = Setup(config=name, data=args.data, device=device, precision=precision,
+                  batch_size=batch, warmup=args.warmup,
+                  max_length=args.max_length or DEFAULT_MAX_LENGTH[args.data],
                   steps=args.steps or DEFAULT_STEPS[name], window=args.window,
                   pairs=args.pairs, threads=args.threads, lr=args.lr,
                   max_grad_norm=args.max_grad_norm, memory_steps=args.memory_steps,

@@ -22,7 +22,7 @@ from pipeline.errors import UserError
 
 MixedPrecision = Literal["auto", "no", "bf16", "fp16"]
 #: Forward layouts of training batches (`logps.forward_layout`).
-LayoutKind = Literal["padded", "packed", "shared_prompts"]
+LayoutKind = Literal["auto", "padded", "packed", "shared_prompts"]
 WeightDtype = Literal["auto", "float32", "bfloat16", "float16"]
 
 
@@ -132,8 +132,8 @@ class OptimConfig:
     mixed_precision: MixedPrecision = "auto"
     gradient_checkpointing: bool = False
     log_every: int = 20
-    # The forward layout (`logps.forward_layout`): padded | packed | shared_prompts; null =
-    # what measured fastest on the device.
+    # The forward layout (`logps.forward_layout`): auto | padded | packed | shared_prompts;
+    # null = what measured fastest on the device (CPU: auto, GPU: padded).
     layout: LayoutKind | None = None
     # Length-sorted groups per padded forward pass (null: 4 on CPU, 1 on GPU).
     forward_groups: int | None = None

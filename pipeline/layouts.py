@@ -7,6 +7,7 @@ chooses among them; `logps.batch_logps` runs them.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -46,6 +47,47 @@ UNITS = "unit_ids"
 BRANCHES = "branch_ids"
 
 
+@dataclass(frozen=True)
+class PackPlan:
+    """Where `pack` puts a batch: its units (prompt length, member sequences), their sizes in
+    tokens, the row width and (row, offset) of each unit, the number of rows."""
+
+    shared: bool  # prompts shared (`pack(share_prompts=True)`)
+    units: list[tuple[int, list[int]]]
+    sizes: list[int]
+    width: int
+    where: list[tuple[int, int]]
+    rows: int
+
+    def cost(self, attn_cost: float) -> float:
+        return row_cost(self.rows, self.width, attn_cost)
+
+
+def plan_pack(batch: Sequence[Encoded], share_prompts: bool, attn_cost: float) -> PackPlan:
+    """`pack`'s units and rows for `batch`, without building the tensors."""
+    # A unit: the shared prefix (k tokens of its first member) and its members.
+    units: list[tuple[int, list[int]]] = []
+    open_units: dict[tuple[int, ...], int] = {}  # prompt -> its unit with room for a response
+    for i, e in enumerate(batch):
+        # The prompt: the ids before the first label (0 when prompts are not shared).
+        k = next((t for t, lab in enumerate(e.labels) if lab != IGNORE), len(e.labels)) \
+            if share_prompts else 0
+        key = tuple(e.input_ids[:k])
+        if k and key in open_units:
+            units[open_units.pop(key)][1].append(i)
+        elif k:
+            open_units[key] = len(units)
+            units.append((k, [i]))
+        else:
+            units.append((len(e.input_ids), [i]))
+    sizes = [k + sum(len(batch[i].input_ids) - k for i in members) for k, members in units]
+    widths = sorted({int(max(sizes) * f) for f in (1, 1.5, 2, 3)})
+    fits = {w: fit_rows(sizes, w) for w in widths}
+    width = min(widths, key=lambda w: row_cost(fits[w][1], w, attn_cost))
+    where, rows = fits[width]
+    return PackPlan(share_prompts, units, sizes, width, where, rows)
+
+
 def pack(batch: Sequence[Encoded], pad_id: int, share_prompts: bool = False,
          attn_cost: float = 0.0) -> dict[str, torch.Tensor]:
     """Padding-free layout: the sequences laid end to end in rows (first-fit decreasing), each
@@ -69,26 +111,12 @@ def pack(batch: Sequence[Encoded], pad_id: int, share_prompts: bool = False,
     `SCORED_LABELS`, `SCORED_INTO`, `SEQ_TOKENS`, and with `share_prompts` `UNITS` and
     `BRANCHES`; `batch_logps` returns in `batch` order.
     """
-    # A unit: the shared prefix (k tokens of its first member) and its members.
-    units: list[tuple[int, list[int]]] = []
-    open_units: dict[tuple[int, ...], int] = {}  # prompt -> its unit with room for a response
-    for i, e in enumerate(batch):
-        # The prompt: the ids before the first label (0 when prompts are not shared).
-        k = next((t for t, lab in enumerate(e.labels) if lab != IGNORE), len(e.labels)) \
-            if share_prompts else 0
-        key = tuple(e.input_ids[:k])
-        if k and key in open_units:
-            units[open_units.pop(key)][1].append(i)
-        elif k:
-            open_units[key] = len(units)
-            units.append((k, [i]))
-        else:
-            units.append((len(e.input_ids), [i]))
-    sizes = [k + sum(len(batch[i].input_ids) - k for i in members) for k, members in units]
-    widths = sorted({int(max(sizes) * f) for f in (1, 1.5, 2, 3)})
-    fits = {w: fit_rows(sizes, w) for w in widths}
-    width = min(widths, key=lambda w: row_cost(fits[w][1], w, attn_cost))
-    where, rows = fits[width]
+    return packed(batch, pad_id, plan_pack(batch, share_prompts, attn_cost))
+
+
+def packed(batch: Sequence[Encoded], pad_id: int, plan: PackPlan) -> dict[str, torch.Tensor]:
+    """`batch` packed as `plan` (`plan_pack` of the same batch) says."""
+    units, sizes, width, where, rows = plan.units, plan.sizes, plan.width, plan.where, plan.rows
     ids = np.full((rows, width), pad_id, dtype=np.int64)
     positions = np.zeros((rows, width), dtype=np.int64)
     unit_ids = np.full((rows, width), -1, dtype=np.int64)
@@ -120,7 +148,7 @@ def pack(batch: Sequence[Encoded], pad_id: int, share_prompts: bool = False,
            SCORED_LABELS: torch.from_numpy(np.concatenate(labels)),
            SCORED_INTO: torch.from_numpy(np.concatenate(into)),
            SEQ_TOKENS: torch.tensor(n_tok, dtype=torch.long)}
-    if share_prompts:
+    if plan.shared:
         out[UNITS] = torch.from_numpy(unit_ids)
         out[BRANCHES] = torch.from_numpy(branch_ids)
     return out
@@ -145,6 +173,26 @@ def row_cost(rows: int, width: int, attn_cost: float) -> float:
     tokens, attention (masked, so computed over whole rows) with rows × width²; `attn_cost` is
     the ratio of one query-key pair's FLOPs to one token's (`attention_cost`)."""
     return rows * width * (1.0 + attn_cost * width)
+
+
+def padded_cost(lengths: Sequence[int], groups: int, attn_cost: float) -> float:
+    """`row_cost` of a padded batch of sequences of `lengths` run as `groups` length-sorted
+    groups, each as wide as its longest (as `logps.batch_logps` splits it)."""
+    parts = np.array_split(np.sort(np.asarray(lengths)), max(1, min(groups, len(lengths))))
+    return sum(row_cost(len(p), int(p.max()), attn_cost) for p in parts)
+
+
+def cheapest(batch: Sequence[Encoded], pad_id: int, groups: int, attn_cost: float,
+             share_prompts: bool = True) -> dict[str, torch.Tensor]:
+    """`batch` in whichever layout `row_cost` finds cheapest: padded (run in `groups`), packed,
+    or packed with shared prompts (if `share_prompts`). Short sequences favour the packed
+    layouts (no padding, each prompt once); long ones on a small model favour padding, since
+    attention over a packed row is paid over its whole width (bench/layout_costs.py)."""
+    plans = [plan_pack(batch, share, attn_cost) for share in (False, True)[:1 + share_prompts]]
+    best = min(plans, key=lambda plan: plan.cost(attn_cost))
+    if padded_cost([len(e.input_ids) for e in batch], groups, attn_cost) <= best.cost(attn_cost):
+        return collate(batch, pad_id)
+    return packed(batch, pad_id, best)
 
 
 def shared_prompt_mask(units: torch.Tensor, branches: torch.Tensor, attn_implementation: str,

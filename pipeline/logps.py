@@ -30,6 +30,7 @@ from pipeline.layouts import (
     SCORED_LABELS,
     SEQ_TOKENS,
     UNITS,
+    cheapest,
     collate,
     label_positions,
     pack,
@@ -150,17 +151,21 @@ def packing_refusal(model: torch.nn.Module, kind: LayoutKind) -> str | None:
 @dataclass(frozen=True)
 class ForwardLayout:
     """How a training micro-batch goes through the model: padded (`collate`) and run as
-    `groups` length-sorted groups, packed (`pack`), or packed with each prompt computed once
-    for all its responses (`pack(share_prompts=True)`). The one place that pairs the collate
-    with the forward."""
+    `groups` length-sorted groups, packed (`pack`), packed with each prompt computed once for
+    all its responses (`pack(share_prompts=True)`), or, `auto`, whichever of these
+    `layouts.cheapest` finds cheapest for each batch (shared prompts only if
+    `share_prompts`). The one place that pairs the collate with the forward."""
 
     kind: LayoutKind = "padded"
     groups: int = 1
-    attn_cost: float = 0.0  # `attention_cost` of the model, for the packed row width
+    attn_cost: float = 0.0  # `attention_cost` of the model: packed row width, `auto`'s choice
+    share_prompts: bool = True  # `auto` may share prompts
 
     def collate(self, batch: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
         if self.kind == "padded":
             return collate(batch, pad_id)
+        if self.kind == "auto":
+            return cheapest(batch, pad_id, self.groups, self.attn_cost, self.share_prompts)
         return pack(batch, pad_id, self.kind == "shared_prompts", self.attn_cost)
 
     def logps(self, model: PreTrainedModel, batch: dict[str, torch.Tensor]
@@ -168,7 +173,11 @@ class ForwardLayout:
         return batch_logps(model, batch, self.groups)
 
     def describe(self) -> str:
-        return f"padded, {self.groups} group(s)" if self.kind == "padded" else self.kind
+        padded = f"padded, {self.groups} group(s)"
+        if self.kind == "auto":
+            shared = ", packed or shared prompts" if self.share_prompts else " or packed"
+            return f"auto (per batch: {padded}{shared})"
+        return padded if self.kind == "padded" else self.kind
 
 
 def sliding_window(config: object) -> int | None:
@@ -179,30 +188,34 @@ def sliding_window(config: object) -> int | None:
 
 def forward_layout(kind: LayoutKind | None, groups: int | None, model: torch.nn.Module,
                    on: torch.device | str) -> ForwardLayout:
-    """The layout of `train.layout` and `train.forward_groups`; null means what measured
-    fastest on the device type (docs/benchmarks.md):
-    - CPU: shared prompts where the model allows (`packing_refusal`, and no sliding window):
-      1.2x a step of 4 length groups at 30M params, 1.16x for the tiny default; else 4 length
-      groups (padding ~45% -> ~17%: 1.6x one padded forward at 30M params).
+    """The layout of `train.layout` and `train.forward_groups` (default: 4 groups on CPU, 1 on
+    a GPU); null means what measured fastest on the device type (docs/benchmarks.md):
+    - CPU: `auto` where the model can be packed (`packing_refusal`): per batch, the cheapest
+      by the FLOP model of padded in 4 length groups, packed and shared prompts. Short toy
+      pairs go in shared-prompt rows (1.2x a step of 4 groups at 30M params), long pairs on a
+      small model stay padded (shared rows were 1.5x slower there; bench/layout_costs.py).
     - GPU: one padded forward, where each extra launch costs more than the padding it saves
       (issue #9's H200 runs: 920 vs 222 pairs/s at 110M params). The packed layouts run one
       forward too, with far fewer tokens, but are opt-in there until measured on a GPU.
-    An explicit packed layout that the model cannot run is a `UserError`."""
+    `auto` shares prompts only where the model allows it and has no sliding window (a window
+    narrower than a row would stop the run). An explicit packed layout that the model cannot
+    run is a `UserError`; an explicit `auto` then stays padded."""
     cpu = torch.device(on).type == "cpu"
     padded = ForwardLayout(groups=groups if groups is not None else 4 if cpu else 1)
     if kind is None:
-        # Not where a sliding window could be narrower than the rows: a run would stop there.
-        if cpu and sliding_window(unwrap(model).config) is None \
-                and packing_refusal(model, "shared_prompts") is None:
-            return ForwardLayout("shared_prompts", attn_cost=attention_cost(model))
+        kind = "auto" if cpu else "padded"
+    if kind == "padded" or (kind == "auto" and packing_refusal(model, "packed") is not None):
         return padded
-    if kind == "padded":
-        return padded
+    cost = attention_cost(model)
+    if kind == "auto":
+        share = sliding_window(unwrap(model).config) is None \
+            and packing_refusal(model, "shared_prompts") is None
+        return ForwardLayout("auto", padded.groups, cost, share)
     refusal = packing_refusal(model, kind)
     if refusal is not None:
         raise UserError(f"train.layout: {kind}, but this model cannot run it: {refusal}; "
-                        "set layout: padded or null")
-    return ForwardLayout(kind, attn_cost=attention_cost(model))
+                        "set layout: padded, auto or null")
+    return ForwardLayout(kind, attn_cost=cost)
 
 
 def batch_logps(model: PreTrainedModel, batch: dict[str, torch.Tensor], groups: int = 1,

@@ -12,8 +12,11 @@ from pipeline.layouts import (
     SCORED_LABELS,
     SEQ_TOKENS,
     UNITS,
+    cheapest,
     fit_rows,
     pack,
+    padded_cost,
+    plan_pack,
     row_cost,
     shared_prompt_mask,
 )
@@ -92,3 +95,29 @@ def test_shared_prompts_pair_responses_two_at_a_time() -> None:
     assert [1, 5, 10, 11] in [row[:4] for row in ids]
     assert sum(row.count(5) for row in ids) == 2  # the prompt twice, not three times
     assert got[SEQ_TOKENS].tolist() == [1, 1, 1, 1]
+
+
+def test_cheapest_layout_by_hand() -> None:
+    """`auto` takes, per batch, the layout of the least `row_cost`: two pairs with long
+    prompts and short responses share their prompts; long responses to short prompts, where
+    attention over a two-response row costs more than the padding it saves, stay padded."""
+    def pairs(prompt: int, responses: list[int]) -> list[Encoded]:
+        out = []
+        for q, n in enumerate(responses):
+            p = [1 + q // 2] * prompt  # pairs 0-1 and 2-3 share a prompt
+            out.append(Encoded(p + [9] * n, [-100] * prompt + [9] * n))
+        return out
+
+    short = pairs(8, [2, 3, 2, 2])  # lengths 10, 11, 10, 10; units of 13 and 12 tokens
+    assert padded_cost([10, 11, 10, 10], 2, 0.05) == row_cost(2, 10, 0.05) + row_cost(2, 11, 0.05)
+    shared = plan_pack(short, True, 0.05)
+    assert (shared.rows, shared.width) == (2, 13)
+    assert shared.cost(0.05) == row_cost(2, 13, 0.05) < padded_cost([10, 11, 10, 10], 2, 0.05)
+    assert UNITS in cheapest(short, 0, groups=2, attn_cost=0.05)
+    # Not allowed to share: packed rows of 20-22 tokens cost more than 2 padded groups.
+    assert "attention_mask" in cheapest(short, 0, groups=2, attn_cost=0.05, share_prompts=False)
+    long = pairs(1, [20, 21, 20, 21])  # units of 42 tokens against sequences of 21-22
+    got = cheapest(long, 0, groups=2, attn_cost=0.05)
+    assert "attention_mask" in got and got["input_ids"].shape == (4, 22)
+    # Free attention: the fewest tokens win, shared prompts included.
+    assert UNITS in cheapest(long, 0, groups=2, attn_cost=0.0)

@@ -344,8 +344,8 @@ def test_forward_layout_per_device_and_refusals() -> None:
     cost = attention_cost(model)
     # 2·L·d / weights of the layers' matrices: q, o 32x32; k, v 32x16 (2 KV heads); MLP 3x32x64
     assert cost == pytest.approx(2 * 2 * 32 / (2 * (2 * 32 * 32 + 2 * 32 * 16 + 3 * 32 * 64)))
-    assert forward_layout(None, None, model, "cpu") == ForwardLayout("shared_prompts",
-                                                                     attn_cost=cost)
+    assert forward_layout(None, None, model, "cpu") == ForwardLayout("auto", 4, cost, True)
+    assert forward_layout("auto", 2, model, "cuda") == ForwardLayout("auto", 2, cost, True)
     assert forward_layout(None, None, model, "cuda") == ForwardLayout(groups=1)
     assert forward_layout("padded", 2, model, "cuda") == ForwardLayout(groups=2)
     assert forward_layout("packed", None, model, "cuda").kind == "packed"
@@ -358,6 +358,7 @@ def test_forward_layout_per_device_and_refusals() -> None:
     with pytest.raises(UserError, match="model type 'opt' is not one tested"):
         forward_layout("packed", None, opt, "cpu")
     assert forward_layout(None, None, opt, "cpu") == ForwardLayout(groups=4)
+    assert forward_layout("auto", None, opt, "cpu") == ForwardLayout(groups=4)
     with pytest.raises(ValueError, match="packed batch needs the label-position head"):
         batch_logps(llama(final_logit_softcapping=30.0), pack(_sequences(3), 0))
     # Not flash-attention: it reads packed positions only for a batch of one row.
@@ -370,7 +371,8 @@ def test_forward_layout_per_device_and_refusals() -> None:
     # prompts do not.
     falcon = tiny_lm("falcon", alibi=True)
     assert falcon.transformer.use_alibi
-    assert forward_layout(None, None, falcon, "cpu") == ForwardLayout(groups=4)
+    assert forward_layout(None, None, falcon, "cpu") == ForwardLayout(
+        "auto", 4, attention_cost(falcon), share_prompts=False)
     with pytest.raises(UserError, match="ALiBi"):
         forward_layout("shared_prompts", None, falcon, "cpu")
     seqs = _pairs_sharing_prompts()
@@ -380,6 +382,6 @@ def test_forward_layout_per_device_and_refusals() -> None:
     # A sliding window narrower than the rows: the ready mask would drop it.
     mistral = tiny_lm("mistral")
     mistral.config.sliding_window = 8
-    assert forward_layout(None, None, mistral, "cpu") == ForwardLayout(groups=4)
+    assert not forward_layout(None, None, mistral, "cpu").share_prompts
     with pytest.raises(UserError, match="wider than the model's sliding window"):
         batch_logps(mistral, pack(_pairs_sharing_prompts(), 0, share_prompts=True))

@@ -105,14 +105,17 @@ def test_resume_after_a_kill_gives_identical_weights(project: Path) -> None:
 
 
 def test_packed_layouts_follow_the_padded_loss_trajectory(project: Path) -> None:
-    """`train.layout` packed and shared_prompts train the same model as the padded layout: the
-    same last-step metrics and final weights, up to the float rounding of other shapes."""
+    """`train.layout` packed, shared_prompts and auto (the CPU default) train the same model
+    as the padded layout: the same last-step metrics and final weights, up to the float
+    rounding of other shapes."""
+    kinds = ("padded", "packed", "shared_prompts", "auto")
     runs = {kind: _train(project, f"policy-{kind}", train_cfg(epochs=1, layout=kind), live=False)
-            for kind in ("padded", "packed", "shared_prompts")}
-    assert [r["layout"] for r in runs.values()] == ["padded, 4 group(s)", "packed",
-                                                     "shared_prompts"]
+            for kind in kinds}
+    assert [r["layout"] for r in runs.values()] == [
+        "padded, 4 group(s)", "packed", "shared_prompts",
+        "auto (per batch: padded, 4 group(s), packed or shared prompts)"]
     a = load_file(project / "policy-padded" / "model.safetensors")
-    for kind in ("packed", "shared_prompts"):
+    for kind in kinds[1:]:
         for k in ("loss", "rewards/margins", "grad_norm"):
             assert runs[kind]["final"][k] == pytest.approx(runs["padded"]["final"][k], rel=1e-4,
                                                            abs=1e-5), (kind, k)
