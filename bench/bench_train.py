@@ -1,8 +1,9 @@
 """Time the preference-training step of the `train` stage on the tiny model and a ~30M model.
 
 What is timed is what `run_preference` runs: `train_loop` with `preference_batch`,
-`PreferenceLoss` (SafeDPO) and `make_accelerator`, on `builtin:toy` pairs normalized and
-selected for `safedpo`, tokenized by a BPE tokenizer trained on them. Reference log-probs are
+`PreferenceLoss` (SafeDPO) and `make_accelerator`, on `builtin:toy` pairs (`--data pku`: long
+PKU-SafeRLHF-shaped pairs with a chat template, see `DATA`) normalized and selected for
+`safedpo`, tokenized by a tokenizer trained on them. Reference log-probs are
 random (the loss value does not change the step's cost), and nothing is checkpointed.
 
 Figures per configuration: pairs/s, tokens/s (non-pad), share of padding tokens, model FLOP/s
@@ -22,6 +23,7 @@ higher is used).
     python bench/bench_train.py --threads 1              # on a machine shared with other jobs
     python bench/bench_train.py --chunks 1               # one padded forward (no length groups)
     python bench/bench_train.py --layout padded          # padded, in length groups
+    python bench/bench_train.py --data pku               # long PKU-shaped pairs, max_length 512
     python bench/bench_train.py --config 30m --compile   # torch.compile the model
     python bench/bench_train.py --config 30m --memory-exact --steps 1 [--reference-model]
 
@@ -51,7 +53,7 @@ import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import pandas as pd
@@ -59,9 +61,10 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 import pipeline.training as training
-from pipeline.config import TinyModelConfig, ToyConfig, TrainConfig
+from pipeline.config import LayoutKind, TinyModelConfig, ToyConfig, TrainConfig
 from pipeline.encoding import Encoder, resolve_template
 from pipeline.finetune import preference_examples
+from pipeline.layouts import layout_of
 from pipeline.logps import ForwardLayout, forward_layout
 from pipeline.modeling import build_tiny_model, train_tiny_tokenizer
 from pipeline.normalize import normalize_splits
@@ -344,7 +347,7 @@ def executed_rows(batch: dict[str, torch.Tensor], lengths: np.ndarray, layout: F
     """Per forward pass of a micro-batch: its rows, each at the width the kernels run (a packed
     row holds several sequences; attention is counted over the whole row)."""
     rows, width = batch["input_ids"].shape
-    if "position_ids" in batch or layout.groups <= 1:  # packed (also as `auto` chose)
+    if layout_of(batch) != "padded" or layout.groups <= 1:
         return [np.full(rows, width)]
     parts = np.array_split(np.sort(lengths), min(layout.groups, len(lengths)))
     return [np.full(len(p), p.max()) for p in parts]
@@ -591,8 +594,9 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, default=None,
                     help="length-sorted groups per padded forward pass (default: the library's "
                          "choice for the device, logps.forward_layout; 1 = one padded forward)")
-    ap.add_argument("--layout", choices=["auto", "padded", "packed", "shared_prompts"],
-                    default="auto", help="forward layout (auto: logps.forward_layout's choice)")
+    ap.add_argument("--layout", choices=["default", *get_args(LayoutKind)], default="default",
+                    help="forward layout (default: logps.forward_layout's choice for the device, "
+                         "as train.layout: null)")
     ap.add_argument("--reference-model", action="store_true",
                     help="counterfactual: hold a reference model and run it every step")
     ap.add_argument("--compile", action="store_true",
@@ -617,7 +621,7 @@ def main() -> None:
                       warmup=DEFAULT_WARMUP[name] if args.warmup is None else args.warmup,
                       batch_size=args.batch_size, max_length=args.max_length, pairs=args.pairs,
                       threads=args.threads, attn=args.attn, chunks=args.chunks,
-                      layout=None if args.layout == "auto" else args.layout,
+                      layout=None if args.layout == "default" else args.layout,
                       reference_model=args.reference_model, compile=args.compile,
                       memory_exact=args.memory_exact, mixed_precision=args.mixed_precision)
         results[name] = asdict(run_one(opt))

@@ -56,6 +56,7 @@ TRL's sigmoid DPO. Other per-framework defaults are kept and printed: TRL's opti
     python bench/bench_vs_trl.py --config 340m --steps 50 --json out.json
     python bench/bench_vs_trl.py --config 340m --forward-groups 2   # ours in 2 length groups
     python bench/bench_vs_trl.py --config 340m --layout shared_prompts  # ours packed, prompts once
+    python bench/bench_vs_trl.py --config 30m --data pku   # long PKU-shaped pairs, max_length 512
 
 Each configuration runs in its own process (the timed pair), plus one process per framework for
 its peak memory (`--no-memory` skips those), so each peak is that framework's alone. The
@@ -83,7 +84,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import torch
@@ -102,7 +103,7 @@ from bench_train import (
 )
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from pipeline.config import TinyModelConfig, TrainConfig
+from pipeline.config import LayoutKind, TinyModelConfig, TrainConfig
 from pipeline.encoding import IGNORE
 from pipeline.lm_head import lm_head_of
 from pipeline.logps import ForwardLayout, forward_layout, score_sequences
@@ -631,9 +632,9 @@ def main() -> None:
     ap.add_argument("--forward-groups", type=int, default=None,
                     help="ours: length groups per padded forward pass (default: "
                          "logps.forward_layout, 4 on CPU, 1 on a GPU)")
-    ap.add_argument("--layout", choices=["auto", "padded", "packed", "shared_prompts"],
-                    default="auto", help="ours: forward layout (auto: logps.forward_layout's "
-                                         "choice for the device)")
+    ap.add_argument("--layout", choices=["default", *get_args(LayoutKind)], default="default",
+                    help="ours: forward layout (default: logps.forward_layout's choice for the "
+                         "device, as train.layout: null)")
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     ap.add_argument("--role", choices=["pair", "memory-ours", "memory-trl"], default=None,
                     help=argparse.SUPPRESS)
@@ -670,7 +671,7 @@ def main() -> None:
                   max_grad_norm=args.max_grad_norm, memory_steps=args.memory_steps,
                   trl_gradient_checkpointing=args.trl_gradient_checkpointing,
                   forward_groups=args.forward_groups,
-                  layout=None if args.layout == "auto" else args.layout)
+                  layout=None if args.layout == "default" else args.layout)
         results[name] = child(s, "pair")
         if not args.no_memory:
             results[name]["memory"] = {fw: child(s, f"memory-{fw}") for fw in ("ours", "trl")}

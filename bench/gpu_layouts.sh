@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The GPU figures issue #9 still needs, in one command (about 6 minutes on one H200): the forward
+# The GPU figures issue #9 still needs, in one command (about 7 minutes on one H200): the forward
 # layouts checked against the full logits on the device (bench/label_logps_check.py, 342M shape,
-# bf16), then our `train` step in the packed layouts against TRL's DPOTrainer
-# (bench/bench_vs_trl.py). Results go to $OUT (default ./bench-out).
+# bf16), then our `train` step against TRL's DPOTrainer (bench/bench_vs_trl.py) at 342M with
+# shared prompts on the toy pairs, with `auto` (per batch: one padded forward, packed or shared
+# prompts) on long PKU-SafeRLHF-shaped pairs (max_length 512), and at 110M with shared prompts.
+# Results go to $OUT (default ./bench-out), each as soon as it is measured.
 #
 #   bash bench/gpu_layouts.sh
 #
@@ -18,6 +20,6 @@ if ! python3 -c "import trl, datasets" 2>/dev/null; then
 fi
 python3 bench/label_logps_check.py | tee "$out/layout_check.txt"
 python3 bench/bench_vs_trl.py --config 340m --layout shared_prompts --json "$out/shared_340m.json"
-python3 bench/bench_vs_trl.py --config 340m --layout packed --no-memory \
-    --json "$out/packed_340m.json"
-python3 bench/bench_vs_trl.py --config 110m --layout shared_prompts --json "$out/shared_110m.json"
+python3 bench/bench_vs_trl.py --config 340m --data pku --layout auto --json "$out/pku_auto_340m.json"
+python3 bench/bench_vs_trl.py --config 110m --layout shared_prompts --no-memory \
+    --json "$out/shared_110m.json"

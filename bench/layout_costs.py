@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from bench_train import CONFIGS, DATA, DEFAULT_MAX_LENGTH, bench_pairs, build
 
-from pipeline.layouts import UNITS, cheapest, collate, pack
+from pipeline.layouts import cheapest, collate, layout_of, pack
 from pipeline.logps import attention_cost, batch_logps
 
 LAYOUTS = ("padded1", "padded2", "padded4", "padded8", "packed", "shared")
@@ -93,8 +93,6 @@ def measure(config: str, data: str, batch_size: int, n_batches: int, reps: int,
         batches.append(seqs)
         for layout in LAYOUTS:
             batch, groups, shapes = layout_batch(layout, seqs, tokenizer.pad_token_id, attn)
-            if UNITS in batch and layout != "shared":
-                raise AssertionError(layout)
             seconds = time_layout(model, batch, groups, reps)
             runs.append(Run(b, layout, seconds, sum(r * w for r, w in shapes),
                             sum(r * w * w for r, w in shapes), len(shapes), shapes))
@@ -113,7 +111,7 @@ def measure(config: str, data: str, batch_size: int, n_batches: int, reps: int,
         # What `auto` (`layouts.cheapest`, 4 groups as on CPU) runs for this batch.
         seqs = batches[b]
         got = cheapest(seqs, tokenizer.pad_token_id, 4, attn)
-        auto = "padded4" if "attention_mask" in got else "shared" if UNITS in got else "packed"
+        auto = {"padded": "padded4", "packed": "packed", "shared_prompts": "shared"}[layout_of(got)]
         picks.append({"batch": b, "auto": auto, "fastest": fastest.layout,
                       "auto_over_fastest": mine[auto].seconds / fastest.seconds,
                       "auto_over_padded4": mine[auto].seconds / mine["padded4"].seconds})

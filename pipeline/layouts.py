@@ -175,6 +175,12 @@ def row_cost(rows: int, width: int, attn_cost: float) -> float:
     return rows * width * (1.0 + attn_cost * width)
 
 
+def layout_of(batch: dict[str, torch.Tensor]) -> str:
+    """Which layout a collated batch is in: padded, packed or shared_prompts."""
+    return "shared_prompts" if UNITS in batch else "packed" if "position_ids" in batch \
+        else "padded"
+
+
 def padded_cost(lengths: Sequence[int], groups: int, attn_cost: float) -> float:
     """`row_cost` of a padded batch of sequences of `lengths` run as `groups` length-sorted
     groups, each as wide as its longest (as `logps.batch_logps` splits it)."""

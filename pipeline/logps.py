@@ -10,8 +10,9 @@ tested against.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -33,6 +34,7 @@ from pipeline.layouts import (
     cheapest,
     collate,
     label_positions,
+    layout_of,
     pack,
     shared_prompt_mask,
     token_batches,
@@ -160,13 +162,18 @@ class ForwardLayout:
     groups: int = 1
     attn_cost: float = 0.0  # `attention_cost` of the model: packed row width, `auto`'s choice
     share_prompts: bool = True  # `auto` may share prompts
+    # Batches collated in each layout, for the log: what `auto` chose.
+    census: Counter[str] = field(default_factory=Counter, compare=False, repr=False)
 
     def collate(self, batch: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
         if self.kind == "padded":
-            return collate(batch, pad_id)
-        if self.kind == "auto":
-            return cheapest(batch, pad_id, self.groups, self.attn_cost, self.share_prompts)
-        return pack(batch, pad_id, self.kind == "shared_prompts", self.attn_cost)
+            out = collate(batch, pad_id)
+        elif self.kind == "auto":
+            out = cheapest(batch, pad_id, self.groups, self.attn_cost, self.share_prompts)
+        else:
+            out = pack(batch, pad_id, self.kind == "shared_prompts", self.attn_cost)
+        self.census[layout_of(out)] += 1
+        return out
 
     def logps(self, model: PreTrainedModel, batch: dict[str, torch.Tensor]
               ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,7 +183,8 @@ class ForwardLayout:
         padded = f"padded, {self.groups} group(s)"
         if self.kind == "auto":
             shared = ", packed or shared prompts" if self.share_prompts else " or packed"
-            return f"auto (per batch: {padded}{shared})"
+            chosen = ", ".join(f"{n} {k}" for k, n in sorted(self.census.items()))
+            return f"auto (per batch: {padded}{shared}){': ' + chosen if chosen else ''}"
         return padded if self.kind == "padded" else self.kind
 
 

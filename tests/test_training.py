@@ -111,9 +111,12 @@ def test_packed_layouts_follow_the_padded_loss_trajectory(project: Path) -> None
     kinds = ("padded", "packed", "shared_prompts", "auto")
     runs = {kind: _train(project, f"policy-{kind}", train_cfg(epochs=1, layout=kind), live=False)
             for kind in kinds}
-    assert [r["layout"] for r in runs.values()] == [
-        "padded, 4 group(s)", "packed", "shared_prompts",
-        "auto (per batch: padded, 4 group(s), packed or shared prompts)"]
+    assert [r["layout"] for r in runs.values()][:3] == ["padded, 4 group(s)", "packed",
+                                                         "shared_prompts"]
+    # Short toy pairs: `auto` shares their prompts, batch by batch.
+    assert runs["auto"]["layout"].startswith(
+        "auto (per batch: padded, 4 group(s), packed or shared prompts): ")
+    assert "shared_prompts" in runs["auto"]["layout"]
     a = load_file(project / "policy-padded" / "model.safetensors")
     for kind in kinds[1:]:
         for k in ("loss", "rewards/margins", "grad_norm"):
