@@ -9,9 +9,9 @@ attention being computed over whole rows under a mask). A least-squares fit of
 
     seconds ≈ c_tok · tokens + c_pair · pairs + c_fwd · forward passes
 
-gives the measured attention factor κ = (c_pair / c_tok) / `attention_cost(model)`: how many
-times its FLOP share attention really costs here (the kernels behind a masked attention run
-further from the matmul peak than the linear layers do). The report then shows, per batch,
+gives the measured attention factor κ = (c_pair / c_tok) / `attention_cost(model)` (how many
+times its FLOP share attention really costs here) and the cost of one more forward pass in
+tokens, c_fwd / c_tok (what `layouts.PASS_COST` stands for). The report then shows, per batch,
 which layout was fastest and which `auto` (`layouts.cheapest`, the CPU default) runs.
 
     python bench/layout_costs.py                          # tiny + 30m, toy + pku data, CPU
@@ -117,7 +117,7 @@ def measure(config: str, data: str, batch_size: int, n_batches: int, reps: int,
                       "auto_over_padded4": mine[auto].seconds / mine["padded4"].seconds})
     return {"config": config, "data": data, "batch_size": batch_size,
             "attention_cost": attn, "c_tok_ns": c_tok * 1e9, "c_pair_ns": c_pair * 1e9,
-            "c_fwd_ms": c_fwd * 1e3, "kappa": kappa,
+            "c_fwd_ms": c_fwd * 1e3, "kappa": kappa, "pass_tokens": c_fwd / c_tok,
             "fit_max_rel_err": float(np.max(np.abs(x @ coef - y) / y)),
             "runs": [r.__dict__ for r in runs], "picks": picks}
 
@@ -142,14 +142,14 @@ def main() -> None:
             batch = args.batch_size or (32 if config == "tiny" else 8)
             results.append(measure(config, data, batch, args.batches, args.reps,
                                    DEFAULT_MAX_LENGTH[data]))
-    print("\nconfig data  attn_cost   c_tok µs  c_pair ns  c_fwd ms  kappa  fit err  "
+    print("\nconfig data  attn_cost   c_tok µs  c_pair ns  c_fwd ms  kappa  pass tok  fit err  "
           "per batch: auto's pick (its time / fastest's, / padded4's) | fastest")
     for r in results:
         picks = ", ".join(f"{p['auto']} ({p['auto_over_fastest']:.2f}x, "
                           f"{p['auto_over_padded4']:.2f}x) | {p['fastest']}" for p in r["picks"])
         print(f"{r['config']:6s} {r['data']:4s} {r['attention_cost']:.2e} "
               f"{r['c_tok_ns'] / 1e3:9.2f} {r['c_pair_ns']:9.3f} {r['c_fwd_ms']:9.2f} "
-              f"{r['kappa']:6.2f} {r['fit_max_rel_err']:7.1%}  {picks}")
+              f"{r['kappa']:6.2f} {r['pass_tokens']:9.0f} {r['fit_max_rel_err']:7.1%}  {picks}")
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2))
 

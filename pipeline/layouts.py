@@ -181,22 +181,33 @@ def layout_of(batch: dict[str, torch.Tensor]) -> str:
         else "padded"
 
 
-def padded_cost(lengths: Sequence[int], groups: int, attn_cost: float) -> float:
-    """`row_cost` of a padded batch of sequences of `lengths` run as `groups` length-sorted
-    groups, each as wide as its longest (as `logps.batch_logps` splits it)."""
+#: What one more forward pass costs, in the tokens of `row_cost`: fixed costs per pass and the
+#: lower efficiency of the smaller matrix products of a length group. Fitted on a 2-core CPU by
+#: bench/layout_costs.py: ~230 tokens for the tiny default, ~50 at 30M parameters.
+PASS_COST = 128.0
+
+
+def padded_cost(lengths: Sequence[int], groups: int, attn_cost: float,
+                pass_cost: float = PASS_COST) -> float:
+    """Cost of a padded batch of sequences of `lengths` run as `groups` length-sorted groups,
+    each as wide as its longest (as `logps.batch_logps` splits it): `row_cost` plus
+    `pass_cost` per forward pass."""
     parts = np.array_split(np.sort(np.asarray(lengths)), max(1, min(groups, len(lengths))))
-    return sum(row_cost(len(p), int(p.max()), attn_cost) for p in parts)
+    return sum(row_cost(len(p), int(p.max()), attn_cost) + pass_cost for p in parts)
 
 
 def cheapest(batch: Sequence[Encoded], pad_id: int, groups: int, attn_cost: float,
-             share_prompts: bool = True) -> dict[str, torch.Tensor]:
-    """`batch` in whichever layout `row_cost` finds cheapest: padded (run in `groups`), packed,
-    or packed with shared prompts (if `share_prompts`). Short sequences favour the packed
-    layouts (no padding, each prompt once); long ones on a small model favour padding, since
-    attention over a packed row is paid over its whole width (bench/layout_costs.py)."""
+             share_prompts: bool = True, pass_cost: float = PASS_COST
+             ) -> dict[str, torch.Tensor]:
+    """`batch` in whichever layout costs least: padded (run in `groups` forward passes),
+    packed, or packed with shared prompts (if `share_prompts`), by `row_cost` plus
+    `pass_cost` per forward pass. Short sequences favour the packed layouts (no padding, each
+    prompt once, one pass); long ones on a small model favour padding, since attention over a
+    packed row is paid over its whole width (bench/layout_costs.py)."""
     plans = [plan_pack(batch, share, attn_cost) for share in (False, True)[:1 + share_prompts]]
     best = min(plans, key=lambda plan: plan.cost(attn_cost))
-    if padded_cost([len(e.input_ids) for e in batch], groups, attn_cost) <= best.cost(attn_cost):
+    padded = padded_cost([len(e.input_ids) for e in batch], groups, attn_cost, pass_cost)
+    if padded <= best.cost(attn_cost) + pass_cost:
         return collate(batch, pad_id)
     return packed(batch, pad_id, best)
 

@@ -98,9 +98,10 @@ def test_shared_prompts_pair_responses_two_at_a_time() -> None:
 
 
 def test_cheapest_layout_by_hand() -> None:
-    """`auto` takes, per batch, the layout of the least `row_cost`: two pairs with long
-    prompts and short responses share their prompts; long responses to short prompts, where
-    attention over a two-response row costs more than the padding it saves, stay padded."""
+    """`auto` takes, per batch, the layout of the least `row_cost` plus a cost per forward
+    pass: two pairs with long prompts and short responses share their prompts; long responses
+    to short prompts, where attention over a two-response row costs more than the padding it
+    saves, stay padded; with a dearer forward pass, one packed pass beats two padded ones."""
     def pairs(prompt: int, responses: list[int]) -> list[Encoded]:
         out = []
         for q, n in enumerate(responses):
@@ -109,15 +110,18 @@ def test_cheapest_layout_by_hand() -> None:
         return out
 
     short = pairs(8, [2, 3, 2, 2])  # lengths 10, 11, 10, 10; units of 13 and 12 tokens
-    assert padded_cost([10, 11, 10, 10], 2, 0.05) == row_cost(2, 10, 0.05) + row_cost(2, 11, 0.05)
+    assert padded_cost([10, 11, 10, 10], 2, 0.05, pass_cost=1.0) == \
+        row_cost(2, 10, 0.05) + row_cost(2, 11, 0.05) + 2.0 == 66.1
     shared = plan_pack(short, True, 0.05)
-    assert (shared.rows, shared.width) == (2, 13)
-    assert shared.cost(0.05) == row_cost(2, 13, 0.05) < padded_cost([10, 11, 10, 10], 2, 0.05)
-    assert UNITS in cheapest(short, 0, groups=2, attn_cost=0.05)
-    # Not allowed to share: packed rows of 20-22 tokens cost more than 2 padded groups.
-    assert "attention_mask" in cheapest(short, 0, groups=2, attn_cost=0.05, share_prompts=False)
+    assert (shared.rows, shared.width) == (2, 13) and shared.cost(0.05) == row_cost(2, 13, 0.05)
+    assert UNITS in cheapest(short, 0, groups=2, attn_cost=0.05, pass_cost=1.0)
+    # Not allowed to share: packed rows (4 x 11, 68.2) cost more than 2 padded groups (64.1)...
+    assert "attention_mask" in cheapest(short, 0, 2, 0.05, share_prompts=False, pass_cost=1.0)
+    # ... unless a forward pass costs more than the 4.1 they save.
+    got = cheapest(short, 0, 2, 0.05, share_prompts=False, pass_cost=5.0)
+    assert "position_ids" in got and UNITS not in got
     long = pairs(1, [20, 21, 20, 21])  # units of 42 tokens against sequences of 21-22
-    got = cheapest(long, 0, groups=2, attn_cost=0.05)
+    got = cheapest(long, 0, groups=2, attn_cost=0.05, pass_cost=1.0)
     assert "attention_mask" in got and got["input_ids"].shape == (4, 22)
     # Free attention: the fewest tokens win, shared prompts included.
-    assert UNITS in cheapest(long, 0, groups=2, attn_cost=0.0)
+    assert UNITS in cheapest(long, 0, groups=2, attn_cost=0.0, pass_cost=1.0)
