@@ -122,7 +122,8 @@ def run_sft(
             history.append({"step": step, **metrics})
 
     key = _run_key("sft", asdict(model_cfg), asdict(cfg), len(examples))
-    layout = forward_layout(cfg.layout, cfg.forward_groups, model, accelerator.device)
+    layout = forward_layout(cfg.layout, cfg.forward_groups, model, accelerator.device,
+                            accelerator.num_processes)
     model, result = train_loop(
         model, examples, lambda b: layout.collate(b, tokenizer.pad_token_id), SFTLoss(layout), cfg,
         accelerator, Checkpointer(None, key, every=10**9), log, stop_after)
@@ -205,7 +206,8 @@ def run_preference(
                 live.log_metric(k, v)
             live.next_step()
 
-    layout = forward_layout(cfg.layout, cfg.forward_groups, model, accelerator.device)
+    layout = forward_layout(cfg.layout, cfg.forward_groups, model, accelerator.device,
+                            accelerator.num_processes)
     loss_fn = PreferenceLoss(objective, beta=beta, delta=delta, layout=layout)
     model, result = train_loop(
         model, examples, lambda b: preference_batch(b, tokenizer.pad_token_id, layout), loss_fn,

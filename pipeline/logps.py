@@ -195,7 +195,7 @@ def sliding_window(config: object) -> int | None:
 
 
 def forward_layout(kind: LayoutKind | None, groups: int | None, model: torch.nn.Module,
-                   on: torch.device | str) -> ForwardLayout:
+                   on: torch.device | str, processes: int = 1) -> ForwardLayout:
     """The layout of `train.layout` and `train.forward_groups` (default: 4 groups on CPU, 1 on
     a GPU); null means what measured fastest on the device type (docs/benchmarks.md):
     - CPU: `auto` where the model can be packed (`packing_refusal`): per batch, the cheapest
@@ -206,8 +206,10 @@ def forward_layout(kind: LayoutKind | None, groups: int | None, model: torch.nn.
       (issue #9's H200 runs: 920 vs 222 pairs/s at 110M params). The packed layouts run one
       forward too, with far fewer tokens, but are opt-in there until measured on a GPU.
     `auto` shares prompts only where the model allows it and has no sliding window (a window
-    narrower than a row would stop the run). An explicit packed layout that the model cannot
-    run is a `UserError`; an explicit `auto` then stays padded."""
+    narrower than a row would stop the run). With several `processes` its padded choice is one
+    forward pass: DDP broadcasts the model's buffers at every forward, so all ranks must run
+    as many passes, and each chooses for its own micro-batch. An explicit packed layout that
+    the model cannot run is a `UserError`; an explicit `auto` then stays padded."""
     cpu = torch.device(on).type == "cpu"
     padded = ForwardLayout(groups=groups if groups is not None else 4 if cpu else 1)
     if kind is None:
@@ -218,7 +220,7 @@ def forward_layout(kind: LayoutKind | None, groups: int | None, model: torch.nn.
     if kind == "auto":
         share = sliding_window(unwrap(model).config) is None \
             and packing_refusal(model, "shared_prompts") is None
-        return ForwardLayout("auto", padded.groups, cost, share)
+        return ForwardLayout("auto", padded.groups if processes == 1 else 1, cost, share)
     refusal = packing_refusal(model, kind)
     if refusal is not None:
         raise UserError(f"train.layout: {kind}, but this model cannot run it: {refusal}; "

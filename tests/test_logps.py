@@ -346,6 +346,9 @@ def test_forward_layout_per_device_and_refusals() -> None:
     assert cost == pytest.approx(2 * 2 * 32 / (2 * (2 * 32 * 32 + 2 * 32 * 16 + 3 * 32 * 64)))
     assert forward_layout(None, None, model, "cpu") == ForwardLayout("auto", 4, cost, True)
     assert forward_layout("auto", 2, model, "cuda") == ForwardLayout("auto", 2, cost, True)
+    # Several processes: every rank must run as many forward passes (DDP syncs at each).
+    assert forward_layout(None, None, model, "cpu", 2) == ForwardLayout("auto", 1, cost, True)
+    assert forward_layout("padded", None, model, "cpu", 2) == ForwardLayout(groups=4)
     assert forward_layout(None, None, model, "cuda") == ForwardLayout(groups=1)
     assert forward_layout("padded", 2, model, "cuda") == ForwardLayout(groups=2)
     assert forward_layout("packed", None, model, "cuda").kind == "packed"
