@@ -64,7 +64,7 @@ import pipeline.training as training
 from pipeline.config import LayoutKind, TinyModelConfig, ToyConfig, TrainConfig
 from pipeline.encoding import Encoder, resolve_template
 from pipeline.finetune import preference_examples
-from pipeline.layouts import layout_of
+from pipeline.layouts import layout_of, length_groups
 from pipeline.logps import ForwardLayout, forward_layout
 from pipeline.modeling import build_tiny_model, train_tiny_tokenizer
 from pipeline.normalize import normalize_splits
@@ -349,7 +349,7 @@ def executed_rows(batch: dict[str, torch.Tensor], lengths: np.ndarray, layout: F
     rows, width = batch["input_ids"].shape
     if layout_of(batch) != "padded" or layout.groups <= 1:
         return [np.full(rows, width)]
-    parts = np.array_split(np.sort(lengths), min(layout.groups, len(lengths)))
+    parts = length_groups(lengths, layout.groups)
     return [np.full(len(p), p.max()) for p in parts]
 
 

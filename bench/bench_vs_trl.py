@@ -186,7 +186,7 @@ def trl_rows(examples: list[PreferenceExample]) -> dict[str, list[list[int]]]:
     """Our token ids in the columns TRL's preference collator reads."""
     rows: dict[str, list[list[int]]] = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": []}
     for e in examples:
-        n = next(i for i, t in enumerate(e.chosen.labels) if t != IGNORE)
+        n = e.chosen.n_prompt_tokens
         c, r = e.chosen.input_ids, e.rejected.input_ids
         if r[:n] != c[:n] or any(t != IGNORE for t in e.rejected.labels[:n]):
             raise ValueError("a pair whose two sides do not share their prompt tokens")

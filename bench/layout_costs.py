@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from bench_train import CONFIGS, DATA, DEFAULT_MAX_LENGTH, bench_pairs, build
 
-from pipeline.layouts import cheapest, collate, layout_of, pack
+from pipeline.layouts import cheapest, collate, layout_of, length_groups, pack
 from pipeline.logps import attention_cost, batch_logps
 
 LAYOUTS = ("padded1", "padded2", "padded4", "padded8", "packed", "shared")
@@ -57,8 +57,7 @@ def layout_batch(layout: str, seqs: list, pad_id: int, attn: float
     """(batch, groups, [(rows, width) of each forward pass])."""
     if layout.startswith("padded"):
         groups = int(layout.removeprefix("padded"))
-        lengths = np.sort([len(e.input_ids) for e in seqs])
-        parts = np.array_split(lengths, min(groups, len(lengths)))
+        parts = length_groups([len(e.input_ids) for e in seqs], groups)
         return collate(seqs, pad_id), groups, [(len(p), int(p.max())) for p in parts]
     batch = pack(seqs, pad_id, layout == "shared", attn)
     return batch, 1, [tuple(batch["input_ids"].shape)]

@@ -118,6 +118,11 @@ class Encoded:
     def n_response_tokens(self) -> int:
         return sum(1 for t in self.labels if t != IGNORE)
 
+    @property
+    def n_prompt_tokens(self) -> int:
+        """Tokens before the first label (all of them when nothing is labelled)."""
+        return next((t for t, lab in enumerate(self.labels) if lab != IGNORE), len(self.labels))
+
 
 @dataclass
 class TruncationStats:

@@ -70,8 +70,7 @@ def plan_pack(batch: Sequence[Encoded], share_prompts: bool, attn_cost: float) -
     open_units: dict[tuple[int, ...], int] = {}  # prompt -> its unit with room for a response
     for i, e in enumerate(batch):
         # The prompt: the ids before the first label (0 when prompts are not shared).
-        k = next((t for t, lab in enumerate(e.labels) if lab != IGNORE), len(e.labels)) \
-            if share_prompts else 0
+        k = e.n_prompt_tokens if share_prompts else 0
         key = tuple(e.input_ids[:k])
         if k and key in open_units:
             units[open_units.pop(key)][1].append(i)
@@ -187,13 +186,18 @@ def layout_of(batch: dict[str, torch.Tensor]) -> str:
 PASS_COST = 128.0
 
 
+def length_groups(lengths: Sequence[int], groups: int) -> list[np.ndarray]:
+    """The sorted `lengths` in the length groups of a padded batch run as `groups` forward
+    passes, as `logps.batch_logps` splits it; each pass is as wide as its longest."""
+    return np.array_split(np.sort(np.asarray(lengths)), max(1, min(groups, len(lengths))))
+
+
 def padded_cost(lengths: Sequence[int], groups: int, attn_cost: float,
                 pass_cost: float = PASS_COST) -> float:
-    """Cost of a padded batch of sequences of `lengths` run as `groups` length-sorted groups,
-    each as wide as its longest (as `logps.batch_logps` splits it): `row_cost` plus
-    `pass_cost` per forward pass."""
-    parts = np.array_split(np.sort(np.asarray(lengths)), max(1, min(groups, len(lengths))))
-    return sum(row_cost(len(p), int(p.max()), attn_cost) + pass_cost for p in parts)
+    """Cost of a padded batch of sequences of `lengths` run as `groups` length groups
+    (`length_groups`): `row_cost` plus `pass_cost` per forward pass."""
+    return sum(row_cost(len(p), int(p.max()), attn_cost) + pass_cost
+               for p in length_groups(lengths, groups))
 
 
 def cheapest(batch: Sequence[Encoded], pad_id: int, groups: int, attn_cost: float,

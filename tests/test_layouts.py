@@ -49,6 +49,7 @@ def test_pack_with_shared_prompts_by_hand() -> None:
     a = Encoded(input_ids=[1, 5, 6, 7], labels=[-100, -100, 6, 7])
     b = Encoded(input_ids=[1, 5, 9], labels=[-100, -100, 9])
     c = Encoded(input_ids=[1, 4, 3], labels=[-100, -100, 3])  # another prompt
+    assert [a.n_prompt_tokens, Encoded([1, 2], [-100, -100]).n_prompt_tokens] == [2, 2]
     got = pack([a, b, c], pad_id=0, share_prompts=True, attn_cost=1.0)
     # Units: [1 5 | 6 7 | 9] (5 tokens) and [1 4 | 3] (3 tokens), rows 5 wide.
     assert got["input_ids"].tolist() == [[1, 5, 6, 7, 9], [1, 4, 3, 0, 0]]

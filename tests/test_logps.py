@@ -279,7 +279,7 @@ def _pairs_sharing_prompts() -> list[Encoded]:
     gen = torch.Generator().manual_seed(5)
     chosen, rejected = _sequences(), []
     for e in chosen:
-        k = next((t for t, lab in enumerate(e.labels) if lab != -100), len(e.labels))
+        k = e.n_prompt_tokens
         tail = torch.randint(3, VOCAB, (1 + k % 6,), generator=gen).tolist()
         rejected.append(Encoded(e.input_ids[:k] + tail, [-100] * k + tail))
     return chosen + rejected
