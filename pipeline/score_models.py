@@ -14,7 +14,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -24,6 +24,9 @@ from pipeline.config import JudgeConfig
 from pipeline.encoding import NAMED_TEMPLATES
 from pipeline.errors import UserError
 from pipeline.precision import device as default_device
+
+if TYPE_CHECKING:
+    from transformers import BatchEncoding
 
 LAYOUTS = ("sequence_classification", "beaver_score")
 # The pipeline's prompt templates with the response appended as each score model reads it.
@@ -229,11 +232,19 @@ class ScoreModel:
         out = np.empty(len(texts), dtype=np.float64)
         for start in range(0, len(texts), self.batch_size):
             idx = order[start:start + self.batch_size]
-            enc = self.tokenizer([texts[i] for i in idx], padding=True, truncation=True,
-                                 max_length=self.max_length, add_special_tokens=add_special,
-                                 return_tensors="pt").to(self.device)
+            enc = self._encode([texts[i] for i in idx], add_special).to(self.device)
             out[idx] = self._forward(enc["input_ids"], enc["attention_mask"]).cpu().numpy()
         return out
+
+    def _encode(self, texts: list[str], add_special: bool) -> BatchEncoding:
+        """Right-padded ids. A text over `max_length` keeps its first tokens and its last: the
+        score is read at the last token, which the models are trained to read at the EOS that
+        closes the answer (as training's truncation closes a cut response with EOS); cutting
+        from the right would read it mid-answer."""
+        ids = self.tokenizer(texts, add_special_tokens=add_special)["input_ids"]
+        ids = [x if len(x) <= self.max_length else [*x[:self.max_length - 1], x[-1]]
+               for x in ids]
+        return self.tokenizer.pad({"input_ids": ids}, return_tensors="pt")
 
     def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if self.head is None:

@@ -60,9 +60,16 @@ def test_implicit_reward_accuracy_by_hand() -> None:
                         "logp_1": [-6.0, -3.0, -5.0]})
     acc = implicit_reward_accuracy(pairs, pol, ref, beta=0.5)
     assert acc == {"pref_accuracy_helpful": pytest.approx(2.5 / 3), "pref_accuracy_safety": 0.5}
-    # The policy equal to the reference is at chance, whatever the label balance.
+    # The policy equal to the reference is at chance, whatever the label balance, also when
+    # its log-probs carry the float noise of other batches.
     same = implicit_reward_accuracy(pairs, ref, ref, beta=0.5)
     assert same == {"pref_accuracy_helpful": 0.5, "pref_accuracy_safety": 0.5}
+    noisy = ref.assign(logp_1=ref["logp_1"] + np.array([3e-4, -5e-4, 2e-4]))
+    assert implicit_reward_accuracy(pairs, noisy, ref, beta=0.5) == same
+    # A contradictory pair (safer_id names the unsafe response): the flags decide. x ranks
+    # response 0 (unsafe) first: wrong, whatever safer_id says.
+    contra = pairs.assign(safer_id=[0, 1, 0])
+    assert implicit_reward_accuracy(contra, pol, ref, beta=0.5)["pref_accuracy_safety"] == 0.5
 
 
 def test_kl_to_ref() -> None:

@@ -477,8 +477,10 @@ def _direct_seqcls(path: Path, prompt: str, response: str) -> float:
         return float(model(input_ids=ids).logits[0, 0])
 
 
-def _direct_beaver(path: Path, prompt: str, response: str) -> float:
-    """LlamaModel forward on the unpadded text, then the head at the last (EOS) token."""
+def _direct_beaver(path: Path, prompt: str, response: str, max_length: int | None = None
+                   ) -> float:
+    """LlamaModel forward on the unpadded text, then the head at the last (EOS) token; a text
+    over `max_length` is cut to its first `max_length - 1` tokens and its EOS."""
     from safetensors.torch import load_file
     from transformers import AutoTokenizer, LlamaConfig, LlamaModel
 
@@ -491,6 +493,8 @@ def _direct_beaver(path: Path, prompt: str, response: str) -> float:
                               if k.startswith("model.") and "inv_freq" not in k})
     text = BEAVER_TEMPLATE.format(prompt=prompt, response=response) + "[EOS]"
     ids = tok(text, return_tensors="pt")["input_ids"]
+    if max_length is not None and ids.shape[1] > max_length:
+        ids = torch.cat([ids[:, :max_length - 1], ids[:, -1:]], dim=1)
     assert ids[0, 0] == 2 and ids[0, -1] == 3  # BOS ... EOS, as safe-rlhf trains them
     with torch.no_grad():
         last = backbone(input_ids=ids).last_hidden_state[0, -1]
@@ -507,6 +511,20 @@ def test_hub_loader_matches_direct_computation(which: str, seqcls_dir: Path,
     prompts, responses = [p for p, _ in TEXTS], [r for _, r in TEXTS]
     for batch_size in (1, 3, 4):  # padding and batch composition must not change a score
         model = load_score_model(str(path), "auto", batch_size=batch_size, device="cpu")
+        np.testing.assert_allclose(model.score(prompts, responses), expected, rtol=0, atol=1e-5)
+
+
+def test_score_of_a_text_over_max_length_is_read_at_its_eos(beaver_dir: Path) -> None:
+    prompts, responses = [p for p, _ in TEXTS], [r for _, r in TEXTS]
+    tok = load_score_model(str(beaver_dir), device="cpu").tokenizer
+    lengths = [len(tok(BEAVER_TEMPLATE.format(prompt=p, response=r) + "[EOS]")["input_ids"])
+               for p, r in TEXTS]
+    limit = sorted(lengths)[len(lengths) // 2]  # about half the texts are cut
+    assert min(lengths) <= limit < max(lengths)
+    expected = np.array([_direct_beaver(beaver_dir, p, r, limit) for p, r in TEXTS])
+    for batch_size in (1, 4):
+        model = load_score_model(str(beaver_dir), batch_size=batch_size, max_length=limit,
+                                 device="cpu")
         np.testing.assert_allclose(model.score(prompts, responses), expected, rtol=0, atol=1e-5)
 
 
