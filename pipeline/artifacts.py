@@ -6,6 +6,7 @@ interrupted stage never leaves a half-written file that a later stage could mist
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -21,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import UserError
+from pipeline.paths import TEMPLATE_FILE
 
 
 @contextmanager
@@ -155,6 +157,41 @@ def file_sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+#: What identifies a saved model: weights, tokenizer and template. Not `training_summary.json`
+#: or other notes, so re-saving identical weights keeps the reference log-probs valid.
+_IDENTITY_SUFFIXES = {".safetensors", ".model", ".txt"}
+_IDENTITY_FILES = {"config.json", "tokenizer.json", "tokenizer_config.json",
+                   "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
+                   TEMPLATE_FILE}
+
+
+def weights_hash(model_dir: Path) -> str:
+    """A hash of the saved weights, tokenizer and template files of a model directory.
+
+    Several stages fingerprint the same directory (source, ref_logps per split, evaluate,
+    train), and the weights of a 7B model are ~15 GB to read: within a process the hash is
+    cached on the files' names, sizes and modification times."""
+    model_dir = Path(model_dir)
+    files = sorted(p for p in model_dir.iterdir()
+                   if p.suffix in _IDENTITY_SUFFIXES or p.name in _IDENTITY_FILES)
+    if not any(p.suffix == ".safetensors" for p in files):
+        if any(model_dir.glob("*.bin")):
+            raise UserError("holds only pickled .bin weights, which are refused (loading them "
+                            "can run code); convert them to safetensors with "
+                            "`save_pretrained(dir)` where you trust the file", path=model_dir)
+        raise UserError("no .safetensors weights found", path=model_dir)
+    stats = tuple((str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    return _hash_files(stats)
+
+
+@functools.lru_cache(maxsize=16)
+def _hash_files(stats: tuple[tuple[str, int, int], ...]) -> str:
+    h = hashlib.sha256()
+    for path, _, _ in stats:
+        h.update(Path(path).name.encode())
+        h.update(file_sha256(Path(path)).encode())
+    return h.hexdigest()[:16]
 
 
 def frame_hash(df: pd.DataFrame, columns: list[str] | None = None) -> str:

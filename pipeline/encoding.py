@@ -36,8 +36,8 @@ from pathlib import Path
 from transformers import PreTrainedTokenizerBase
 
 from pipeline.errors import UserError
+from pipeline.paths import TEMPLATE_FILE
 
-TEMPLATE_FILE = "prompt_template.json"
 NAMED_TEMPLATES = {
     "plain": "User: {prompt}\nAssistant:",
     "safe_rlhf": "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:",

@@ -13,13 +13,15 @@ import pandas as pd
 import torch
 from transformers import PreTrainedModel
 
+from pipeline.artifacts import weights_hash
 from pipeline.breakdown import breakdown, suite_metrics
 from pipeline.config import EvaluateConfig, MixedPrecision
 from pipeline.encoding import Encoded, Encoder, load_template
 from pipeline.errors import UserError
 from pipeline.judges import Judge, is_refusal
 from pipeline.logps import pair_logps, score_sequences
-from pipeline.modeling import SUMMARY_FILE, load_pretrained, weights_hash
+from pipeline.modeling import load_pretrained
+from pipeline.paths import SUMMARY_FILE
 from pipeline.reference import (
     fingerprint_for,
     read_reference,

@@ -26,13 +26,13 @@ from pipeline.errors import UserError
 from pipeline.logps import forward_layout, score_sequences
 from pipeline.modeling import (
     BUILTIN_TINY,
-    SUMMARY_FILE,
     check_finite_weights,
     disable_dropout,
     initial_model,
     load_pretrained,
     save_model,
 )
+from pipeline.paths import SUMMARY_FILE
 from pipeline.reference import attach_reference, fingerprint_for, read_reference
 from pipeline.selection import contradictions, oriented, responses_long
 from pipeline.training import (

@@ -7,8 +7,6 @@ Llama-style `transformers` model, so the whole pipeline runs offline. Everything
 
 from __future__ import annotations
 
-import functools
-import hashlib
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -25,14 +23,12 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from pipeline.artifacts import atomic_dir, file_sha256
+from pipeline.artifacts import atomic_dir
 from pipeline.config import ModelConfig, TinyModelConfig
-from pipeline.encoding import TEMPLATE_FILE, Template
+from pipeline.encoding import Template
 from pipeline.errors import UserError
 
 BUILTIN_TINY = "builtin:tiny"
-#: Notes a training stage leaves beside the weights (not part of the model's identity).
-SUMMARY_FILE = "training_summary.json"
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 
 def train_tiny_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
@@ -100,6 +96,8 @@ def load_pretrained(
     local = Path(name)
     if local.exists() and not (local / "config.json").exists():
         raise UserError("not a Hugging Face model directory (no config.json)", path=local)
+    if not local.exists() and (name.startswith((".", "/", "~")) or name.count("/") != 1):
+        raise UserError("model directory not found (a hub id is owner/name)", path=local)
     if not local.exists() and revision is None:
         # A hub branch moves: the same params must give the same model next month.
         raise UserError(f"model {name!r} is not a local directory; as a hub id it needs "
@@ -148,38 +146,6 @@ def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, templ
         model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         template.save(tmp)
-
-
-#: What identifies a saved model: weights, tokenizer and template. Not `training_summary.json`
-#: or other notes, so re-saving identical weights keeps the reference log-probs valid.
-_IDENTITY_SUFFIXES = {".safetensors", ".model", ".txt"}
-_IDENTITY_FILES = {"config.json", "tokenizer.json", "tokenizer_config.json",
-                   "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
-                   TEMPLATE_FILE}
-
-
-def weights_hash(model_dir: Path) -> str:
-    """A hash of the saved weights, tokenizer and template files of a model directory.
-
-    Several stages fingerprint the same directory (ref_logps per split, evaluate, train), and
-    the weights of a 7B model are ~15 GB to read: the hash is cached on the files' names, sizes
-    and modification times, so it is computed once per content."""
-    model_dir = Path(model_dir)
-    files = sorted(p for p in model_dir.iterdir()
-                   if p.suffix in _IDENTITY_SUFFIXES or p.name in _IDENTITY_FILES)
-    if not any(p.suffix == ".safetensors" for p in files):
-        raise UserError("no .safetensors weights found", path=model_dir)
-    stats = tuple((str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
-    return _hash_files(stats)
-
-
-@functools.lru_cache(maxsize=16)
-def _hash_files(stats: tuple[tuple[str, int, int], ...]) -> str:
-    h = hashlib.sha256()
-    for path, _, _ in stats:
-        h.update(Path(path).name.encode())
-        h.update(file_sha256(Path(path)).encode())
-    return h.hexdigest()[:16]
 
 
 def check_finite_weights(model: PreTrainedModel, what: str) -> None:

@@ -22,6 +22,12 @@ PAIRS_TEST = PAIRS_DIR / "test.parquet"
 PAIRS_REPORT = PAIRS_DIR / "report.json"
 
 SFT_DIR = Path("data/sft")
+# The content key of `model.name` (a local directory's weights hash): `sft` depends on it.
+MODEL_KEY = Path("data/model_key.json")
+# Inside every model directory the pipeline writes: the template it was trained with, and the
+# notes of the stage that wrote it.
+TEMPLATE_FILE = "prompt_template.json"
+SUMMARY_FILE = "training_summary.json"
 
 REF_DIR = Path("data/ref_logps")
 REF_TRAIN = REF_DIR / "train.parquet"

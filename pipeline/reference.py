@@ -14,11 +14,16 @@ import pandas as pd
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from pipeline.artifacts import frame_hash, read_parquet, read_parquet_metadata, write_parquet
+from pipeline.artifacts import (
+    frame_hash,
+    read_parquet,
+    read_parquet_metadata,
+    weights_hash,
+    write_parquet,
+)
 from pipeline.config import MixedPrecision
 from pipeline.encoding import Encoder, TruncationStats
 from pipeline.errors import UserError
-from pipeline.modeling import weights_hash
 from pipeline.precision import resolve_mixed_precision
 
 REF_COLUMNS = ["pair_id", "logp_0", "logp_1", "ntok_0", "ntok_1"]

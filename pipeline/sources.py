@@ -14,6 +14,9 @@ Raw rows keep their original columns (normalize maps them) plus `source_row`, th
 in its source (0-based data row within the file, or within the hub split), so a rejected row can
 be traced back. Errors while parsing a text file name its 1-based line instead, as editors count.
 `dataset.max_rows` keeps the first rows of each split.
+
+`source_key` and `model_key` identify the data set and the starting model before anything is
+read, for the always-run `source` stage.
 """
 
 from __future__ import annotations
@@ -31,8 +34,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.artifacts import file_sha256, frame_hash
-from pipeline.config import DatasetConfig, SuiteConfig
+from pipeline.artifacts import file_sha256, frame_hash, weights_hash
+from pipeline.config import DatasetConfig, ModelConfig, SuiteConfig
 from pipeline.errors import UserError
 from pipeline.normalize import NONTEXT_PREFIX, TEXT_COLUMNS, is_text_or_null
 
@@ -120,6 +123,17 @@ def source_key(cfg: DatasetConfig) -> dict[str, Any]:
         return {"kind": "hub", "name": name, "revision": _hub_revision(name, cfg)}
     # Anything else fails in `download` with its own message; nothing to fingerprint here.
     return {"kind": "unknown", "name": name}
+
+
+def model_key(cfg: ModelConfig) -> dict[str, Any]:
+    """What identifies the starting model beyond its params: a local directory's content (weights,
+    tokenizer, template files). A hub id is pinned by `model.revision` and `builtin:tiny` by
+    `model.tiny`, both params of `sft`. Written by the `source` stage on every `dvc repro`, so
+    weights re-saved into the same directory rerun `sft` and all after it."""
+    name = cfg.name.strip()
+    if Path(name).is_dir():
+        return {"kind": "local", "name": name, "sha256": weights_hash(Path(name))}
+    return {"kind": "id", "name": name, "revision": cfg.revision}
 
 
 def _fetch_toy(cfg: DatasetConfig) -> RawData:

@@ -20,7 +20,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 PARAMS_OPT = typer.Option(Path("params.yaml"), "--params", "-p", help="Parameter file.")
 
 STAGES = {
-    "source": "Write the content key of dataset.name (always runs; cheap, no download).",
+    "source": "Write the content keys of dataset.name and model.name (always runs; no download).",
     "download": "Fetch the data set named by dataset.name into data/raw/.",
     "normalize": "Map raw rows to the pairs schema; write data/pairs/ and report.json.",
     "sft": "Supervised fine-tuning (or pass-through); write data/sft/.",

@@ -100,8 +100,9 @@ def test_a_pickle_only_model_directory_is_refused(tmp_path: Path) -> None:
 
 
 def test_evaluate_refuses_a_policy_trained_from_another_sft_model(tmp_path: Path) -> None:
+    from pipeline.artifacts import weights_hash
     from pipeline.evaluation import check_lineage
-    from pipeline.modeling import SUMMARY_FILE, weights_hash
+    from pipeline.paths import SUMMARY_FILE
 
     sft, other, policy = (tmp_path / n for n in ("sft", "other", "policy"))
     for d, payload in ((sft, b"weights A"), (other, b"weights B")):

@@ -74,3 +74,13 @@ def test_dropout_is_switched_off(tmp_path: Path) -> None:
         model.eval()
         c = model(input_ids=ids).logits
     assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_load_errors_say_what_is_wrong(tmp_path: Path) -> None:
+    from pipeline.errors import UserError
+
+    with pytest.raises(UserError, match="model directory not found") as e:
+        load_pretrained(str(tmp_path / "inputs" / "llama_typo"))
+    assert "llama_typo" in str(e.value)
+    with pytest.raises(UserError, match=r"needs model\.revision"):
+        load_pretrained("org/model")

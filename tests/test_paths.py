@@ -27,8 +27,8 @@ def test_dvc_yaml_outs_are_the_declared_paths() -> None:
         outs |= set(items)
         assert items, name
     declared = {str(p) for p in (
-        paths.SOURCE_KEY, paths.RAW_TRAIN, paths.RAW_TEST, paths.SOURCE_JSON, paths.PAIRS_TRAIN,
-        paths.PAIRS_TEST,
+        paths.SOURCE_KEY, paths.MODEL_KEY, paths.RAW_TRAIN, paths.RAW_TEST, paths.SOURCE_JSON,
+        paths.PAIRS_TRAIN, paths.PAIRS_TEST,
         paths.PAIRS_REPORT, paths.SFT_DIR, paths.REF_TRAIN, paths.REF_TEST, paths.POLICY_DIR,
         paths.JUDGE_DIR, paths.SUITES_PROMPTS, paths.SUITES_RECORD, paths.EVAL_METRICS,
         paths.EVAL_SCORES,

@@ -12,9 +12,11 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+import torch
 import yaml
 from dvc_project import BIN, copy_project, run, stages_run
 from real_models import corpus, metaspace_tokenizer, pku_v1_rows, save_hub_like, tiny_llama
+from transformers import AutoModelForCausalLM
 
 pytestmark = pytest.mark.slow
 
@@ -105,3 +107,19 @@ def test_real_model_path_runs_every_stage_and_reruns_byte_identically(project: P
     second = yaml.safe_load((project / "dvc.lock").read_text())
     a, b = _out_hashes(first), _out_hashes(second)
     assert a == b, {k: (a[k], b.get(k)) for k in a if a[k] != b.get(k)}
+
+    # The model directory is a dependency through its content key: weights re-saved in place
+    # rerun `sft` and all after it. `model.dtype`, read by the inference stages only, does not.
+    dvc = str(BIN / "dvc")
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["model"]["dtype"] = "bfloat16"
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert "sft" not in run([dvc, "status", "sft"], project)
+    model_dir = project / "inputs" / "llama-bf16"
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[5] += 0.5
+    model.save_pretrained(model_dir, safe_serialization=True)
+    run([dvc, "repro", "source"], project)
+    status = run([dvc, "status", "sft"], project)
+    assert "sft:" in status and "data/model_key.json" in status, status

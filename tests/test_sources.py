@@ -248,3 +248,26 @@ def test_cli_bad_source_name(case: str, tmp_path: Path, monkeypatch: pytest.Monk
     params = make_project(tmp_path, monkeypatch, dataset={"name": name, **extra})
     code, _, err = run_cli(monkeypatch, capsys, "download", "-p", str(params))
     assert_one_line_error(code, err, *fragments)
+
+
+def test_model_key_follows_a_local_directory_content(tmp_path: Path) -> None:
+    from pipeline.config import ModelConfig
+
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "config.json").write_text("{}")
+    (d / "model.safetensors").write_bytes(b"weights one")
+    (d / "training_summary.json").write_text("{}")  # notes: not part of the identity
+    first = sources.model_key(ModelConfig(name=str(d)))
+    assert first["kind"] == "local" and len(first["sha256"]) == 16
+    (d / "training_summary.json").write_text('{"seconds": 3}')
+    assert sources.model_key(ModelConfig(name=str(d))) == first
+    (d / "model.safetensors").write_bytes(b"weights two")
+    assert sources.model_key(ModelConfig(name=str(d)))["sha256"] != first["sha256"]
+    hub = sources.model_key(ModelConfig(name="org/model", revision="abc"))
+    assert hub == {"kind": "id", "name": "org/model", "revision": "abc"}
+    # Pickled weights only: refused with what to do, before any stage loads them.
+    (d / "model.safetensors").unlink()
+    (d / "pytorch_model.bin").write_bytes(b"pickle")
+    with pytest.raises(UserError, match=r"only pickled \.bin weights.*safetensors"):
+        sources.model_key(ModelConfig(name=str(d)))
