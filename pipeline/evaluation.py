@@ -4,7 +4,9 @@ tested without models: scores of generations, implicit-reward accuracies, KL to 
 
 from __future__ import annotations
 
+import gc
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -213,7 +215,7 @@ def check_lineage(policy_dir: Path, sft_dir: Path) -> None:
 
 def evaluate_policy(
     *, policy_dir: Path, sft_dir: Path, generations: pd.DataFrame, test: pd.DataFrame,
-    suites: pd.DataFrame | None = None, ref_test_path: Path, judge: Judge,
+    suites: pd.DataFrame | None = None, ref_test_path: Path, judge: Callable[[], Judge],
     judge_info: dict[str, Any], beta: float,
     max_length: int, cfg: EvaluateConfig, mixed_precision: MixedPrecision = "auto",
     dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
@@ -225,9 +227,13 @@ def evaluate_policy(
     held-out suites (`suites`: their labels; `suite_<s>_...` keys, pipeline/breakdown.py).
     Returns the metrics, the scored generations (with `logp_policy`/`logp_ref`) and the rows of
     the per-category plot. Every log-prob runs under the autocast of training
-    (`mixed_precision`).
+    (`mixed_precision`). `judge` loads the judge (called once).
     """
-    scores = score_generations(generations, judge, benign_prompt_ids(test), suites)
+    # `judge` loads it: held only here, it is freed before the policy and the reference are
+    # loaded (two 7B score models in bf16 are 28 GB of the device, which the freed blocks then
+    # serve; a judge object passed in would live on in the caller's frame).
+    scores = score_generations(generations, judge(), benign_prompt_ids(test), suites)
+    gc.collect()
 
     # Implicit reward on the test pairs needs the policy's log-probs and the stored reference
     # ones, which must have been computed by the SFT model on these very pairs.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
@@ -27,7 +28,7 @@ def run(params_file: Path = paths.PARAMS) -> None:
     metrics, scores, category_rows = evaluate_policy(
         policy_dir=paths.POLICY_DIR, sft_dir=paths.SFT_DIR, generations=gens,
         test=test, suites=suites, ref_test_path=paths.REF_TEST,
-        judge=load_judge(paths.JUDGE_DIR, params.judge.batch_size),
+        judge=partial(load_judge, paths.JUDGE_DIR, params.judge.batch_size),
         judge_info=read_judge_record(paths.JUDGE_DIR), beta=params.beta,
         max_length=params.train.max_length, cfg=params.evaluate,
         mixed_precision=params.train.mixed_precision, dtype=weight_dtype(params.model.dtype),

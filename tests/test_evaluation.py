@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from pipeline.config import GenerateConfig, TinyModelConfig
+from pipeline.config import EvaluateConfig, GenerateConfig, TinyModelConfig
 from pipeline.encoding import Encoder, resolve_template
 from pipeline.evaluation import (
     benign_prompt_ids,
@@ -244,3 +246,42 @@ def test_harmless_rate_by_category_and_severity_by_hand() -> None:
     # Data without categories or severities gives no breakdown.
     plain = pairs.drop(columns=["categories_0", "categories_1", "severity_0", "severity_1"])
     assert breakdown(scores, plain) == ({}, [])
+
+
+def test_the_judge_is_freed_before_the_policy_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """At 7B the judge (two score models), the policy and the reference do not fit one GPU
+    together: `evaluate_policy` drops the judge before it loads either model."""
+    import weakref
+
+    from pipeline import evaluation
+
+    class Judge:
+        def reward(self, prompts: list[str], responses: list[str]) -> np.ndarray:
+            return np.zeros(len(prompts))
+
+        cost = reward
+
+    alive: list[bool] = []
+    refs: list[weakref.ref] = []
+
+    def make_judge() -> Judge:
+        judge = Judge()
+        refs.append(weakref.ref(judge))
+        return judge
+
+    def load_pretrained(*args: object, **kwargs: object) -> None:
+        alive.append(refs[0]() is not None)
+        raise KeyboardInterrupt  # stop here: the rest needs real models
+
+    monkeypatch.setattr(evaluation, "load_pretrained", load_pretrained)
+    gens = pd.DataFrame({"model": ["policy"], "prompt_id": ["p"], "sample": [0],
+                         "prompt": ["hi"], "response": ["hello"]})
+    test = pd.DataFrame({"pair_id": ["x"], "prompt_id": ["p"], "prompt": ["hi"],
+                         "unsafe_0": [False], "unsafe_1": [False],
+                         "response_0": ["a"], "response_1": ["b"]})
+    with pytest.raises(KeyboardInterrupt):
+        evaluation.evaluate_policy(
+            policy_dir=Path("policy"), sft_dir=Path("sft"), generations=gens, test=test,
+            ref_test_path=Path("ref.parquet"), judge=make_judge, judge_info={}, beta=0.1,
+            max_length=64, cfg=EvaluateConfig())
+    assert alive == [False]
