@@ -32,6 +32,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
@@ -43,6 +44,21 @@ NAMED_TEMPLATES = {
     "safe_rlhf": "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:",
 }
 IGNORE = -100
+#: The date chat templates that print one see (Llama 3.x: "Today Date: ..."), so a prompt's
+#: tokens do not change with the day it is rendered on: reference log-probs of one day must
+#: score the training sequences of the next. This is the date those templates fall back to.
+TEMPLATE_DATE = "26 Jul 2024"
+
+
+def render_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]], *,
+                chat_template: str | None = None, add_generation_prompt: bool = False) -> str:
+    """`messages` rendered by a chat template, at `TEMPLATE_DATE`. Every chat rendering of the
+    pipeline (prompts, score models, guard judges) goes through here. A template that calls
+    `strftime_now` without a `date_string` fallback still sees today; `Encoder.template_id`
+    then tells reference log-probs of another day apart."""
+    return tokenizer.apply_chat_template(
+        messages, chat_template=chat_template, tokenize=False,
+        add_generation_prompt=add_generation_prompt, date_string=TEMPLATE_DATE)
 
 
 @dataclass(frozen=True)
@@ -57,9 +73,8 @@ class Template:
         if self.kind == "chat":
             if tokenizer is None:
                 raise ValueError("a chat template needs its tokenizer to render")
-            return tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], chat_template=self.text, tokenize=False,
-                add_generation_prompt=True)
+            return render_chat(tokenizer, [{"role": "user", "content": prompt}],
+                               chat_template=self.text, add_generation_prompt=True)
         return self.text.replace("{prompt}", prompt)
 
     @property
@@ -166,6 +181,13 @@ class Encoder:
         self.eos = tokenizer.eos_token_id
         if self.eos is None:
             raise UserError("the tokenizer has no EOS token; responses cannot be terminated")
+
+    @property
+    def template_id(self) -> str:
+        """The template and what it renders (a probe prompt): a template whose output moves
+        with the day (`strftime_now`) gives another id on another day."""
+        probe = self.render(["{prompt}"])[0]
+        return hashlib.sha256(f"{self.template.id}\0{probe}".encode()).hexdigest()[:16]
 
     # -- pieces ---------------------------------------------------------------------------
 

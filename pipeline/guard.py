@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from pipeline.config import GuardConfig
+from pipeline.encoding import render_chat
 from pipeline.errors import UserError
 from pipeline.offline_judge import load_recorded
 from pipeline.precision import device as default_device
@@ -113,10 +114,9 @@ class GuardTemplate:
         def content(text: str) -> Any:
             return [{"type": "text", "text": text}] if self.typed_parts else text
 
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": content(prompt)},
-             {"role": "assistant", "content": content(response)}],
-            chat_template=self.text, tokenize=False, add_generation_prompt=True)
+        return render_chat(tokenizer, [{"role": "user", "content": content(prompt)},
+                                       {"role": "assistant", "content": content(response)}],
+                           chat_template=self.text, add_generation_prompt=True)
 
     def _chat_spans(self, text: str, prompt: str, response: str
                     ) -> tuple[Span | None, Span | None]:

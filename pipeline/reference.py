@@ -62,7 +62,7 @@ def pairs_hash(pairs: pd.DataFrame) -> str:
 def fingerprint_for(model_dir: Path, encoder: Encoder, mixed_precision: MixedPrecision,
                     pairs: pd.DataFrame, device: torch.device | str) -> Fingerprint:
     return Fingerprint(model=weights_hash(model_dir), tokenizer=tokenizer_id(encoder.tokenizer),
-                       template=encoder.template.id, max_length=encoder.max_length,
+                       template=encoder.template_id, max_length=encoder.max_length,
                        precision=resolve_mixed_precision(mixed_precision, torch.device(device)),
                        data=pairs_hash(pairs))
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import JudgeConfig
-from pipeline.encoding import NAMED_TEMPLATES
+from pipeline.encoding import NAMED_TEMPLATES, render_chat
 from pipeline.errors import UserError
 from pipeline.precision import device as default_device
 
@@ -215,9 +215,9 @@ class ScoreModel:
             return [BEAVER_TEMPLATE.format(prompt=p, response=r) + eos
                     for p, r in zip(prompts, responses, strict=True)]
         if getattr(self.tokenizer, "chat_template", None):
-            return [self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": p}, {"role": "assistant", "content": r}],
-                tokenize=False) for p, r in zip(prompts, responses, strict=True)]
+            return [render_chat(self.tokenizer, [{"role": "user", "content": p},
+                                                 {"role": "assistant", "content": r}])
+                    for p, r in zip(prompts, responses, strict=True)]
         return [PLAIN_TEMPLATE.format(prompt=p, response=r)
                 for p, r in zip(prompts, responses, strict=True)]
 

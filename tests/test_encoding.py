@@ -107,3 +107,37 @@ def test_template_kinds_are_explicit() -> None:
     assert Template("format", "A {prompt} B").render(None, "x") == "A x B"
     with pytest.raises(ValueError, match="tokenizer"):
         Template("chat", CHAT_TEMPLATE).render(None, "x")
+
+
+def test_a_chat_template_that_prints_the_date_renders_a_fixed_one(
+        tok, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Llama 3.x's templates print today's date unless `date_string` is given: rendered here at
+    a fixed date, so the reference log-probs of one day score the same tokens the next. A
+    template that calls `strftime_now` regardless moves with the day, and so does its id."""
+    import datetime
+
+    from transformers.utils import chat_template_utils
+
+    llama31 = ("{%- if not date_string is defined %}{%- if strftime_now is defined %}"
+               "{%- set date_string = strftime_now('%d %b %Y') %}{%- else %}"
+               "{%- set date_string = '26 Jul 2024' %}{%- endif %}{%- endif %}"
+               "Today Date: {{ date_string }}\n" + CHAT_TEMPLATE)
+    always = "Now: {{ strftime_now('%Y-%m-%d') }}\n" + CHAT_TEMPLATE
+
+    class Day(datetime.datetime):
+        day = datetime.datetime(2031, 5, 17)
+
+        @classmethod
+        def now(cls, tz: object = None) -> datetime.datetime:  # type: ignore[override]
+            return cls.day
+
+    monkeypatch.setattr(chat_template_utils, "datetime", Day)
+    ids = {}
+    for when in (datetime.datetime(2031, 5, 17), datetime.datetime(2031, 5, 18)):
+        Day.day = when
+        fixed = Encoder(tok, Template("chat", llama31), 64)
+        assert "Today Date: 26 Jul 2024" in fixed.render(["hi"])[0]
+        moving = Encoder(tok, Template("chat", always), 64)
+        assert f"Now: {when:%Y-%m-%d}" in moving.render(["hi"])[0]
+        ids[when.day] = (fixed.template_id, moving.template_id)
+    assert ids[17][0] == ids[18][0] and ids[17][1] != ids[18][1]
