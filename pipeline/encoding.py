@@ -22,7 +22,8 @@ Truncation of a pair (the rule TRL applies): when prompt + the *longer* response
 `max_length`, the prompt is cut once for the pair, from the left, to
 ``max(max_length // 2, max_length - longest)`` tokens, keeping BOS; then each response is cut
 from the right and closed with EOS. Both sides of a pair thus see the same prompt tokens, and
-every sequence starts with BOS (if the tokenizer has one) and ends with EOS.
+every sequence starts with BOS (where the tokenizer adds one itself, or the template renders
+it) and ends with EOS.
 """
 
 from __future__ import annotations
@@ -178,6 +179,11 @@ class Encoder:
         self.template = template
         self.max_length = max_length
         self.bos = tokenizer.bos_token_id
+        # BOS goes first where the tokenizer puts it there itself (Llama, Mistral, Gemma), as
+        # the model saw in pretraining; not where it only names one (GPT-2, Pythia, OLMo:
+        # bos = eos = <|endoftext|>, a document separator never put in front of a text).
+        probe = tokenizer("a")["input_ids"]
+        self.add_bos = self.bos is not None and bool(probe) and probe[0] == self.bos
         self.eos = tokenizer.eos_token_id
         if self.eos is None:
             raise UserError("the tokenizer has no EOS token; responses cannot be terminated")
@@ -192,17 +198,21 @@ class Encoder:
     # -- pieces ---------------------------------------------------------------------------
 
     def render(self, prompts: Sequence[str]) -> list[str]:
-        return [self.template.render(self.tokenizer, p) for p in prompts]
+        """The prompts in the template, without trailing spaces: a prompt ending in one would
+        tokenize it alone (`▁` / `Ġ`), and the response's first word would bring its own, so the
+        sequence would hold the space twice. The response follows after one space instead."""
+        return [self.template.render(self.tokenizer, p).rstrip(" \t") for p in prompts]
 
     def prompt_ids(self, prompts: Sequence[str]) -> list[list[int]]:
-        """Token ids of the rendered prompts, BOS first where the tokenizer has one."""
+        """Token ids of the rendered prompts, BOS first where the tokenizer adds one (or the
+        template renders it)."""
         return self._ids_of(self.render(prompts))
 
     def _ids_of(self, rendered: Sequence[str]) -> list[list[int]]:
         if not rendered:
             return []
         ids = self.tokenizer(list(rendered), add_special_tokens=False)["input_ids"]
-        return [x if self.bos is None or (x and x[0] == self.bos) else [self.bos, *x]
+        return [x if not self.add_bos or (x and x[0] == self.bos) else [self.bos, *x]
                 for x in ids]
 
     def _cut_prompt(self, p: list[int], keep: int) -> list[int]:

@@ -33,7 +33,7 @@ PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 
 def train_tiny_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer trained on `texts` (deterministic for the same texts)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -45,6 +45,9 @@ def train_tiny_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTok
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
+    # It puts BOS in front of every text, as Llama's does (the encoder follows the tokenizer).
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", special_tokens=[(BOS, tok.token_to_id(BOS))])
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
         model_max_length=1_000_000,

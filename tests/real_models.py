@@ -13,13 +13,24 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import (
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+    trainers,
+)
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 # A Llama-2-like chat template: BOS in the template text, [INST] ... [/INST].
 CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}"
                  "[INST] {{ m['content'] }} [/INST]{% else %} {{ m['content'] }}{{ eos_token }}"
                  "{% endif %}{% endfor %}")
+# The strings of the templates the tests render (chat, plain, safe_rlhf), a few times each.
+TEMPLATE_TEXTS = ["[INST] hi [/INST] hello", "User: hi\nAssistant: hello",
+                  "BEGINNING OF CONVERSATION: USER: hi ASSISTANT: hello"] * 5
 WORDS = (
     "the", "a", "to", "of", "and", "how", "can", "i", "you", "we", "it", "is", "this", "that",
     "make", "get", "help", "safe", "harm", "people", "bread", "bike", "water", "fire",
@@ -40,7 +51,9 @@ def metaspace_tokenizer(texts: list[str], vocab_size: int = 600,
                         chat_template: str | None = CHAT_TEMPLATE) -> PreTrainedTokenizerFast:
     """A BPE tokenizer laid out as Llama-2's `tokenizer.json`: the normalizer prepends `▁` and
     turns spaces into `▁` (so `" " + text` on its own gets a spurious lone `▁` token), words
-    split before each `▁`, `<s>`/`</s>`/`<unk>` specials and no pad token."""
+    split before each `▁`, `<s>`/`</s>`/`<unk>` specials, BOS put in front of every text, and no
+    pad token. The templates' own strings are in its training texts, so `[INST]`, `USER:` or a
+    newline tokenize as in a real vocabulary rather than as `<unk>`."""
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"),
                                            normalizers.Replace(" ", "▁")])
@@ -48,7 +61,9 @@ def metaspace_tokenizer(texts: list[str], vocab_size: int = 600,
     tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Strip(" ", 1, 0)])
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
                                   show_progress=False)
-    tok.train_from_iterator(texts, trainer=trainer)
+    tok.train_from_iterator([*texts, *TEMPLATE_TEXTS], trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
                                    unk_token="<unk>", model_max_length=4096)
     if chat_template:

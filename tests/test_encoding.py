@@ -141,3 +141,42 @@ def test_a_chat_template_that_prints_the_date_renders_a_fixed_one(
         assert f"Now: {when:%Y-%m-%d}" in moving.render(["hi"])[0]
         ids[when.day] = (fixed.template_id, moving.template_id)
     assert ids[17][0] == ids[18][0] and ids[17][1] != ids[18][1]
+
+
+def test_bos_goes_first_only_where_the_tokenizer_puts_it(tok) -> None:
+    """Llama-style tokenizers put BOS in front of a text, GPT-NeoX-style ones (bos = eos =
+    <|endoftext|>) do not: the encoder follows the tokenizer, and a BOS the template renders is
+    kept, once."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(corpus(ROWS), trainer=trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    neox = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|endoftext|>",
+                                   eos_token="<|endoftext|>")
+    end = neox.eos_token_id
+    plain = Encoder(neox, resolve_template("plain", neox), 64)
+    seq = plain.sequences(["hi there"], ["hello"])[0]
+    assert not plain.add_bos and seq.input_ids[0] != end and seq.input_ids[-1] == end
+    assert seq.input_ids[:seq.n_prompt_tokens] == neox("User: hi there\nAssistant:")["input_ids"]
+    rendered = Encoder(neox, Template("format", "<|endoftext|>User: {prompt}\nAssistant:"), 64)
+    ids = rendered.prompt_ids(["hi"])[0]
+    assert ids[0] == end and ids[1] != end
+    llama = Encoder(tok, resolve_template("plain", tok), 64)
+    ids = llama.prompt_ids(["hi"])[0]
+    assert llama.add_bos and ids[0] == tok.bos_token_id and ids[1] != tok.bos_token_id
+
+
+def test_a_template_ending_in_a_space_tokenizes_as_one_text(tok) -> None:
+    """`ASSISTANT: ` would tokenize its space alone, and the response's first word brings its
+    own `▁`: prompt + response must be the tokens of the whole text, once."""
+    for template in ("USER: {prompt} ASSISTANT: ", "USER: {prompt} ASSISTANT:"):
+        enc = Encoder(tok, Template("format", template), 256)
+        seq = enc.sequences(["how can i bake bread"], ["first mix the water"])[0]
+        whole = tok("USER: how can i bake bread ASSISTANT: first mix the water")["input_ids"]
+        assert seq.input_ids == [*whole, tok.eos_token_id], template
+        assert enc.prompt_ids(["how can i bake bread"])[0] == seq.input_ids[:seq.n_prompt_tokens]

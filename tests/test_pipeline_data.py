@@ -28,8 +28,8 @@ def test_dvc_repro_normalize(tmp_path: Path) -> None:
         assert pq.read_metadata(project / f"data/pairs/{split}.parquet").num_rows == n
     assert (project / "dvc.lock").exists()
     # Nothing else was run or written.
-    assert sorted(p.name for p in (project / "data").iterdir()) == ["pairs", "raw",
-                                                                 "source_key.json"]
+    assert sorted(p.name for p in (project / "data").iterdir()) == [
+        "model_key.json", "pairs", "raw", "source_key.json"]
     # Only the always-run `source` stage, which rewrote the same key.
     assert stages_run(run([str(DVC), "repro", "normalize"], project)) == {"source"}
     shown = json.loads(run([str(DVC), "metrics", "show", "--json"], project, stdout_only=True))
