@@ -150,6 +150,11 @@ class OptimConfig:
         _check(self.log_every > 0, f"{section}.log_every", "must be > 0")
         _check(self.forward_groups is None or self.forward_groups > 0,
                f"{section}.forward_groups", "must be > 0 or null")
+        # fp16 needs loss scaling, whose overflowing steps are skipped by design; the loop
+        # stops on a non-finite gradient norm, which would end an fp16 run at its first step.
+        _check(self.mixed_precision != "fp16", f"{section}.mixed_precision",
+               "fp16 is not supported (its loss-scaled overflow steps read as a non-finite "
+               "gradient); use bf16 (Ampere or newer GPUs), no, or auto")
 
 
 @dataclass(frozen=True)

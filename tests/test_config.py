@@ -87,3 +87,10 @@ def test_cli_missing_params_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     monkeypatch.chdir(tmp_path)
     code, _, err = run_cli(monkeypatch, capsys, "download", "-p", "nope.yaml")
     assert_one_line_error(code, err, "nope.yaml", "parameter file not found")
+
+
+def test_fp16_is_refused_with_what_to_use() -> None:
+    from pipeline.config import TrainConfig
+
+    with pytest.raises(UserError, match=r"train\.mixed_precision.*fp16 is not supported.*bf16"):
+        TrainConfig(mixed_precision="fp16")
