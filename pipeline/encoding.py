@@ -284,8 +284,18 @@ class Encoder:
             out.append((ea, eb))
         return out
 
-    def generation_prompts(self, prompts: Sequence[str], max_new_tokens: int) -> list[list[int]]:
+    def generation_prompts(self, prompts: Sequence[str], max_new_tokens: int,
+                           stats: TruncationStats | None = None) -> list[list[int]]:
         """Prompt ids for generation, cut by the same rule as in training, with the new tokens
-        in place of the longer response."""
-        return [self._cut_prompt(p, prompt_keep(len(p), max_new_tokens, self.max_length))
-                for p in self.prompt_ids(prompts)]
+        in place of the longer response; `stats` counts the prompts cut."""
+        stats = stats if stats is not None else TruncationStats()
+        out = []
+        for p in self.prompt_ids(prompts):
+            kept = self._cut_prompt(p, prompt_keep(len(p), max_new_tokens, self.max_length))
+            stats.items += 1
+            if len(kept) < len(p):
+                stats.truncated += 1
+                stats.prompt_tokens_cut += len(p) - len(kept)
+                stats.max_prompt_cut = max(stats.max_prompt_cut, len(p) - len(kept))
+            out.append(kept)
+        return out

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedModel
 
 from pipeline.config import GenerateConfig, MixedPrecision
-from pipeline.encoding import Encoder
+from pipeline.encoding import Encoder, TruncationStats
 from pipeline.layouts import token_batches
 from pipeline.precision import autocast
 from pipeline.suites import TEST_SUITE
@@ -82,6 +82,7 @@ def generation_config(cfg: GenerateConfig, pad_id: int, eos_ids: Sequence[int]
 class GenerationStats:
     seconds: float
     new_tokens: int
+    truncation: TruncationStats  # prompts cut to leave max_new_tokens within max_length
 
     @property
     def tokens_per_second(self) -> float:
@@ -116,7 +117,8 @@ def generate(
     gen_cfg = generation_config(cfg, tok.pad_token_id, eos_ids)
     # The model's own generation config would be merged into ours for every unset field.
     saved_cfg, model.generation_config = model.generation_config, gen_cfg
-    ids = encoder.generation_prompts(prompts["prompt"].tolist(), cfg.max_new_tokens)
+    cut = TruncationStats()
+    ids = encoder.generation_prompts(prompts["prompt"].tolist(), cfg.max_new_tokens, cut)
     suites = (prompts["suite"].tolist() if "suite" in prompts else [TEST_SUITE] * len(prompts))
     order = np.argsort([len(x) for x in ids], kind="stable")
     # A row holds its prompt and the new tokens of each sample (the KV cache grows to that).
@@ -157,7 +159,8 @@ def generate(
                     })
     finally:
         model.generation_config = saved_cfg
-    stats = GenerationStats(seconds=time.perf_counter() - t0, new_tokens=new_tokens)
+    stats = GenerationStats(seconds=time.perf_counter() - t0, new_tokens=new_tokens,
+                            truncation=cut)
     df = pd.DataFrame(rows, columns=GENERATION_COLUMNS).sort_values(
         ["suite", "prompt_id", "sample"])
     df["sample"] = df["sample"].astype(np.int32)

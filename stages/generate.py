@@ -48,3 +48,7 @@ def run(params_file: Path = paths.PARAMS, tag: str = "policy") -> None:
           f"({len(test)} test, {len(suites)} from suites), "
           f"{stats.new_tokens} tokens in {stats.seconds:.1f}s "
           f"({stats.tokens_per_second:.0f} tokens/s), {eos:.0%} ended with EOS -> {out}")
+    if stats.truncation.truncated:
+        print(f"generate {tag}: {stats.truncation.describe('prompts')} to leave "
+              f"max_new_tokens {cfg.max_new_tokens} within train.max_length "
+              f"{params.train.max_length}")

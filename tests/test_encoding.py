@@ -94,13 +94,17 @@ def test_a_pair_is_cut_once_and_both_sides_keep_bos_and_eos(tok) -> None:
 def test_generation_sees_the_prompt_tokens_training_sees(tok) -> None:
     enc = Encoder(tok, resolve_template("auto", tok), 256)
     prompt = ROWS[1]["prompt"] * 3  # longer than the budget
-    (gen,) = enc.generation_prompts([prompt], max_new_tokens=128)
+    cut = TruncationStats()
+    gen, whole = enc.generation_prompts([prompt, "hi"], max_new_tokens=128, stats=cut)
     (pair,) = enc.pairs([prompt], ["x " * 127], ["y"])
     trained = [t for t, lab in zip(pair[0].input_ids, pair[0].labels, strict=True)
                if lab == IGNORE]
     assert gen == trained and gen[0] == tok.bos_token_id and len(gen) == 128
+    n = len(enc.prompt_ids([prompt])[0])
+    assert cut.as_dict() == {"items": 2, "truncated": 1, "prompt_tokens_cut": n - 128,
+                             "response_tokens_cut": 0, "max_prompt_cut": n - 128}
     # A prompt that fits is fed whole.
-    assert enc.generation_prompts(["hi"], 8) == enc.prompt_ids(["hi"])
+    assert whole == enc.prompt_ids(["hi"])[0]
 
 
 def test_template_kinds_are_explicit() -> None:
