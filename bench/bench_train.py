@@ -62,7 +62,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 import pipeline.training as training
 from pipeline.config import LayoutKind, TinyModelConfig, ToyConfig, TrainConfig
-from pipeline.encoding import Encoder, resolve_template
+from pipeline.encoding import Encoder, resolve_template, template_corpus
 from pipeline.finetune import preference_examples
 from pipeline.layouts import layout_of, length_groups
 from pipeline.logps import ForwardLayout, forward_layout
@@ -278,9 +278,8 @@ def build(name: str, data: str, pairs: pd.DataFrame, max_length: int, seed: int
         template = resolve_template("plain", None)
         prompts = pairs["prompt"].tolist() * 2
         responses = pairs["response_0"].tolist() + pairs["response_1"].tolist()
-        corpus = [f"{template.render(None, p)} {r}"
-                  for p, r in zip(prompts, responses, strict=True)]
-        tokenizer = train_tiny_tokenizer(corpus, cfg.vocab_size)
+        tokenizer = train_tiny_tokenizer(template_corpus(template, prompts, responses),
+                                         cfg.vocab_size)
     else:
         texts = pairs[["prompt", "response_0", "response_1"]].to_numpy().ravel().tolist()
         tokenizer = _real_models().metaspace_tokenizer(texts, vocab_size=cfg.vocab_size)

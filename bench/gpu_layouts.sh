@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU figures issue #9 still needs, in one command (about 7 minutes on one H200): the forward
+# The GPU figures issue #9 still needs, in one command (at most 8 minutes on one H200): the forward
 # layouts checked against the full logits on the device (bench/label_logps_check.py, 342M shape,
 # bf16), then our `train` step against TRL's DPOTrainer (bench/bench_vs_trl.py) at 342M with
 # shared prompts on the toy pairs, with `auto` (per batch: one padded forward, packed or shared

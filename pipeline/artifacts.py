@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import UserError
-from pipeline.paths import TEMPLATE_FILE
+from pipeline.paths import HASH_CACHE, TEMPLATE_FILE
 
 
 @contextmanager
@@ -158,20 +158,23 @@ def file_sha256(path: Path) -> str:
             h.update(chunk)
     return h.hexdigest()
 
-#: What identifies a saved model: weights, tokenizer and template. Not `training_summary.json`
-#: or other notes, so re-saving identical weights keeps the reference log-probs valid.
-_IDENTITY_SUFFIXES = {".safetensors", ".model", ".txt"}
-_IDENTITY_FILES = {"config.json", "tokenizer.json", "tokenizer_config.json",
-                   "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
-                   TEMPLATE_FILE}
+#: What identifies a saved model: weights, tokenizer (SentencePiece `.model`, BPE `vocab.json`
+#: and `merges.txt`), template, the EOS ids of `generation_config.json` and remote code (`.py`).
+#: Not `training_summary.json` or other notes, so re-saving identical weights keeps the
+#: reference log-probs valid.
+_IDENTITY_SUFFIXES = {".safetensors", ".model", ".txt", ".py"}
+_IDENTITY_FILES = {"config.json", "generation_config.json", "tokenizer.json",
+                   "tokenizer_config.json", "vocab.json", "special_tokens_map.json",
+                   "added_tokens.json", "chat_template.jinja", TEMPLATE_FILE}
 
 
 def weights_hash(model_dir: Path) -> str:
     """A hash of the saved weights, tokenizer and template files of a model directory.
 
-    Several stages fingerprint the same directory (source, ref_logps per split, evaluate,
-    train), and the weights of a 7B model are ~15 GB to read: within a process the hash is
-    cached on the files' names, sizes and modification times."""
+    Several stages fingerprint the same directory (source on every `dvc repro`, ref_logps,
+    train, evaluate), and the weights of a 7B model are ~15 GB to read: each file's hash is
+    cached on its path, size and modification time, within a process and, inside a DVC project,
+    across processes (`paths.HASH_CACHE`), as DVC caches its own."""
     model_dir = Path(model_dir)
     files = sorted(p for p in model_dir.iterdir()
                    if p.suffix in _IDENTITY_SUFFIXES or p.name in _IDENTITY_FILES)
@@ -187,10 +190,29 @@ def weights_hash(model_dir: Path) -> str:
 
 @functools.lru_cache(maxsize=16)
 def _hash_files(stats: tuple[tuple[str, int, int], ...]) -> str:
-    h = hashlib.sha256()
-    for path, _, _ in stats:
+    cache = HASH_CACHE if HASH_CACHE.parent.parent.is_dir() else None  # in a DVC project
+    try:
+        known = json.loads(cache.read_text()) if cache is not None else {}
+    except (OSError, ValueError):
+        known = {}
+    if not isinstance(known, dict):
+        known = {}
+    h, seen = hashlib.sha256(), {}
+    for path, size, mtime in stats:
+        key = f"{path}|{size}|{mtime}"
+        stored = known.get(key)
+        seen[key] = stored if isinstance(stored, str) else file_sha256(Path(path))
         h.update(Path(path).name.encode())
-        h.update(file_sha256(Path(path)).encode())
+        h.update(seen[key].encode())
+    if cache is not None and not seen.keys() <= known.keys():
+        # Older entries of these paths and entries of files gone are stale; concurrent writers
+        # may drop each other's entries (atomic replace), which costs a re-hash, never a wrong
+        # one.
+        paths = {k.rsplit("|", 2)[0] for k in seen}
+        kept = {k: v for k, v in known.items()
+                if k.rsplit("|", 2)[0] not in paths and Path(k.rsplit("|", 2)[0]).exists()}
+        cache.parent.mkdir(exist_ok=True)
+        write_json({**kept, **seen}, cache)
     return h.hexdigest()[:16]
 
 

@@ -28,8 +28,10 @@ it) and ends with EOS.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,21 +47,33 @@ NAMED_TEMPLATES = {
     "safe_rlhf": "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:",
 }
 IGNORE = -100
-#: The date chat templates that print one see (Llama 3.x: "Today Date: ..."), so a prompt's
-#: tokens do not change with the day it is rendered on: reference log-probs of one day must
-#: score the training sequences of the next. This is the date those templates fall back to.
-TEMPLATE_DATE = "26 Jul 2024"
+#: The day chat templates that print a date see (Llama 3.x: "Today Date: ...", Mistral Small:
+#: `strftime_now("%Y-%m-%d")`), so a prompt's tokens do not change with the day it is rendered
+#: on: reference log-probs of one day must score the training sequences of the next. It is the
+#: date Llama 3.x's templates fall back to.
+TEMPLATE_DAY = datetime.date(2024, 7, 26)
+TEMPLATE_DATE = TEMPLATE_DAY.strftime("%d %b %Y")
+_STRFTIME_NOW = re.compile(r"""strftime_now\(\s*(['"])(.*?)\1\s*\)""")
+
+
+def fixed_date(chat_template: str) -> str:
+    """`chat_template` with each `strftime_now('<format>')` call replaced by `TEMPLATE_DAY` in
+    that format, as a string literal (transformers renders templates with plain data only, so
+    the clock cannot be replaced by a function)."""
+    return _STRFTIME_NOW.sub(lambda m: repr(TEMPLATE_DAY.strftime(m.group(2))), chat_template)
 
 
 def render_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]], *,
                 chat_template: str | None = None, add_generation_prompt: bool = False) -> str:
-    """`messages` rendered by a chat template, at `TEMPLATE_DATE`. Every chat rendering of the
-    pipeline (prompts, score models, guard judges) goes through here. A template that calls
-    `strftime_now` without a `date_string` fallback still sees today; `Encoder.template_id`
-    then tells reference log-probs of another day apart."""
+    """`messages` rendered by `chat_template` (None: the tokenizer's) at `TEMPLATE_DAY`: given
+    as `date_string` and in place of every `strftime_now` with a literal format. Every chat
+    rendering of the pipeline (prompts, score models, guard judges) goes through here. A
+    template that still reads the clock (a format held in a variable) is caught by
+    `Encoder.template_id`."""
+    template = chat_template if chat_template is not None else tokenizer.chat_template
     return tokenizer.apply_chat_template(
-        messages, chat_template=chat_template, tokenize=False,
-        add_generation_prompt=add_generation_prompt, date_string=TEMPLATE_DATE)
+        messages, chat_template=fixed_date(template) if isinstance(template, str) else None,
+        tokenize=False, add_generation_prompt=add_generation_prompt, date_string=TEMPLATE_DATE)
 
 
 @dataclass(frozen=True)
@@ -71,21 +85,42 @@ class Template:
     text: str
 
     def render(self, tokenizer: PreTrainedTokenizerBase | None, prompt: str) -> str:
+        """`prompt` in the template, without trailing spaces: a prompt ending in one would
+        tokenize it alone (`▁` / `Ġ`), and the response's first word brings its own, so the
+        sequence would hold the space twice. The response follows after one (`joined`)."""
         if self.kind == "chat":
             if tokenizer is None:
                 raise ValueError("a chat template needs its tokenizer to render")
-            return render_chat(tokenizer, [{"role": "user", "content": prompt}],
+            text = render_chat(tokenizer, [{"role": "user", "content": prompt}],
                                chat_template=self.text, add_generation_prompt=True)
-        return self.text.replace("{prompt}", prompt)
+        else:
+            text = self.text.replace("{prompt}", prompt)
+        return text.rstrip(" \t")
 
     @property
     def id(self) -> str:
-        """Identifies the template in fingerprints: another template invalidates log-probs."""
+        """Identifies the template's source (`Encoder.template_id`, which fingerprints hold, adds
+        what it renders)."""
         return hashlib.sha256(f"{self.kind}\0{self.text}".encode()).hexdigest()[:16]
 
     def save(self, model_dir: Path) -> None:
         (Path(model_dir) / TEMPLATE_FILE).write_text(
             json.dumps({"kind": self.kind, "text": self.text}, indent=2) + "\n")
+
+
+def joined(rendered: str, response: str) -> str:
+    """A rendered prompt and its response as one text, the response starting at
+    `len(rendered)`: after a space, unless the prompt ends in whitespace (a newline)."""
+    sep = "" if not rendered or rendered[-1].isspace() else " "
+    return rendered + sep + response.strip()
+
+
+def template_corpus(template: Template, prompts: Sequence[str], responses: Sequence[str]
+                    ) -> list[str]:
+    """The texts a tokenizer yet to be trained (`builtin:tiny`) learns from: each response
+    after its prompt in `template` (a format template: a chat one needs a tokenizer), exactly
+    as `Encoder` will tokenize them."""
+    return [joined(template.render(None, p), r) for p, r in zip(prompts, responses, strict=True)]
 
 
 def resolve_template(spec: str, tokenizer: PreTrainedTokenizerBase | None) -> Template:
@@ -157,9 +192,12 @@ class TruncationStats:
                 "max_prompt_cut": self.max_prompt_cut}
 
     def describe(self, what: str = "pairs") -> str:
+        # Generation cuts prompts only: no response count there.
+        responses = (f", {self.response_tokens_cut} response tokens" if what != "prompts"
+                     else "")
         return (f"{self.truncated} of {self.items} {what} truncated "
-                f"({self.prompt_tokens_cut} prompt tokens, {self.response_tokens_cut} response "
-                f"tokens cut; at most {self.max_prompt_cut} from one prompt)")
+                f"({self.prompt_tokens_cut} prompt tokens{responses} cut; at most "
+                f"{self.max_prompt_cut} from one prompt)")
 
 
 def prompt_keep(n_prompt: int, longest: int, max_length: int) -> int:
@@ -198,10 +236,7 @@ class Encoder:
     # -- pieces ---------------------------------------------------------------------------
 
     def render(self, prompts: Sequence[str]) -> list[str]:
-        """The prompts in the template, without trailing spaces: a prompt ending in one would
-        tokenize it alone (`▁` / `Ġ`), and the response's first word would bring its own, so the
-        sequence would hold the space twice. The response follows after one space instead."""
-        return [self.template.render(self.tokenizer, p).rstrip(" \t") for p in prompts]
+        return [self.template.render(self.tokenizer, p) for p in prompts]
 
     def prompt_ids(self, prompts: Sequence[str]) -> list[list[int]]:
         """Token ids of the rendered prompts, BOS first where the tokenizer adds one (or the
@@ -224,11 +259,8 @@ class Encoder:
 
     def response_ids(self, rendered: Sequence[str], responses: Sequence[str]) -> list[list[int]]:
         """Tokens of each response as they fall in context after its rendered prompt (no EOS)."""
-        texts, starts = [], []
-        for r, text in zip(responses, rendered, strict=True):
-            sep = "" if not text or text[-1].isspace() else " "
-            texts.append(text + sep + r.strip())
-            starts.append(len(text))
+        texts = [joined(text, r) for text, r in zip(rendered, responses, strict=True)]
+        starts = [len(text) for text in rendered]
         enc = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
         out = []
         for ids, offsets, start in zip(enc["input_ids"], enc["offset_mapping"], starts,

@@ -21,7 +21,13 @@ from transformers import PreTrainedModel
 
 from pipeline import objectives
 from pipeline.config import LoraConfig, ModelConfig, SFTConfig, TrainConfig
-from pipeline.encoding import Encoder, TruncationStats, load_template, resolve_template
+from pipeline.encoding import (
+    Encoder,
+    TruncationStats,
+    load_template,
+    resolve_template,
+    template_corpus,
+)
 from pipeline.errors import UserError
 from pipeline.logps import forward_layout, score_sequences
 from pipeline.modeling import (
@@ -102,9 +108,7 @@ def run_sft(
     if model_cfg.name == BUILTIN_TINY:
         # The tiny tokenizer learns from exactly what it will see: templated prompts + responses.
         template = resolve_template(model_cfg.template, None)
-        corpus = [f"{template.render(None, p)} {r}" for p, r in zip(prompts, responses,
-                                                                     strict=True)]
-        model, tokenizer = initial_model(model_cfg, corpus)
+        model, tokenizer = initial_model(model_cfg, template_corpus(template, prompts, responses))
     else:
         model, tokenizer = initial_model(model_cfg, [])
         template = resolve_template(model_cfg.template, tokenizer)

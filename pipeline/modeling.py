@@ -99,7 +99,7 @@ def load_pretrained(
     local = Path(name)
     if local.exists() and not (local / "config.json").exists():
         raise UserError("not a Hugging Face model directory (no config.json)", path=local)
-    if not local.exists() and (name.startswith((".", "/", "~")) or name.count("/") != 1):
+    if not local.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
         raise UserError("model directory not found (a hub id is owner/name)", path=local)
     if not local.exists() and revision is None:
         # A hub branch moves: the same params must give the same model next month.

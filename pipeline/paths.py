@@ -28,6 +28,9 @@ MODEL_KEY = Path("data/model_key.json")
 # notes of the stage that wrote it.
 TEMPLATE_FILE = "prompt_template.json"
 SUMMARY_FILE = "training_summary.json"
+# Hashes of model files by (path, size, mtime), kept between the stages' processes beside DVC's
+# own state (`.dvc/tmp` is git-ignored): a 7B model is hashed once, not by every stage run.
+HASH_CACHE = Path(".dvc/tmp/safedpo-file-hashes.json")
 
 REF_DIR = Path("data/ref_logps")
 REF_TRAIN = REF_DIR / "train.parquet"

@@ -89,7 +89,9 @@ def read_reference(path: Path, expected: Fingerprint) -> pd.DataFrame:
         detail = ", ".join(f"{k}: stored {stored.get(k)!r} != current "
                            f"{getattr(expected, k)!r}" for k in bad)
         raise UserError(f"reference log-probs do not match the model and data being trained "
-                        f"({detail}); rerun `dvc repro ref_logps`", path=path)
+                        f"({detail}); rerun `dvc repro -s -f ref_logps` (forced: a "
+                        "change of device or of the day a template prints is no DVC "
+                        "dependency)", path=path)
     return read_parquet(path, required=REF_COLUMNS)
 
 

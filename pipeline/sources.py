@@ -130,10 +130,9 @@ def model_key(cfg: ModelConfig) -> dict[str, Any]:
     tokenizer, template files). A hub id is pinned by `model.revision` and `builtin:tiny` by
     `model.tiny`, both params of `sft`. Written by the `source` stage on every `dvc repro`, so
     weights re-saved into the same directory rerun `sft` and all after it."""
-    name = cfg.name.strip()
-    if Path(name).is_dir():
-        return {"kind": "local", "name": name, "sha256": weights_hash(Path(name))}
-    return {"kind": "id", "name": name, "revision": cfg.revision}
+    if Path(cfg.name).is_dir():
+        return {"kind": "local", "name": cfg.name, "sha256": weights_hash(Path(cfg.name))}
+    return {"kind": "id", "name": cfg.name, "revision": cfg.revision}
 
 
 def _fetch_toy(cfg: DatasetConfig) -> RawData:

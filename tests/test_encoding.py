@@ -115,9 +115,10 @@ def test_template_kinds_are_explicit() -> None:
 
 def test_a_chat_template_that_prints_the_date_renders_a_fixed_one(
         tok, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Llama 3.x's templates print today's date unless `date_string` is given: rendered here at
-    a fixed date, so the reference log-probs of one day score the same tokens the next. A
-    template that calls `strftime_now` regardless moves with the day, and so does its id."""
+    """Llama 3.x's templates print today's date unless `date_string` is given, Mistral Small's
+    call `strftime_now` regardless: both render at a fixed date, so the reference log-probs of
+    one day score the same tokens the next. A template that reads the clock in a way that
+    cannot be pinned (a format in a variable) moves with the day, and so does its id."""
     import datetime
 
     from transformers.utils import chat_template_utils
@@ -126,7 +127,8 @@ def test_a_chat_template_that_prints_the_date_renders_a_fixed_one(
                "{%- set date_string = strftime_now('%d %b %Y') %}{%- else %}"
                "{%- set date_string = '26 Jul 2024' %}{%- endif %}{%- endif %}"
                "Today Date: {{ date_string }}\n" + CHAT_TEMPLATE)
-    always = "Now: {{ strftime_now('%Y-%m-%d') }}\n" + CHAT_TEMPLATE
+    mistral = 'Now: {{ strftime_now("%Y-%m-%d") }}\n' + CHAT_TEMPLATE
+    variable = "{% set f = '%Y-%m-%d' %}Now: {{ strftime_now(f) }}\n" + CHAT_TEMPLATE
 
     class Day(datetime.datetime):
         day = datetime.datetime(2031, 5, 17)
@@ -139,12 +141,12 @@ def test_a_chat_template_that_prints_the_date_renders_a_fixed_one(
     ids = {}
     for when in (datetime.datetime(2031, 5, 17), datetime.datetime(2031, 5, 18)):
         Day.day = when
-        fixed = Encoder(tok, Template("chat", llama31), 64)
-        assert "Today Date: 26 Jul 2024" in fixed.render(["hi"])[0]
-        moving = Encoder(tok, Template("chat", always), 64)
-        assert f"Now: {when:%Y-%m-%d}" in moving.render(["hi"])[0]
-        ids[when.day] = (fixed.template_id, moving.template_id)
-    assert ids[17][0] == ids[18][0] and ids[17][1] != ids[18][1]
+        encoders = [Encoder(tok, Template("chat", t), 64) for t in (llama31, mistral, variable)]
+        first, second, moving = (e.render(["hi"])[0] for e in encoders)
+        assert "Today Date: 26 Jul 2024" in first and "Now: 2024-07-26" in second
+        assert f"Now: {when:%Y-%m-%d}" in moving
+        ids[when.day] = [e.template_id for e in encoders]
+    assert ids[17][:2] == ids[18][:2] and ids[17][2] != ids[18][2]
 
 
 def test_bos_goes_first_only_where_the_tokenizer_puts_it(tok) -> None:

@@ -82,5 +82,6 @@ def test_load_errors_say_what_is_wrong(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="model directory not found") as e:
         load_pretrained(str(tmp_path / "inputs" / "llama_typo"))
     assert "llama_typo" in str(e.value)
-    with pytest.raises(UserError, match=r"needs model\.revision"):
-        load_pretrained("org/model")
+    for hub_id in ("org/model", "gpt2"):  # a legacy id without owner is still a hub id
+        with pytest.raises(UserError, match=r"needs model\.revision"):
+            load_pretrained(hub_id)

@@ -250,9 +250,11 @@ def test_cli_bad_source_name(case: str, tmp_path: Path, monkeypatch: pytest.Monk
     assert_one_line_error(code, err, *fragments)
 
 
-def test_model_key_follows_a_local_directory_content(tmp_path: Path) -> None:
+def test_model_key_follows_a_local_directory_content(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     from pipeline.config import ModelConfig
 
+    monkeypatch.chdir(tmp_path)
     d = tmp_path / "m"
     d.mkdir()
     (d / "config.json").write_text("{}")
@@ -262,7 +264,7 @@ def test_model_key_follows_a_local_directory_content(tmp_path: Path) -> None:
     assert first["kind"] == "local" and len(first["sha256"]) == 16
     (d / "training_summary.json").write_text('{"seconds": 3}')
     assert sources.model_key(ModelConfig(name=str(d))) == first
-    (d / "model.safetensors").write_bytes(b"weights two")
+    (d / "model.safetensors").write_bytes(b"other weights")  # another size: no mtime race
     assert sources.model_key(ModelConfig(name=str(d)))["sha256"] != first["sha256"]
     hub = sources.model_key(ModelConfig(name="org/model", revision="abc"))
     assert hub == {"kind": "id", "name": "org/model", "revision": "abc"}
@@ -271,3 +273,26 @@ def test_model_key_follows_a_local_directory_content(tmp_path: Path) -> None:
     (d / "pytorch_model.bin").write_bytes(b"pickle")
     with pytest.raises(UserError, match=r"only pickled \.bin weights.*safetensors"):
         sources.model_key(ModelConfig(name=str(d)))
+
+
+def test_model_hashes_are_kept_between_processes_in_a_dvc_project(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The always-run `source` stage and every stage fingerprinting a model would read a 7B
+    model's ~15 GB each time: inside a DVC project each file is hashed once per content."""
+    from pipeline import paths
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".dvc").mkdir()
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "model.safetensors").write_bytes(b"weights one")
+    first = artifacts.weights_hash(d)
+    assert paths.HASH_CACHE.exists()
+    artifacts._hash_files.cache_clear()  # as a new process would start
+    read: list[Path] = []
+    real = artifacts.file_sha256
+    monkeypatch.setattr(artifacts, "file_sha256", lambda p: read.append(p) or real(p))
+    assert artifacts.weights_hash(d) == first and read == []
+    (d / "model.safetensors").write_bytes(b"other weights")
+    assert artifacts.weights_hash(d) != first and len(read) == 1
+    assert len(json.loads(paths.HASH_CACHE.read_text())) == 1  # the stale entry is gone

@@ -92,4 +92,4 @@ def test_nan_reference_stops_training_with_one_line(tmp_path: Path,
                     Path("data/ref_logps/train.parquet"))
     code, _, err = run_cli(monkeypatch, capsys, "train", "-p", str(params))
     assert_one_line_error(code, err, "max_length: stored 64 != current 96",
-                          "rerun `dvc repro ref_logps`")
+                          "rerun `dvc repro -s -f ref_logps`")
