@@ -8,11 +8,12 @@ the last non-pad token). Only safetensors weights are read.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -276,16 +277,27 @@ def _score_normalizer(config: Mapping[str, Any], buffers: Mapping[str, torch.Ten
     return lambda x: x
 
 
-@dataclass
 class HubJudge:
-    reward_model: ScoreModel
-    cost_model: ScoreModel
+    """The reward and the cost score model, one in memory at a time: two 7B score models in
+    bf16 are 28 GB. A call loads its model, after dropping the other, unless it is the one held;
+    the stages score all texts with one model, then all with the other (two loads)."""
+
+    def __init__(self, loaders: Mapping[str, Callable[[], ScoreModel]]) -> None:
+        self._loaders = dict(loaders)
+        self._held: tuple[str, ScoreModel] | None = None
+
+    def model(self, role: str) -> ScoreModel:
+        if self._held is None or self._held[0] != role:
+            self._held = None
+            gc.collect()  # the other model's memory serves this one
+            self._held = (role, self._loaders[role]())
+        return self._held[1]
 
     def reward(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
-        return self.reward_model.score(prompts, responses)
+        return self.model("reward").score(prompts, responses)
 
     def cost(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
-        return self.cost_model.score(prompts, responses)
+        return self.model("cost").score(prompts, responses)
 
 
 def load_score_model(source: str, layout: str = "auto", *, revision: str | None = None,
@@ -330,10 +342,12 @@ def resolve_recorded(info: Mapping[str, Any], what: str) -> Path:
 
 def build_hub_judge(models: Mapping[str, Mapping[str, Any]], *, max_length: int,
                     batch_size: int = 16, device: str | None = None) -> HubJudge:
-    """Load the hub models that `describe_hub_models` recorded, refusing any that changed."""
-    loaded = {}
+    """The hub models that `describe_hub_models` recorded, refusing now any that changed; each
+    is loaded when first used (`HubJudge`)."""
+    loaders = {}
     for role in ("reward", "cost"):
         info = models[role]
-        loaded[role] = ScoreModel(resolve_recorded(info, f"{role} model"), info["layout"],
-                                  batch_size=batch_size, max_length=max_length, device=device)
-    return HubJudge(reward_model=loaded["reward"], cost_model=loaded["cost"])
+        loaders[role] = partial(ScoreModel, resolve_recorded(info, f"{role} model"),
+                                info["layout"], batch_size=batch_size, max_length=max_length,
+                                device=device)
+    return HubJudge(loaders)

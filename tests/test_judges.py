@@ -589,6 +589,12 @@ def test_hub_judge_record_accuracy_and_stale_model(tmp_path: Path, seqcls_dir: P
     direct = build_hub_judge(models, max_length=64, batch_size=1, device="cpu")
     np.testing.assert_allclose(judge.cost(["hi"], ["hello"]), direct.cost(["hi"], ["hello"]),
                                atol=1e-5)
+    # One score model in memory at a time (two 7B ones are 28 GB): the reward drops the cost.
+    import weakref
+
+    held = weakref.ref(judge.model("cost"))
+    judge.reward(["hi"], ["hello"])
+    assert held() is None and judge.model("reward") is judge.model("reward")
     # A local model that changes after its accuracy was measured must not be used silently.
     cfg_path = cost_dir / "config.json"
     cfg_path.write_text(cfg_path.read_text() + "\n")
