@@ -185,6 +185,15 @@ class TruncationStats:
     response_tokens_cut: int = 0
     max_prompt_cut: int = 0
 
+    def count(self, prompt_cut: int, response_cut: int = 0) -> None:
+        """One item, of which `prompt_cut` prompt and `response_cut` response tokens were cut."""
+        self.items += 1
+        if prompt_cut or response_cut:
+            self.truncated += 1
+            self.prompt_tokens_cut += prompt_cut
+            self.response_tokens_cut += response_cut
+            self.max_prompt_cut = max(self.max_prompt_cut, prompt_cut)
+
     def as_dict(self) -> dict[str, int]:
         return {"items": self.items, "truncated": self.truncated,
                 "prompt_tokens_cut": self.prompt_tokens_cut,
@@ -279,13 +288,7 @@ class Encoder:
         n_p = len(p)
         p = self._cut_prompt(p, keep)
         budget = self.max_length - len(p) - 1
-        cut_r = sum(max(0, len(r) - budget) for r in responses)
-        stats.items += 1
-        if keep < n_p or cut_r:
-            stats.truncated += 1
-            stats.prompt_tokens_cut += n_p - len(p)
-            stats.response_tokens_cut += cut_r
-            stats.max_prompt_cut = max(stats.max_prompt_cut, n_p - len(p))
+        stats.count(n_p - len(p), sum(max(0, len(r) - budget) for r in responses))
         return [Encoded.join(p, [*r[:budget], self.eos]) for r in responses]
 
     def sequences(self, prompts: Sequence[str], responses: Sequence[str],
@@ -324,10 +327,6 @@ class Encoder:
         out = []
         for p in self.prompt_ids(prompts):
             kept = self._cut_prompt(p, prompt_keep(len(p), max_new_tokens, self.max_length))
-            stats.items += 1
-            if len(kept) < len(p):
-                stats.truncated += 1
-                stats.prompt_tokens_cut += len(p) - len(kept)
-                stats.max_prompt_cut = max(stats.max_prompt_cut, len(p) - len(kept))
+            stats.count(len(p) - len(kept))
             out.append(kept)
         return out
