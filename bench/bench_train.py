@@ -62,11 +62,12 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 import pipeline.training as training
 from pipeline.config import LayoutKind, TinyModelConfig, ToyConfig, TrainConfig
-from pipeline.encoding import Encoder, resolve_template, template_corpus
+from pipeline.encoding import Encoder, Template, resolve_template, template_corpus
 from pipeline.finetune import preference_examples
+from pipeline.gguf import GEMMA_270M, converted
 from pipeline.layouts import layout_of, length_groups
 from pipeline.logps import ForwardLayout, forward_layout
-from pipeline.modeling import build_tiny_model, train_tiny_tokenizer
+from pipeline.modeling import build_tiny_model, load_pretrained, train_tiny_tokenizer
 from pipeline.normalize import normalize_splits
 from pipeline.objectives import OBJECTIVES, select_pairs
 from pipeline.toydata import generate
@@ -269,8 +270,17 @@ def bench_pairs(data: str, n_train: int) -> pd.DataFrame:
     return train
 
 
+#: Real pretrained models by bench config name (the converted GGUF of the `gemma` extra).
+PRETRAINED = {"gemma3-270m": GEMMA_270M}
+
+
 def build(name: str, data: str, pairs: pd.DataFrame, max_length: int, seed: int
           ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, list[PreferenceExample]]:
+    if name in PRETRAINED:
+        # The model, tokenizer and turn format the pipeline trains (`model.template: auto`).
+        model, tokenizer = load_pretrained(converted(PRETRAINED[name]))
+        return model, tokenizer, _examples(pairs, tokenizer, resolve_template("auto", tokenizer),
+                                           max_length, seed)
     cfg = CONFIGS[name]
     cfg = replace(cfg, max_position_embeddings=max(cfg.max_position_embeddings, max_length))
     # As `run_sft` does: the tokenizer learns from the texts it will see.
@@ -285,20 +295,24 @@ def build(name: str, data: str, pairs: pd.DataFrame, max_length: int, seed: int
         tokenizer = _real_models().metaspace_tokenizer(texts, vocab_size=cfg.vocab_size)
         tokenizer.pad_token = tokenizer.eos_token  # as `modeling` does for a pad-less checkpoint
         template = resolve_template("chat", tokenizer)
-    selected, _ = select_pairs(pairs, "safedpo")
-    # As `preference_examples` does, with random reference log-probs (cost does not depend on
-    # them; a scale like real summed log-probs keeps the loss finite).
-    rng = np.random.default_rng(seed)
-    ref = -rng.uniform(50, 300, size=(len(selected), 2))
-    examples = preference_examples(
-        selected.assign(ref_chosen=ref[:, 0], ref_rejected=ref[:, 1]),
-        Encoder(tokenizer, template, max_length))
+    examples = _examples(pairs, tokenizer, template, max_length, seed)
     model = build_tiny_model(cfg, tokenizer)
     if model.config.vocab_size < cfg.vocab_size:
         # Toy text saturates BPE at ~2.8k tokens; real data would fill the vocabulary, and the
         # LM head's cost grows with it, so the model gets the full-size (tied) embedding.
         model.resize_token_embeddings(cfg.vocab_size, mean_resizing=False)
     return model, tokenizer, examples
+
+
+def _examples(pairs: pd.DataFrame, tokenizer: PreTrainedTokenizerBase, template: Template,
+              max_length: int, seed: int) -> list[PreferenceExample]:
+    """As `preference_examples` does, with random reference log-probs (cost does not depend on
+    them; a scale like real summed log-probs keeps the loss finite)."""
+    selected, _ = select_pairs(pairs, "safedpo")
+    rng = np.random.default_rng(seed)
+    ref = -rng.uniform(50, 300, size=(len(selected), 2))
+    return preference_examples(selected.assign(ref_chosen=ref[:, 0], ref_rejected=ref[:, 1]),
+                               Encoder(tokenizer, template, max_length))
 
 
 @dataclass

@@ -92,6 +92,7 @@ from bench_train import (
     CONFIGS,
     DATA,
     DEFAULT_MAX_LENGTH,
+    PRETRAINED,
     ModelShape,
     PeakRSS,
     bench_pairs,
@@ -129,7 +130,7 @@ CONFIGS.update({  # `build` looks its configuration up in this dict
                           num_layers=18, num_heads=16, num_kv_heads=16),
 })
 SETS = {"cpu": ["tiny", "30m"], "gpu": ["110m", "340m"]}
-DEFAULT_STEPS = {"tiny": 20, "30m": 4, "110m": 30, "340m": 30, "1b": 20}
+DEFAULT_STEPS = {"tiny": 20, "30m": 4, "110m": 30, "340m": 30, "1b": 20, "gemma3-270m": 3}
 BETA = 0.1
 LOSS_TOLERANCE = 1e-4
 NEED_TRL = "bench_vs_trl needs TRL: pip install -e '.[bench]'"
@@ -603,7 +604,7 @@ def report(results: dict[str, dict[str, Any]]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", choices=[*CONFIGS, *SETS], default=None,
+    ap.add_argument("--config", choices=[*CONFIGS, *PRETRAINED, *SETS], default=None,
                     help="a model size, or a set: cpu = tiny + 30m, gpu = 110m + 340m "
                          "(default: the set for the device)")
     ap.add_argument("--device", choices=["cuda", "cpu"], default=None,

@@ -190,6 +190,22 @@ def weights_hash(model_dir: Path) -> str:
 
 @functools.lru_cache(maxsize=16)
 def _hash_files(stats: tuple[tuple[str, int, int], ...]) -> str:
+    h = hashlib.sha256()
+    for (path, _, _), digest in zip(stats, _file_hashes(stats), strict=True):
+        h.update(Path(path).name.encode())
+        h.update(digest.encode())
+    return h.hexdigest()[:16]
+
+
+def cached_sha256(path: Path) -> str:
+    """The sha256 of one file, cached on its path, size and modification time as
+    `weights_hash` caches a model's files (a 250 MB GGUF is read once, not by every stage)."""
+    st = Path(path).stat()
+    return _file_hashes(((str(Path(path).resolve()), st.st_size, st.st_mtime_ns),))[0]
+
+
+def _file_hashes(stats: tuple[tuple[str, int, int], ...]) -> list[str]:
+    """sha256 of each (path, size, mtime), from `paths.HASH_CACHE` where known."""
     cache = HASH_CACHE if HASH_CACHE.parent.parent.is_dir() else None  # in a DVC project
     try:
         known = json.loads(cache.read_text()) if cache is not None else {}
@@ -197,13 +213,11 @@ def _hash_files(stats: tuple[tuple[str, int, int], ...]) -> str:
         known = {}
     if not isinstance(known, dict):
         known = {}
-    h, seen = hashlib.sha256(), {}
+    seen = {}
     for path, size, mtime in stats:
         key = f"{path}|{size}|{mtime}"
         stored = known.get(key)
         seen[key] = stored if isinstance(stored, str) else file_sha256(Path(path))
-        h.update(Path(path).name.encode())
-        h.update(seen[key].encode())
     if cache is not None and not seen.keys() <= known.keys():
         # Older entries of these paths and entries of files gone are stale; concurrent writers
         # may drop each other's entries (atomic replace), which costs a re-hash, never a wrong
@@ -213,7 +227,7 @@ def _hash_files(stats: tuple[tuple[str, int, int], ...]) -> str:
                 if k.rsplit("|", 2)[0] not in paths and Path(k.rsplit("|", 2)[0]).exists()}
         cache.parent.mkdir(exist_ok=True)
         write_json({**kept, **seen}, cache)
-    return h.hexdigest()[:16]
+    return list(seen.values())
 
 
 def frame_hash(df: pd.DataFrame, columns: list[str] | None = None) -> str:

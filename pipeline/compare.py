@@ -23,11 +23,15 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import yaml
 
 from pipeline import objectives, paths
 from pipeline.artifacts import atomic_path, write_parquet
+from pipeline.config import Params, from_dict
 from pipeline.errors import UserError
 
+#: Named profiles for `safedpo compare --profile NAME` (package data).
+PROFILES = Path(__file__).parent / "profiles"
 METRIC_COLUMNS = ["harmless_rate", "helpfulness", "win_rate_vs_sft", "over_refusal_rate",
                   "kl_to_ref", "length_stop_rate", "ref_logp_per_token", "pref_accuracy_helpful",
                   "pref_accuracy_safety", "judge_cost_accuracy", "judge_reward_accuracy",
@@ -47,33 +51,101 @@ def suite_columns(metrics: dict[str, Any]) -> list[str]:
 
 
 @dataclass(frozen=True)
+class Profile:
+    """A named overlay of params.yaml for every experiment of a comparison (`--profile`): a
+    model and the sizes that fit it, e.g. `gemma3-270m` (pipeline/profiles/)."""
+
+    name: str
+    overrides: tuple[str, ...]  # KEY=VALUE, as `dvc exp run -S` takes them
+
+    @property
+    def results_dir(self) -> Path:
+        return paths.RESULTS_DIR / self.name
+
+
+def load_profile(spec: str, params_file: Path = paths.PARAMS) -> Profile:
+    """The profile `spec`: a name in pipeline/profiles/ or a YAML file. Its keys are checked
+    against params.yaml's schema here, once, so a typo fails before anything is queued."""
+    path = PROFILES / f"{spec}.yaml"
+    if not path.exists():
+        path = Path(spec)
+    if not path.is_file():
+        known = sorted(p.stem for p in PROFILES.glob("*.yaml"))
+        raise UserError(f"--profile {spec!r} is neither a profile ({', '.join(known)}) nor a "
+                        "YAML file")
+    overlay = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(overlay, dict):
+        raise UserError("a profile is a mapping of params.yaml keys", path=path)
+    base = yaml.safe_load(Path(params_file).read_text()) or {}
+    from_dict(Params, _merged(base, overlay))  # validates: one line on a wrong key or value
+    return Profile(path.stem, tuple(f"{k}={_hydra(v)}" for k, v in _leaves(overlay)))
+
+
+def _merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merged(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) \
+            else v
+    return out
+
+
+def _leaves(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """(dotted key, value) of every non-mapping value; a list is one value (suites)."""
+    out: list[tuple[str, Any]] = []
+    for k, v in d.items():
+        out += _leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else [(f"{prefix}{k}", v)]
+    return out
+
+
+def _hydra(v: Any) -> str:
+    """A value in the override grammar `dvc exp run -S` parses (Hydra's): strings quoted, so
+    `builtin:gemma3-270m` stays one string; lists and mappings written out."""
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, list):
+        return "[" + ",".join(_hydra(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ",".join(f"{k}:{_hydra(x)}" for k, x in v.items()) + "}"
+    return "'" + str(v).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+@dataclass(frozen=True)
 class Method:
     objective: str
     delta: float
+    profile: Profile | None = None
 
     @property
     def experiment(self) -> str:
         obj = objectives.get(self.objective)
         suffix = f"-d{self.delta:g}".replace(".", "p") if obj.uses_delta else ""
-        return f"cmp-{self.objective}{suffix}".replace("_", "-")
+        prefix = f"{self.profile.name}-" if self.profile else ""
+        return f"{prefix}cmp-{self.objective}{suffix}".replace("_", "-")
 
     @property
     def label(self) -> str:
         return objectives.get(self.objective).label(self.delta)
 
     def set_params(self) -> list[str]:
-        out = ["-S", f"train.objective={self.objective}"]
+        out = [a for o in (self.profile.overrides if self.profile else ()) for a in ("-S", o)]
+        out += ["-S", f"train.objective={self.objective}"]
         if objectives.get(self.objective).uses_delta:
             out += ["-S", f"delta={self.delta:g}"]
         return out
 
 
-def methods(names: Sequence[str], deltas: Sequence[float]) -> list[Method]:
+def methods(names: Sequence[str], deltas: Sequence[float], profile: Profile | None = None
+            ) -> list[Method]:
     """One method per objective, and per Δ for the objectives that use Δ."""
     out = []
     for name in names:
         obj = objectives.get(name)
-        out += [Method(name, d) for d in deltas] if obj.uses_delta else [Method(name, 0.0)]
+        out += [Method(name, d, profile) for d in deltas] if obj.uses_delta \
+            else [Method(name, 0.0, profile)]
     return out
 
 

@@ -228,6 +228,13 @@ class GenerateConfig:
     max_tokens: int = 65536
     seed: int = 0
 
+    @property
+    def unbiased(self) -> bool:
+        """Samples drawn from the model's own distribution, so log π/π_ref on them estimates
+        KL(π || π_ref) without bias."""
+        return self.do_sample and self.temperature == 1.0 and self.top_p == 1.0 \
+            and self.top_k == 0 and self.repetition_penalty == 1.0
+
     def __post_init__(self) -> None:
         _check(self.n_prompts > 0, "generate.n_prompts", "must be > 0")
         _check(self.max_new_tokens > 0, "generate.max_new_tokens", "must be > 0")

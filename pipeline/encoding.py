@@ -12,6 +12,8 @@ Templates (`model.template`):
 - any other string containing ``{prompt}``: a format string.
 The resolved template is saved in every model directory (`prompt_template.json`), so a model
 carries the template it was trained with to every later stage.
+A response ends with the token its template closes an assistant turn with (`turn_end`: Gemma's
+`<end_of_turn>`, Llama 3's `<|eot_id|>`), else with EOS; that token is "EOS" below.
 
 Tokenization: the response is tokenized *in context* (rendered prompt + separator + response in
 one call) and cut from it by character offsets, because tokenizing ``" " + response`` on its own
@@ -20,10 +22,11 @@ those of the rendered prompt alone, which is what generation feeds the model.
 
 Truncation of a pair (the rule TRL applies): when prompt + the *longer* response + EOS exceeds
 `max_length`, the prompt is cut once for the pair, from the left, to
-``max(max_length // 2, max_length - longest)`` tokens, keeping BOS; then each response is cut
-from the right and closed with EOS. Both sides of a pair thus see the same prompt tokens, and
+``max(max_length // 2, max_length - longest)`` tokens, keeping BOS; then each response that
+still does not fit is cut from the right, without EOS (as TRL cuts: an EOS after a cut would
+teach the model to stop mid-sentence). Both sides of a pair thus see the same prompt tokens,
 every sequence starts with BOS (where the tokenizer adds one itself, or the template renders
-it) and ends with EOS.
+it), and every whole response ends with EOS.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
 from pipeline.errors import UserError
@@ -144,6 +148,31 @@ def resolve_template(spec: str, tokenizer: PreTrainedTokenizerBase | None) -> Te
     return Template("format", spec)
 
 
+_TURN_PROBE = "SAFEDPO_PROBE_ANSWER"
+
+
+def turn_end(template: Template, tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The token a chat template closes an assistant turn with, read off a rendered turn: the
+    first token after the answer, if it is a special token (Gemma's `<end_of_turn>`, Llama 3's
+    `<|eot_id|>`, ChatML's `<|im_end|>`, or EOS itself). None for format templates and for chat
+    templates that close a turn with plain text: the response then ends with EOS."""
+    if template.kind != "chat":
+        return None
+    try:
+        text = render_chat(tokenizer, [{"role": "user", "content": "hi"},
+                                       {"role": "assistant", "content": _TURN_PROBE}],
+                           chat_template=template.text)
+    except (TemplateError, TypeError, ValueError):  # it refuses the probe: no turn token
+        return None
+    if _TURN_PROBE not in text:
+        return None
+    tail = text[text.rindex(_TURN_PROBE) + len(_TURN_PROBE):].lstrip()
+    ids = tokenizer(tail, add_special_tokens=False)["input_ids"] if tail else []
+    special = set(tokenizer.all_special_ids) | {
+        i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if t.special}
+    return ids[0] if ids and ids[0] in special else None
+
+
 def load_template(model_dir: Path) -> Template:
     """The template saved with a model by the stage that wrote it."""
     path = Path(model_dir) / TEMPLATE_FILE
@@ -231,7 +260,11 @@ class Encoder:
         # bos = eos = <|endoftext|>, a document separator never put in front of a text).
         probe = tokenizer("a")["input_ids"]
         self.add_bos = self.bos is not None and bool(probe) and probe[0] == self.bos
-        self.eos = tokenizer.eos_token_id
+        # What closes a response: the token the chat template ends an assistant turn with
+        # (Gemma's <end_of_turn>), else EOS. Generation stops on it as on every EOS id.
+        self.eos = turn_end(template, tokenizer)
+        if self.eos is None:
+            self.eos = tokenizer.eos_token_id
         if self.eos is None:
             raise UserError("the tokenizer has no EOS token; responses cannot be terminated")
 
@@ -287,9 +320,12 @@ class Encoder:
         keep = prompt_keep(len(p), longest, self.max_length)
         n_p = len(p)
         p = self._cut_prompt(p, keep)
-        budget = self.max_length - len(p) - 1
-        stats.count(n_p - len(p), sum(max(0, len(r) - budget) for r in responses))
-        return [Encoded.join(p, [*r[:budget], self.eos]) for r in responses]
+        room = self.max_length - len(p)  # response tokens + EOS
+        stats.count(n_p - len(p), sum(max(0, len(r) + 1 - room) for r in responses))
+        # A response cut short gets no EOS (as TRL cuts): closing it would teach the model to
+        # stop mid-sentence. One that fits ends with EOS.
+        return [Encoded.join(p, [*r, self.eos] if len(r) < room else r[:room])
+                for r in responses]
 
     def sequences(self, prompts: Sequence[str], responses: Sequence[str],
                   stats: TruncationStats | None = None) -> list[Encoded]:

@@ -29,6 +29,7 @@ from pipeline.encoding import (
     template_corpus,
 )
 from pipeline.errors import UserError
+from pipeline.lm_head import head_path
 from pipeline.logps import forward_layout, score_sequences
 from pipeline.modeling import (
     BUILTIN_TINY,
@@ -143,7 +144,8 @@ def run_sft(
     if accelerator.is_main_process:
         save_model(model, tokenizer, template, out_dir, state_dict=result.state_dict)
         (Path(out_dir) / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-    return {**summary, "seconds": result.seconds, "layout": layout.describe()}
+    return {**summary, "seconds": result.seconds,
+            "layout": f"{layout.describe()}; log-probs from {head_path(model)}"}
 
 
 def preference_examples(selected: pd.DataFrame, encoder: Encoder,
@@ -241,7 +243,8 @@ def run_preference(
         live.make_summary()
         live.end()
     return {**summary, "final": result.last_metrics, "resumed_from_step": result.resumed_from,
-            "seconds": result.seconds, "layout": layout.describe()}
+            "seconds": result.seconds,
+            "layout": f"{layout.describe()}; log-probs from {head_path(model)}"}
 
 
 def _open_live(live_dir: Path, resumed_step: int):  # -> dvclive.Live

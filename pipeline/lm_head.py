@@ -16,12 +16,15 @@ from transformers import PreTrainedModel
 
 #: `model_type`s whose `*ForCausalLM.forward` returns exactly `lm_head(x)` of the head's input x
 #: (read in transformers 5.24: nothing touches the logits after the head), and those that then
-#: multiply them by a constant they keep in `logit_scale` (Cohere). Anything else, Gemma-2/3's
-#: `final_logit_softcapping` and Granite's `logits_scaling` among them, keeps the full logits.
+#: multiply them by a constant they keep in `logit_scale` (Cohere). Gemma 3 caps its logits
+#: only where `final_logit_softcapping` is set (not in Gemma 3 270M); a set field of
+#: `_POST_HEAD_FIELDS` keeps the full logits, as do Gemma 2's softcapping and Granite's
+#: `logits_scaling`. Each type is tested against the full logits (tests/test_lm_head.py, and
+#: Gemma 3 270M itself in tests/test_gemma.py).
 _PLAIN_HEAD = frozenset({
-    "deepseek_v3", "falcon", "gemma", "glm4", "gpt2", "gpt_neox", "gptj", "llama", "ministral",
-    "mistral", "mixtral", "olmo", "olmo2", "opt", "phi", "phi3", "qwen2", "qwen2_moe", "qwen3",
-    "qwen3_moe", "smollm3", "stablelm", "starcoder2"})
+    "deepseek_v3", "falcon", "gemma", "gemma3_text", "glm4", "gpt2", "gpt_neox", "gptj", "llama",
+    "ministral", "mistral", "mixtral", "olmo", "olmo2", "opt", "phi", "phi3", "qwen2", "qwen2_moe",
+    "qwen3", "qwen3_moe", "smollm3", "stablelm", "starcoder2"})
 _SCALED_HEAD = frozenset({"cohere", "cohere2"})
 #: Config fields by which some models transform their logits after the head: a plain model
 #: type that sets one (a later transformers, a hand-edited config) keeps the full logits.
@@ -58,22 +61,36 @@ def lm_head_of(model: torch.nn.Module) -> LMHead | None:
     quantized layer), and sharded or offloaded weights (FSDP, DeepSpeed, a `device_map`), which
     are only whole inside the model's own forward.
     """
+    head = _head_or_refusal(model)
+    return head if isinstance(head, LMHead) else None
+
+
+def head_path(model: torch.nn.Module) -> str:
+    """Which log-prob path `batch_logps` takes for `model`, and why, for the stage logs."""
+    head = _head_or_refusal(model)
+    if isinstance(head, LMHead):
+        return "label positions only (LabelLogps)"
+    return f"full logits ({head})"
+
+
+def _head_or_refusal(model: torch.nn.Module) -> LMHead | str:
     model = unwrap(model)
     if not isinstance(model, PreTrainedModel) \
             or not type(model).__module__.startswith("transformers.models."):
-        return None
+        return "not a transformers model: its forward is unknown"
     kind = model.config.model_type
     if kind not in _PLAIN_HEAD | _SCALED_HEAD:
-        return None
-    if kind in _PLAIN_HEAD and any(getattr(model.config, f, None) is not None
-                                   for f in _POST_HEAD_FIELDS):
-        return None
+        return f"model type {kind!r} is not one whose head is known to be plain"
+    if kind in _PLAIN_HEAD:
+        post = [f for f in _POST_HEAD_FIELDS if getattr(model.config, f, None) is not None]
+        if post:
+            return f"the config transforms the logits after the head ({post[0]})"
     head = model.get_output_embeddings()
     if type(head) is not torch.nn.Linear or hasattr(head, "_hf_hook"):
-        return None
+        return "the head is not a plain Linear layer (LoRA, quantized or offloaded)"
     for p in head.parameters():
         if type(p) is not torch.nn.Parameter or p.device.type == "meta" or hasattr(p, "ds_id"):
-            return None
+            return "the head's weights are sharded or offloaded"
     scale = float(model.logit_scale) if kind in _SCALED_HEAD else 1.0
     return LMHead(head, scale)
 

@@ -122,9 +122,9 @@ def attention_cost(model: torch.nn.Module) -> float:
 #: 5.24, each checked against the padded layout by tests/test_logps.py. Left out: OPT
 #: (positions from the attention mask), GPT-2 (warns of padding without a mask), the untested.
 PACKABLE = frozenset({
-    "cohere", "falcon", "gemma", "glm4", "gpt_neox", "gptj", "llama", "mistral", "mixtral",
-    "olmo", "olmo2", "phi", "phi3", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "smollm3",
-    "stablelm", "starcoder2"})
+    "cohere", "falcon", "gemma", "gemma3_text", "glm4", "gpt_neox", "gptj", "llama", "mistral",
+    "mixtral", "olmo", "olmo2", "phi", "phi3", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe",
+    "smollm3", "stablelm", "starcoder2"})
 #: Attention implementations tested with packed rows. Not flash-attention: it takes no 4D mask
 #: (shared prompts), and transformers 5.24 reads packed `position_ids` as varlen offsets only
 #: for a batch of one row, so it would attend across the sequences of several.

@@ -1,4 +1,5 @@
-"""Models and tokenizers: `builtin:tiny`, a hub id or a local directory; loading and saving.
+"""Models and tokenizers: `builtin:tiny`, `builtin:gemma3-270m` or a local `.gguf` file
+(`pipeline.gguf`), a hub id or a local directory; loading and saving.
 
 `builtin:tiny` trains a byte-level BPE tokenizer on the training texts and builds a small
 Llama-style `transformers` model, so the whole pipeline runs offline. Everything is saved with
@@ -27,6 +28,7 @@ from pipeline.artifacts import atomic_dir
 from pipeline.config import ModelConfig, TinyModelConfig
 from pipeline.encoding import Template
 from pipeline.errors import UserError
+from pipeline.gguf import GEMMA_270M, converted, is_gguf
 
 BUILTIN_TINY = "builtin:tiny"
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
@@ -130,9 +132,11 @@ def initial_model(
     if cfg.name == BUILTIN_TINY:
         tokenizer = train_tiny_tokenizer(tokenizer_texts, cfg.tiny.vocab_size)
         return build_tiny_model(cfg.tiny, tokenizer), tokenizer
+    if is_gguf(cfg.name):
+        return load_pretrained(converted(cfg.name))
     if cfg.name.startswith("builtin:"):
         raise UserError(f"parameter model.name: unknown built-in model {cfg.name!r}; "
-                        f"the built-in one is {BUILTIN_TINY!r}")
+                        f"the built-in ones are {BUILTIN_TINY!r} and {GEMMA_270M!r}")
     return load_pretrained(cfg.name, revision=cfg.revision,
                            trust_remote_code=cfg.trust_remote_code)
 

@@ -6,6 +6,7 @@ Paths are relative to the repository root, where DVC runs every stage.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 PARAMS = Path("params.yaml")
@@ -31,6 +32,13 @@ SUMMARY_FILE = "training_summary.json"
 # Hashes of model files by (path, size, mtime), kept between the stages' processes beside DVC's
 # own state (`.dvc/tmp` is git-ignored): a 7B model is hashed once, not by every stage run.
 HASH_CACHE = Path(".dvc/tmp/safedpo-file-hashes.json")
+
+# Models converted from GGUF files (`pipeline.gguf`), keyed by the file's sha256: outside the
+# repository, so every clone and every queued DVC experiment (each runs in its own temporary
+# workspace) converts a model once, as the hub's own cache does. `SAFEDPO_CACHE` moves it.
+def model_cache() -> Path:
+    return Path(os.environ.get("SAFEDPO_CACHE") or Path.home() / ".cache" / "safedpo")
+
 
 REF_DIR = Path("data/ref_logps")
 REF_TRAIN = REF_DIR / "train.parquet"

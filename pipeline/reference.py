@@ -27,6 +27,9 @@ from pipeline.errors import UserError
 from pipeline.precision import resolve_mixed_precision
 
 REF_COLUMNS = ["pair_id", "logp_0", "logp_1", "ntok_0", "ntok_1"]
+#: Reference log-probs are scored with the weights training has, fp32 master weights under the
+#: training autocast, whatever `model.dtype` says for generation and evaluation.
+REFERENCE_WEIGHTS = torch.float32
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,9 @@ class Fingerprint:
     max_length: int
     precision: str
     data: str
+    # The dtype of the weights that scored (training's master weights are fp32): bf16 weights
+    # shift step-0 DPO logits by ~1e-2 on a 3-layer model, more with depth and length.
+    weights: str = "float32"
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -60,11 +66,12 @@ def pairs_hash(pairs: pd.DataFrame) -> str:
 
 
 def fingerprint_for(model_dir: Path, encoder: Encoder, mixed_precision: MixedPrecision,
-                    pairs: pd.DataFrame, device: torch.device | str) -> Fingerprint:
+                    pairs: pd.DataFrame, device: torch.device | str,
+                    weights: torch.dtype = REFERENCE_WEIGHTS) -> Fingerprint:
     return Fingerprint(model=weights_hash(model_dir), tokenizer=tokenizer_id(encoder.tokenizer),
                        template=encoder.template_id, max_length=encoder.max_length,
                        precision=resolve_mixed_precision(mixed_precision, torch.device(device)),
-                       data=pairs_hash(pairs))
+                       data=pairs_hash(pairs), weights=str(weights).removeprefix("torch."))
 
 
 def write_reference(df: pd.DataFrame, fp: Fingerprint, path: Path,

@@ -37,6 +37,8 @@ import pyarrow.parquet as pq
 from pipeline.artifacts import file_sha256, frame_hash, weights_hash
 from pipeline.config import DatasetConfig, ModelConfig, SuiteConfig
 from pipeline.errors import UserError
+from pipeline.gguf import is_gguf
+from pipeline.gguf import model_key as gguf_model_key
 from pipeline.normalize import NONTEXT_PREFIX, TEXT_COLUMNS, is_text_or_null
 
 TOY = "builtin:toy"
@@ -130,6 +132,8 @@ def model_key(cfg: ModelConfig) -> dict[str, Any]:
     tokenizer, template files). A hub id is pinned by `model.revision` and `builtin:tiny` by
     `model.tiny`, both params of `sft`. Written by the `source` stage on every `dvc repro`, so
     weights re-saved into the same directory rerun `sft` and all after it."""
+    if is_gguf(cfg.name):
+        return gguf_model_key(cfg.name)
     if Path(cfg.name).is_dir():
         return {"kind": "local", "name": cfg.name, "sha256": weights_hash(Path(cfg.name))}
     return {"kind": "id", "name": cfg.name, "revision": cfg.revision}

@@ -7,7 +7,9 @@ do not pay for importing torch.
 from __future__ import annotations
 
 import importlib
+import resource
 import sys
+import time
 from pathlib import Path
 
 import typer
@@ -34,8 +36,23 @@ STAGES = {
 
 
 def _run_stage(module: str, **kwargs: object) -> None:
+    start = time.perf_counter()
     mod = importlib.import_module(f"stages.{module}")
     mod.run(**kwargs)
+    # What a user sizes a machine by, in the log only (never in a cached out).
+    print(f"{module}{' ' + str(kwargs['tag']) if 'tag' in kwargs else ''}: "
+          f"{time.perf_counter() - start:.0f}s wall, {peak_memory()}")
+
+
+def peak_memory() -> str:
+    """This process's peak resident memory, and the GPU's peak allocation where one was used."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss_gib = rss / 2**30 if sys.platform == "darwin" else rss / 2**20  # bytes there, KiB here
+    out = f"peak memory {rss_gib:.1f} GiB"
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        out += f", GPU {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
+    return out
 
 
 def _register(name: str, help_text: str) -> None:
@@ -66,15 +83,23 @@ def compare(
                                         help="Objectives to compare (default: all)."),
     delta: list[float] = typer.Option(None, "--delta", "-d",
                                       help="Δ values for SafeDPO (default: 0 and params' delta)."),
+    profile: str = typer.Option(None, "--profile",
+                                help="A params overlay for every experiment: a name in "
+                                     "pipeline/profiles/ (gemma3-270m) or a YAML file; results "
+                                     "go to data/results/<profile>/."),
     params: Path = PARAMS_OPT,
 ) -> None:
     from pipeline import objectives
-    from pipeline.compare import methods, run_comparison, to_markdown, write_results
+    from pipeline.compare import load_profile, methods, run_comparison, to_markdown, write_results
     from pipeline.config import load_params
 
     deltas = delta or sorted({0.0, load_params(params).delta})
-    table = run_comparison(methods(objective or list(objectives.OBJECTIVES), deltas))
-    write_results(table)
+    prof = load_profile(profile, params) if profile else None
+    table = run_comparison(methods(objective or list(objectives.OBJECTIVES), deltas, prof))
+    if prof is None:
+        write_results(table)
+    else:
+        write_results(table, prof.results_dir)
     typer.echo(to_markdown(table))
 
 

@@ -18,6 +18,12 @@ from pipeline.precision import device, weight_dtype
 from pipeline.suites import SUITE_COLUMNS
 
 
+def kl_text(metrics: dict[str, object]) -> str:
+    if metrics.get("kl_to_ref") is None:
+        return f"no KL (biased sampling; mean log-ratio {metrics.get('sampled_logratio'):.2f})"
+    return f"KL to ref {metrics['kl_to_ref']:.2f}"
+
+
 def run(params_file: Path = paths.PARAMS) -> None:
     params = load_params(params_file)
     t0 = time.perf_counter()
@@ -32,7 +38,7 @@ def run(params_file: Path = paths.PARAMS) -> None:
         judge_info=read_judge_record(paths.JUDGE_DIR), beta=params.beta,
         max_length=params.train.max_length, cfg=params.evaluate,
         mixed_precision=params.train.mixed_precision, dtype=weight_dtype(params.model.dtype),
-        device=device())
+        device=device(), unbiased_sampling=params.generate.unbiased)
     write_parquet(scores, paths.EVAL_SCORES)
     write_json(metrics, paths.EVAL_METRICS)
     write_json(tradeoff_points(metrics), paths.EVAL_TRADEOFF)
@@ -41,7 +47,7 @@ def run(params_file: Path = paths.PARAMS) -> None:
     print(f"evaluate: harmless {metrics['harmless_rate']:.3f} (sft "
           f"{metrics['harmless_rate_sft']:.3f}), helpfulness {metrics['helpfulness']:.3f} (sft "
           f"{metrics['helpfulness_sft']:.3f}), win vs sft {metrics['win_rate_vs_sft']:.3f}, "
-          f"over-refusal {metrics['over_refusal_rate']:.3f}, KL to ref {metrics['kl_to_ref']:.2f} "
+          f"over-refusal {metrics['over_refusal_rate']:.3f}, {kl_text(metrics)} "
           f"({metrics['length_stop_rate']:.0%} of samples hit max_new_tokens); judge accuracy cost "
           f"{metrics['judge_cost_accuracy']:.3f}, reward {metrics['judge_reward_accuracy']:.3f} "
           f"[{time.perf_counter() - t0:.1f}s]")

@@ -11,15 +11,16 @@ from pipeline.config import load_params
 from pipeline.encoding import Encoder, TruncationStats, load_template
 from pipeline.logps import pair_logps
 from pipeline.modeling import load_pretrained
-from pipeline.precision import device, weight_dtype
-from pipeline.reference import fingerprint_for, write_reference
+from pipeline.precision import device
+from pipeline.reference import REFERENCE_WEIGHTS, fingerprint_for, write_reference
 
 
 def run(params_file: Path = paths.PARAMS) -> None:
     params = load_params(params_file)
     on = device()
     mp = params.train.mixed_precision
-    model, tokenizer = load_pretrained(paths.SFT_DIR, dtype=weight_dtype(params.model.dtype))
+    # As training scores: fp32 weights (model.dtype is for generate/evaluate only).
+    model, tokenizer = load_pretrained(paths.SFT_DIR, dtype=REFERENCE_WEIGHTS)
     model.to(on)
     encoder = Encoder(tokenizer, load_template(paths.SFT_DIR), params.train.max_length)
     for split, src, dest in (("train", paths.PAIRS_TRAIN, paths.REF_TRAIN),

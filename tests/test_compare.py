@@ -69,3 +69,35 @@ def test_unknown_objective_is_one_line() -> None:
 
     with pytest.raises(UserError, match="not one of"):
         methods(["ppo"], [0.0])
+
+
+def test_a_profile_overlays_every_experiment_and_is_validated_first(tmp_path) -> None:
+    """`--profile gemma3-270m`: its keys become `-S` overrides in Hydra's grammar (strings
+    quoted, so `builtin:gemma3-270m` stays one value; the suites list written out), experiments
+    and results are named after it, and a wrong key fails before anything is queued."""
+    from pathlib import Path
+
+    import yaml
+
+    from pipeline.compare import load_profile
+    from pipeline.errors import UserError
+
+    params = Path(__file__).resolve().parents[1] / "params.yaml"
+    prof = load_profile("gemma3-270m", params)
+    assert prof.name == "gemma3-270m" and prof.results_dir == Path("data/results/gemma3-270m")
+    assert "model.name='builtin:gemma3-270m'" in prof.overrides
+    assert "sft.lr=2e-05" in prof.overrides
+    suites = next(o for o in prof.overrides if o.startswith("suites="))
+    assert suites.startswith("suites=[{name:'redteam',source:'builtin:redteam',max_prompts:24},")
+    m = methods(["safedpo"], [10.0], prof)[0]
+    assert m.experiment == "gemma3-270m-cmp-safedpo-d10"
+    args = m.set_params()
+    assert args[-4:] == ["-S", "train.objective=safedpo", "-S", "delta=10"]
+    assert args[:2] == ["-S", "model.name='builtin:gemma3-270m'"]
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"train": {"lr": 1e-5, "epoch": 2}}))
+    with pytest.raises(UserError, match="epoch"):
+        load_profile(str(bad), params)
+    with pytest.raises(UserError, match="gemma3-270m"):
+        load_profile("no-such-profile", params)

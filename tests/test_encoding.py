@@ -67,7 +67,7 @@ def test_response_is_tokenized_in_context_with_no_spurious_token(tok, spec: str)
     assert e.input_ids[n_prompt:-1] == alone[1:]
 
 
-def test_a_pair_is_cut_once_and_both_sides_keep_bos_and_eos(tok) -> None:
+def test_a_pair_is_cut_once_and_a_cut_response_has_no_eos(tok) -> None:
     enc = Encoder(tok, resolve_template("safe_rlhf", tok), 192)
     stats = TruncationStats()
     prompts = [r["prompt"] for r in ROWS]
@@ -82,10 +82,11 @@ def test_a_pair_is_cut_once_and_both_sides_keep_bos_and_eos(tok) -> None:
         assert len(pa) >= min(len(full), 192 // 2)
         assert pa[1:] == full[len(full) - len(pa) + 1:]  # BOS + the prompt's end
         for e in (a, b):
-            assert len(e.input_ids) <= 192
-            assert e.input_ids[0] == tok.bos_token_id and e.input_ids[-1] == tok.eos_token_id
-        # The short side is not cut, the long one fills the budget.
-        assert len(a.input_ids) == 192 and b.n_response_tokens < 20
+            assert len(e.input_ids) <= 192 and e.input_ids[0] == tok.bos_token_id
+        # The short side is whole and ends with EOS; the long one fills the budget with
+        # response tokens and no EOS: its end was cut, not reached.
+        assert b.input_ids[-1] == tok.eos_token_id and b.n_response_tokens < 20
+        assert len(a.input_ids) == 192 and tok.eos_token_id not in a.input_ids
     # The cut depends on the pair, not on the order of its sides.
     swapped = enc.pairs(prompts, short, [r["response_0"] for r in ROWS])
     assert [(b, a) for a, b in pairs] == swapped

@@ -285,3 +285,25 @@ def test_the_judge_is_freed_before_the_policy_loads(monkeypatch: pytest.MonkeyPa
             ref_test_path=Path("ref.parquet"), judge=make_judge, judge_info={}, beta=0.1,
             max_length=64, cfg=EvaluateConfig())
     assert alive == [False]
+
+
+def test_kl_is_reported_only_for_samples_of_the_policy_itself() -> None:
+    """At T = 0.5 (or top-p, top-k, a repetition penalty) log π/π_ref on the samples is no KL
+    estimate: every KL key is renamed for what it is, `kl_to_ref` is None, the log says why."""
+    from pipeline.config import EvaluateConfig, GenerateConfig
+    from pipeline.evaluation import biased_kl_renamed, warnings_for
+
+    assert GenerateConfig().unbiased
+    for biased in (dict(temperature=0.5), dict(top_p=0.9), dict(top_k=50),
+                   dict(repetition_penalty=1.1), dict(do_sample=False)):
+        assert not GenerateConfig(**biased).unbiased, biased
+    metrics = {"kl_to_ref": 7.94, "kl_to_ref_n": 20, "kl_to_ref_ci_low": 6.0,
+               "kl_to_ref_ci_high": 9.0, "suite_redteam_kl_to_ref": 5.0,
+               "harmless_rate": 0.9, "low_support": "kl_to_ref,harmless_rate"}
+    out = biased_kl_renamed(metrics)
+    assert out["kl_to_ref"] is None and out["sampled_logratio"] == 7.94
+    assert out["sampled_logratio_ci_low"] == 6.0 and out["suite_redteam_sampled_logratio"] == 5.0
+    assert out["harmless_rate"] == 0.9 and out["low_support"] == "sampled_logratio,harmless_rate"
+    assert not any(k.startswith("kl_to_ref_") for k in out)
+    lines = warnings_for({**out, "low_support": ""}, EvaluateConfig())
+    assert any("no KL to the reference" in line for line in lines)

@@ -125,6 +125,11 @@ def test_fingerprint_mismatch_is_refused(tiny: tuple[Path, pd.DataFrame],
         read_reference(path, fp(mp="bf16"))
     with pytest.raises(UserError, match="data"):
         read_reference(path, fp(p=pairs.iloc[:-1]))
+    # Reference log-probs scored with bf16 weights are not what fp32 master weights give.
+    write_reference(ref, fingerprint_for(model_dir, enc, "no", pairs, "cpu", torch.bfloat16),
+                    tmp_path / "bf16.parquet")
+    with pytest.raises(UserError, match="weights: stored 'bfloat16' != current 'float32'"):
+        read_reference(tmp_path / "bf16.parquet", fp())
     # A note beside the weights (training_summary.json) is not part of the model's identity.
     (model_dir / "training_summary.json").write_text('{"seconds": 1.5}')
     read_reference(path, fp())
@@ -309,6 +314,26 @@ def test_packed_rows_give_the_padded_log_probs(model_type: str, kind: str) -> No
     with torch.no_grad():
         assert torch.equal(batch_logps(model, packed)[1], full_logits(padded)(model)[1])
     assert_grads_close(got_g, want_g, rtol=1e-4, atol=1e-5)
+
+
+def test_packed_rows_through_gemma3_sliding_window_layers() -> None:
+    """Gemma 3 interleaves sliding-window layers with full ones: with a window narrower than
+    the sequences, packed rows still give the padded log-probs and gradients (each sequence's
+    window counts its own tokens), and shared prompts, whose responses sit further from their
+    prompt in columns than in positions, are refused for rows wider than the window."""
+    model = tiny_lm("gemma3_text", sliding_window=4, layer_types=["sliding_attention",
+                                                                  "full_attention"])
+    seqs = _pairs_sharing_prompts()
+    assert max(len(e.input_ids) for e in seqs) > 4
+    padded = collate(seqs, 0)
+    packed = forward_layout("packed", None, model, "cpu").collate(seqs, 0)
+    want, want_g = logps_and_grads(model, full_logits(padded))
+    got, got_g = logps_and_grads(model, lambda m: batch_logps(m, packed, chunk=7))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=5e-5)
+    assert_grads_close(got_g, want_g, rtol=1e-4, atol=1e-5)
+    shared = forward_layout("shared_prompts", None, model, "cpu").collate(seqs, 0)
+    with pytest.raises(UserError, match="window"):
+        batch_logps(model, shared)
 
 
 def test_shared_prompts_with_eager_attention() -> None:
