@@ -1,0 +1,168 @@
+"""Standard red-team suites written by others, shipped offline: HarmBench's behaviours and
+StrongREJECT's forbidden prompts (`builtin:harmbench`, `builtin:strongreject`).
+
+Their CSV files are package data (`pipeline/suite_data/`, with their licences and
+PROVENANCE.md: upstream, commit, and how they were taken), each pinned by sha256 below and
+checked every time it is read, so a result always names the exact prompts it was measured on.
+
+- `builtin:harmbench`: the text behaviours of a split (`split: test`, the default, or `val`).
+  Standard and contextual behaviours are kept; a contextual one is prompted as HarmBench's own
+  test cases are, its context first (`harmbench_prompt`). Copyright behaviours are left out, and
+  counted with the reason in suites.json: HarmBench scores them by hashing the generation
+  against the copyrighted text, which neither a harm judge nor a refusal rule measures.
+  Category = `SemanticCategory`; `source` = `FunctionalCategory` (standard / contextual).
+- `builtin:strongreject`: the 313 forbidden prompts (`split: full`, the default) or the 60 of
+  StrongREJECT-small (`split: small`). Category = `category`, `source` = `source` (where the
+  prompt was taken from), both verbatim.
+
+Every prompt should be refused (`should_refuse` true).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+
+from pipeline.errors import UserError
+
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
+
+HARMBENCH = "harmbench"
+STRONGREJECT = "strongreject"
+HARMBENCH_UPSTREAM = "https://github.com/centerforaisafety/HarmBench"
+HARMBENCH_COMMIT = "8e1604d1171fe8a48d8febecd22f600e462bdcdd"
+STRONGREJECT_UPSTREAM = "https://github.com/alexandrasouly/strongreject"
+
+
+@dataclass(frozen=True)
+class PinnedFile:
+    """One vendored CSV: its name in `pipeline/suite_data/`, sha256, rows and upstream."""
+
+    name: str
+    sha256: str
+    rows: int
+    upstream: str
+    commit: str | None  # None: the wheel it was taken from records no upstream commit
+    license: str
+
+
+#: (suite, split) -> the vendored file. The first split of a suite is its default.
+PINNED_FILES: dict[tuple[str, str], PinnedFile] = {
+    (HARMBENCH, "test"): PinnedFile(
+        "harmbench_behaviors_text_test.csv",
+        "75d257b3e7428c52eb7b0154318f455af3e01b09a3794b5e2f3d36054f3c0e29", 320,
+        HARMBENCH_UPSTREAM, HARMBENCH_COMMIT, "LICENSE-HarmBench.txt"),
+    (HARMBENCH, "val"): PinnedFile(
+        "harmbench_behaviors_text_val.csv",
+        "7bfaaa5e2b9b95002c89e2d33c019f58e9e8496e2fc65d368f1eeb8179e69534", 80,
+        HARMBENCH_UPSTREAM, HARMBENCH_COMMIT, "LICENSE-HarmBench.txt"),
+    (STRONGREJECT, "full"): PinnedFile(
+        "strongreject_dataset.csv",
+        "4dd70357e4ff8b5d0ba5ebafecab5d6dd5633ce8046e3dd1c8bd93e64de44381", 313,
+        STRONGREJECT_UPSTREAM, None, "LICENSE-StrongREJECT.txt"),
+    (STRONGREJECT, "small"): PinnedFile(
+        "strongreject_small_dataset.csv",
+        "3051340e3e89a3598d764dde497d5fcda80e258ac05cc35e6bd87228ac3d467c", 60,
+        STRONGREJECT_UPSTREAM, None, "LICENSE-StrongREJECT.txt"),
+}
+STANDARD_SUITES: tuple[str, ...] = (HARMBENCH, STRONGREJECT)
+HARMBENCH_COLUMNS = ("Behavior", "FunctionalCategory", "SemanticCategory", "Tags",
+                     "ContextString", "BehaviorID")
+STRONGREJECT_COLUMNS = ("category", "source", "forbidden_prompt")
+COPYRIGHT_REASON = ("HarmBench scores copyright behaviours by hashing the generation against "
+                    "the copyrighted text (MinHash), not by judging harm; neither the judge "
+                    "nor a refusal rule measures them")
+
+
+def splits(suite: str) -> list[str]:
+    return [s for (name, s) in PINNED_FILES if name == suite]
+
+
+def data_dir() -> Traversable:
+    """The installed package data (`pipeline/suite_data/`)."""
+    return resources.files("pipeline").joinpath("suite_data")
+
+
+def read_pinned(pinned: PinnedFile, where: str, root: Traversable | Path | None = None
+                ) -> bytes:
+    """The bytes of a vendored file, refused unless they hash to the pinned sha256."""
+    path = (root if root is not None else data_dir()).joinpath(pinned.name)
+    try:
+        data = path.read_bytes()
+    except (FileNotFoundError, NotADirectoryError):
+        raise UserError(f"{where}: {pinned.name} is missing from the package data ({path}); "
+                        "reinstall safedpo") from None
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != pinned.sha256:
+        raise UserError(f"{where}: {path} has sha256 {digest}, not the pinned {pinned.sha256} "
+                        f"({pinned.upstream}): the vendored file was changed; restore it "
+                        "(git checkout pipeline/suite_data) or reinstall safedpo")
+    return data
+
+
+def read_rows(data: bytes, columns: tuple[str, ...], where: str) -> list[dict[str, str]]:
+    """CSV rows as text, embedded newlines and CRLF row ends kept as written."""
+    # newline="": quoted contexts hold line breaks that must reach the prompt unchanged.
+    reader = csv.DictReader(io.StringIO(data.decode("utf-8"), newline=""))
+    missing = [c for c in columns if c not in (reader.fieldnames or [])]
+    if missing:
+        raise UserError(f"{where}: columns {missing} missing")
+    return list(reader)
+
+
+def harmbench_prompt(behavior: str, context: str) -> str:
+    """A HarmBench test case as HarmBench writes it: a contextual behaviour's context, a
+    separator, then the request (upstream `baselines/direct_request/direct_request.py` and the
+    GCG baselines: f"{context_str}\\n\\n---\\n\\n{behavior}"); a standard one is the behaviour."""
+    return f"{context}\n\n---\n\n{behavior}" if context else behavior
+
+
+def load_standard_suite(suite: str, split: str | None, where: str,
+                        root: Traversable | Path | None = None
+                        ) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The rows of a standard suite (columns prompt, should_refuse, category, source: the
+    generic layout) and what suites.json records: file, sha256, upstream, commit, exclusions."""
+    if suite not in STANDARD_SUITES:
+        raise ValueError(f"unknown standard suite {suite!r}; expected one of {STANDARD_SUITES}")
+    known = splits(suite)
+    split = split or known[0]
+    if split not in known:
+        raise UserError(f"{where}: builtin:{suite} has no split {split!r}; expected one of "
+                        f"{known}")
+    pinned = PINNED_FILES[(suite, split)]
+    data = read_pinned(pinned, where, root)
+    record: dict[str, Any] = {
+        "source": f"builtin:{suite}", "kind": "builtin", "split": split, "file": pinned.name,
+        "sha256": pinned.sha256, "upstream": pinned.upstream, "commit": pinned.commit,
+        "license": pinned.license, "file_rows": pinned.rows,
+    }
+    if suite == HARMBENCH:
+        rows = read_rows(data, HARMBENCH_COLUMNS, where)
+        kept = [r for r in rows if r["FunctionalCategory"] != "copyright"]
+        df = pd.DataFrame({
+            "prompt": [harmbench_prompt(r["Behavior"], r["ContextString"]) for r in kept],
+            "should_refuse": True,
+            "category": [r["SemanticCategory"] for r in kept],
+            "source": [r["FunctionalCategory"] for r in kept],
+        })
+        record["excluded"] = {"copyright": {"count": len(rows) - len(kept),
+                                            "reason": COPYRIGHT_REASON}}
+    else:
+        rows = read_rows(data, STRONGREJECT_COLUMNS, where)
+        df = pd.DataFrame({"prompt": [r["forbidden_prompt"] for r in rows],
+                           "should_refuse": True,
+                           "category": [r["category"] for r in rows],
+                           "source": [r["source"] for r in rows]})
+        record["excluded"] = {}
+    if len(rows) != pinned.rows:  # the hash pins the bytes; this guards the parsing of them
+        raise UserError(f"{where}: read {len(rows)} rows of {pinned.name}, expected "
+                        f"{pinned.rows}")
+    return df, record
