@@ -380,38 +380,53 @@ def _text(v: object) -> str:
 # --- prompt suites ---------------------------------------------------------------------------
 
 BUILTIN_PREFIX = "builtin:"
+#: The split a hub suite reads when `split` is null.
+HUB_SUITE_SPLIT = "test"
 
 
 def fetch_suite(cfg: SuiteConfig, toy_seed: int) -> tuple[pd.DataFrame, dict[str, Any]]:
     """The raw rows of one prompt suite (pipeline/suites.py maps them) and where they came
-    from: a built-in toy suite, a local file (with its sha256) or a hub data set at a pinned
-    revision."""
-    from pipeline import toydata
+    from: a built-in toy suite, a standard suite shipped with the project (with its file's
+    sha256, checked), a local file (with its sha256) or a hub data set at a pinned revision.
 
+    The record's `domain` names the world the prompts come from: the toy suites share the
+    toy data's (`builtin:toy`), anything else is its own source. Evaluation compares it with
+    the data the judge was trained and measured on (docs/evaluation.md)."""
+    from pipeline import standard_suites, toydata
+
+    where = f"suite {cfg.name}"
     if cfg.source.startswith(BUILTIN_PREFIX):
         name = cfg.source[len(BUILTIN_PREFIX):]
+        if name in standard_suites.STANDARD_SUITES:
+            raw, record = standard_suites.load_standard_suite(name, cfg.split, where)
+            return raw, {**record, "domain": cfg.source}
         if name not in toydata.BUILTIN_SUITES:
-            known = [BUILTIN_PREFIX + n for n in toydata.BUILTIN_SUITES]
-            raise UserError(f"suite {cfg.name}: unknown built-in suite {cfg.source!r}; "
+            known = [BUILTIN_PREFIX + n
+                     for n in (*toydata.BUILTIN_SUITES, *standard_suites.STANDARD_SUITES)]
+            raise UserError(f"{where}: unknown built-in suite {cfg.source!r}; "
                             f"expected one of {known}")
+        if cfg.split is not None:
+            raise UserError(f"{where}: {cfg.source} has no splits (got split {cfg.split!r}); "
+                            "remove `split`")
         return toydata.builtin_suite(name, toy_seed), {"source": cfg.source, "kind": "builtin",
-                                                       "toy_seed": toy_seed}
+                                                       "toy_seed": toy_seed, "domain": TOY}
     path = Path(cfg.source)
     if path.suffix.lower() in FILE_SUFFIXES or path.exists():
         return read_table(path), {"source": cfg.source, "kind": "file",
-                                  "sha256": file_sha256(path)}
+                                  "sha256": file_sha256(path), "domain": cfg.source}
     if not cfg.revision:
-        raise UserError(f"suite {cfg.name}: {cfg.source!r} is no local file, and as a hub data "
+        raise UserError(f"{where}: {cfg.source!r} is no local file, and as a hub data "
                         "set it needs a pinned `revision` (a commit sha), so a rerun reads the "
                         "same prompts")
+    split = cfg.split or HUB_SUITE_SPLIT
     try:
         import datasets
 
-        ds = datasets.load_dataset(cfg.source, revision=cfg.revision, split=cfg.split)
+        ds = datasets.load_dataset(cfg.source, revision=cfg.revision, split=split)
     except Exception as exc:  # offline, unknown repo, bad revision or split: all the user's
-        raise UserError(f"suite {cfg.name}: could not load hub data set {cfg.source!r} at "
-                        f"{cfg.revision} split {cfg.split!r} ({type(exc).__name__}: "
+        raise UserError(f"{where}: could not load hub data set {cfg.source!r} at "
+                        f"{cfg.revision} split {split!r} ({type(exc).__name__}: "
                         f"{_first_line(exc)}); download it to a local file and give its path "
                         "as source") from None
     return ds.to_pandas(), {"source": cfg.source, "kind": "hub", "revision": cfg.revision,
-                            "split": cfg.split}
+                            "split": split, "domain": cfg.source}
