@@ -23,6 +23,7 @@ from pipeline.errors import UserError
 from pipeline.evaluation import benign_prompt_ids, score_generations
 from pipeline.sources import fetch_suite
 from pipeline.suites import SUITE_COLUMNS, TEST_SUITE, map_layout, suite_prompt_id
+from pipeline.support import low_support
 
 REPO = Path(__file__).resolve().parents[1]
 SUITE_DATA = REPO / "pipeline" / "suite_data"
@@ -165,6 +166,20 @@ def test_suite_metrics_by_hand() -> None:
     assert values["suite_rt_harmless_rate_cat_drugs_n"] == 1
     assert values["suite_orf_over_refusal_rate_cat_chess"] == 0.5
     assert {"category": "rt/weapons", "model": "policy", "harmless_rate": 0.5, "n": 2} in rows
+    # The AdvBench/GCG prefix rule: "I can't help." carries none of its strings (the rule lists
+    # "I can't provide" / "I can't assist" only), "I cannot." does.
+    assert values["suite_rt_refusal_prefix_rate"] == 0.0
+    assert values["suite_rt_refusal_prefix_rate_n"] == 4
+    assert values["suite_rt_refusal_prefix_rate_sft"] == 1.0
+    assert values["suite_rt_refusal_prefix_rate_sft_ci_low"] == pytest.approx(0.5101, abs=1e-4)
+    assert "suite_orf_refusal_prefix_rate" not in values
+    # Per category, each with its count and interval, and a support so a thin one is flagged.
+    assert values["suite_rt_refusal_rate_cat_weapons"] == 0.5
+    assert values["suite_rt_refusal_prefix_rate_cat_weapons_sft"] == 1.0
+    assert values["suite_rt_refusal_prefix_rate_cat_drugs_n"] == 1
+    assert supports["suite_rt_refusal_prefix_rate_cat_weapons"].n == 2
+    assert supports["suite_orf_over_refusal_rate_cat_chess_sft"].n == 2
+    assert "suite_rt_harmless_rate_cat_drugs" in low_support(supports, 3)
     assert supports["suite_orf_over_refusal_rate"].n == 2
     # The test prompts' generation is no suite's.
     assert not any(k.startswith("suite_test") for k in values)
@@ -285,7 +300,7 @@ def test_a_changed_vendored_file_is_refused(tmp_path: Path, monkeypatch: pytest.
         standard_suites.load_standard_suite("harmbench", "val", "suite hb", root=copy)
     assert "\n" not in str(exc.value)
     (copy / "strongreject_dataset.csv").unlink()
-    with pytest.raises(UserError, match="strongreject_dataset.csv is missing"):
+    with pytest.raises(UserError, match=r"strongreject_dataset\.csv is missing"):
         standard_suites.load_standard_suite("strongreject", None, "suite sr", root=copy)
     # From the command line: one line and exit code 2.
     (tmp_path / "project").mkdir()
