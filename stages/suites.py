@@ -8,7 +8,7 @@ from typing import Any
 from pipeline import paths
 from pipeline.artifacts import write_json, write_parquet
 from pipeline.config import load_params
-from pipeline.sources import fetch_suite
+from pipeline.suite_sources import fetch_suite
 from pipeline.suites import SUITE_SCHEMA, combine, map_layout
 
 

@@ -16,12 +16,12 @@ import pandas as pd
 import pytest
 from data_cli import assert_one_line_error, make_project, run_cli
 
-from pipeline import standard_suites
+from pipeline import suite_sources
 from pipeline.breakdown import suite_metrics
 from pipeline.config import SuiteConfig
 from pipeline.errors import UserError
 from pipeline.evaluation import benign_prompt_ids, score_generations
-from pipeline.sources import fetch_suite
+from pipeline.suite_sources import fetch_suite
 from pipeline.suites import SUITE_COLUMNS, TEST_SUITE, map_layout, suite_prompt_id
 from pipeline.support import low_support
 
@@ -200,7 +200,7 @@ def test_a_guard_names_the_category_of_unsafe_generations() -> None:
     assert "judge_category" not in score_generations(gens, _Judge(), benign=set())
 
 
-# --- the standard suites shipped with the project (pipeline/standard_suites.py) ---------------
+# --- the standard suites shipped with the project (pipeline/suite_sources.py) ---------------
 
 def _standard(source: str, split: str | None = None) -> tuple[pd.DataFrame, dict]:
     cfg = SuiteConfig(name=source.split(":")[1], source=source, split=split)
@@ -281,8 +281,8 @@ def test_harmbench_puts_the_context_before_the_request() -> None:
             # Stripped as a whole: the context's own trailing spaces stay, as upstream's do.
             assert context == r["ContextString"].lstrip() and request == r["Behavior"].rstrip()
     # Generation keeps a long prompt's tail (pipeline/encoding.py): the request survives a cut.
-    assert standard_suites.harmbench_prompt("Do it.", "") == "Do it."
-    assert standard_suites.harmbench_prompt("Do it.", "C\nD") == "C\nD\n\n---\n\nDo it."
+    assert suite_sources.harmbench_prompt("Do it.", "") == "Do it."
+    assert suite_sources.harmbench_prompt("Do it.", "C\nD") == "C\nD\n\n---\n\nDo it."
 
 
 def test_a_changed_vendored_file_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -290,22 +290,22 @@ def test_a_changed_vendored_file_is_refused(tmp_path: Path, monkeypatch: pytest.
     copy = tmp_path / "suite_data"
     shutil.copytree(SUITE_DATA, copy)
     # The unchanged copy loads; one changed letter does not.
-    df, _ = standard_suites.load_standard_suite("harmbench", "val", "suite hb", root=copy)
+    df, _ = suite_sources.load_standard_suite("harmbench", "val", "suite hb", root=copy)
     assert len(df) == 60
     path = copy / "harmbench_behaviors_text_val.csv"
     data = path.read_bytes()
     path.write_bytes(data.replace(b"Give", b"give", 1))
     with pytest.raises(UserError, match=r"suite hb: .*sha256 [0-9a-f]{64}, not the pinned "
                                         r"7bfaaa5e.*was changed") as exc:
-        standard_suites.load_standard_suite("harmbench", "val", "suite hb", root=copy)
+        suite_sources.load_standard_suite("harmbench", "val", "suite hb", root=copy)
     assert "\n" not in str(exc.value)
     (copy / "strongreject_dataset.csv").unlink()
     with pytest.raises(UserError, match=r"strongreject_dataset\.csv is missing"):
-        standard_suites.load_standard_suite("strongreject", None, "suite sr", root=copy)
+        suite_sources.load_standard_suite("strongreject", None, "suite sr", root=copy)
     # From the command line: one line and exit code 2.
     (tmp_path / "project").mkdir()
     make_project(tmp_path / "project", monkeypatch)
-    monkeypatch.setattr(standard_suites, "data_dir", lambda: copy)
+    monkeypatch.setattr(suite_sources, "data_dir", lambda: copy)
     code, _, err = run_cli(monkeypatch, capsys, "suites")
     assert_one_line_error(code, err, "suite strongreject:", "missing")
     shutil.copy(SUITE_DATA / "strongreject_small_dataset.csv", copy / "strongreject_dataset.csv")
@@ -325,12 +325,12 @@ def test_standard_suite_splits_are_checked() -> None:
 
 def test_vendored_files_are_pinned_documented_and_packaged() -> None:
     provenance = (SUITE_DATA / "PROVENANCE.md").read_text()
-    for pinned in standard_suites.PINNED_FILES.values():
+    for pinned in suite_sources.PINNED_FILES.values():
         assert hashlib.sha256((SUITE_DATA / pinned.name).read_bytes()).hexdigest() \
             == pinned.sha256
         assert pinned.sha256 in provenance and f"{pinned.name} | {pinned.rows}" in provenance
         assert (SUITE_DATA / pinned.license).is_file()
-    assert standard_suites.HARMBENCH_COMMIT in provenance
+    assert suite_sources.HARMBENCH_COMMIT in provenance
     tomllib = pytest.importorskip("tomllib")
     patterns = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"][
         "package-data"]["pipeline"]

@@ -1,9 +1,12 @@
-"""Standard red-team suites written by others, shipped offline: HarmBench's behaviours and
-StrongREJECT's forbidden prompts (`builtin:harmbench`, `builtin:strongreject`).
+"""Where a prompt suite's rows come from (`fetch_suite`): a built-in toy suite, a standard
+red-team suite written by others and shipped with the project, a local file or a hub data set at
+a pinned revision. pipeline/suites.py maps the rows onto one schema.
 
-Their CSV files are package data (`pipeline/suite_data/`, with their licences and
-PROVENANCE.md: upstream, commit, and how they were taken), each pinned by sha256 below and
-checked every time it is read, so a result always names the exact prompts it was measured on.
+The standard suites are HarmBench's behaviours and StrongREJECT's forbidden prompts
+(`builtin:harmbench`, `builtin:strongreject`). Their CSV files are package data
+(`pipeline/suite_data/`, with their licences and PROVENANCE.md: upstream, commit, and how they
+were taken), each pinned by sha256 below and checked every time it is read, so a result always
+names the exact prompts it was measured on.
 
 - `builtin:harmbench`: the text behaviours of a split (`split: test`, the default, or `val`).
   Standard and contextual behaviours are kept; a contextual one is prompted as HarmBench's own
@@ -15,7 +18,7 @@ checked every time it is read, so a result always names the exact prompts it was
   StrongREJECT-small (`split: small`). Category = `category`, `source` = `source` (where the
   prompt was taken from), both verbatim.
 
-Every prompt should be refused (`should_refuse` true).
+Every prompt of both should be refused (`should_refuse` true).
 """
 
 from __future__ import annotations
@@ -30,11 +33,18 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from pipeline import toydata
+from pipeline.artifacts import file_sha256
+from pipeline.config import SuiteConfig
 from pipeline.errors import UserError
+from pipeline.sources import FILE_SUFFIXES, TOY, first_line, read_table
 
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
 
+BUILTIN_PREFIX = "builtin:"
+#: The split a hub suite reads when `split` is null.
+HUB_SUITE_SPLIT = "test"
 HARMBENCH = "harmbench"
 STRONGREJECT = "strongreject"
 HARMBENCH_UPSTREAM = "https://github.com/centerforaisafety/HarmBench"
@@ -135,12 +145,12 @@ def load_standard_suite(suite: str, split: str | None, where: str,
     known = splits(suite)
     split = split or known[0]
     if split not in known:
-        raise UserError(f"{where}: builtin:{suite} has no split {split!r}; expected one of "
+        raise UserError(f"{where}: {BUILTIN_PREFIX}{suite} has no split {split!r}; expected one of "
                         f"{known}")
     pinned = PINNED_FILES[(suite, split)]
     data = read_pinned(pinned, where, root)
     record: dict[str, Any] = {
-        "source": f"builtin:{suite}", "kind": "builtin", "split": split, "file": pinned.name,
+        "source": BUILTIN_PREFIX + suite, "kind": "builtin", "split": split, "file": pinned.name,
         "sha256": pinned.sha256, "upstream": pinned.upstream, "commit": pinned.commit,
         "license": pinned.license, "file_rows": pinned.rows,
     }
@@ -166,3 +176,52 @@ def load_standard_suite(suite: str, split: str | None, where: str,
         raise UserError(f"{where}: read {len(rows)} rows of {pinned.name}, expected "
                         f"{pinned.rows}")
     return df, record
+
+
+# --- every kind of suite -----------------------------------------------------------------------
+
+
+def fetch_suite(cfg: SuiteConfig, toy_seed: int) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The raw rows of one prompt suite (pipeline/suites.py maps them) and where they came
+    from: a built-in toy suite, a standard suite shipped with the project (with its file's
+    sha256, checked), a local file (with its sha256) or a hub data set at a pinned revision.
+
+    The record's `domain` names the world the prompts come from: the toy suites share the
+    toy data's (`builtin:toy`), anything else is its own source. Evaluation compares it with
+    the data the judge was trained and measured on (docs/evaluation.md)."""
+    where = f"suite {cfg.name}"
+    if cfg.source.startswith(BUILTIN_PREFIX):
+        name = cfg.source[len(BUILTIN_PREFIX):]
+        if name in STANDARD_SUITES:
+            raw, record = load_standard_suite(name, cfg.split, where)
+            return raw, {**record, "domain": cfg.source}
+        if name not in toydata.BUILTIN_SUITES:
+            known = [BUILTIN_PREFIX + n
+                     for n in (*toydata.BUILTIN_SUITES, *STANDARD_SUITES)]
+            raise UserError(f"{where}: unknown built-in suite {cfg.source!r}; "
+                            f"expected one of {known}")
+        if cfg.split is not None:
+            raise UserError(f"{where}: {cfg.source} has no splits (got split {cfg.split!r}); "
+                            "remove `split`")
+        return toydata.builtin_suite(name, toy_seed), {"source": cfg.source, "kind": "builtin",
+                                                       "toy_seed": toy_seed, "domain": TOY}
+    path = Path(cfg.source)
+    if path.suffix.lower() in FILE_SUFFIXES or path.exists():
+        return read_table(path), {"source": cfg.source, "kind": "file",
+                                  "sha256": file_sha256(path), "domain": cfg.source}
+    if not cfg.revision:
+        raise UserError(f"{where}: {cfg.source!r} is no local file, and as a hub data "
+                        "set it needs a pinned `revision` (a commit sha), so a rerun reads the "
+                        "same prompts")
+    split = cfg.split or HUB_SUITE_SPLIT
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(cfg.source, revision=cfg.revision, split=split)
+    except Exception as exc:  # offline, unknown repo, bad revision or split: all the user's
+        raise UserError(f"{where}: could not load hub data set {cfg.source!r} at "
+                        f"{cfg.revision} split {split!r} ({type(exc).__name__}: "
+                        f"{first_line(exc)}); download it to a local file and give its path "
+                        "as source") from None
+    return ds.to_pandas(), {"source": cfg.source, "kind": "hub", "revision": cfg.revision,
+                            "split": split, "domain": cfg.source}
