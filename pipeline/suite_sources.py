@@ -9,11 +9,11 @@ were taken), each pinned by sha256 below and checked every time it is read, so a
 names the exact prompts it was measured on.
 
 - `builtin:harmbench`: the text behaviours of a split (`split: test`, the default, or `val`).
-  Standard and contextual behaviours are kept; a contextual one is prompted as HarmBench's own
-  test cases are, its context first (`harmbench_prompt`). Copyright behaviours are left out, and
-  counted with the reason in suites.json: HarmBench scores them by hashing the generation
-  against the copyrighted text, which neither a harm judge nor a refusal rule measures.
-  Category = `SemanticCategory`; `source` = `FunctionalCategory` (standard / contextual).
+  Read through the harmbench layout (pipeline/suites.py), as a local HarmBench file is:
+  standard and contextual behaviours are kept, a contextual one prompted as HarmBench's own test
+  cases are, its context first (`suites.harmbench_prompt`); copyright behaviours are left out,
+  counted with the reason in suites.json. Category = `SemanticCategory`; `source` =
+  `FunctionalCategory` (standard / contextual).
 - `builtin:strongreject`: the 313 forbidden prompts (`split: full`, the default) or the 60 of
   StrongREJECT-small (`split: small`). Category = `category`, `source` = `source` (where the
   prompt was taken from), both verbatim.
@@ -87,9 +87,7 @@ STANDARD_SUITES: tuple[str, ...] = (HARMBENCH, STRONGREJECT)
 HARMBENCH_COLUMNS = ("Behavior", "FunctionalCategory", "SemanticCategory", "Tags",
                      "ContextString", "BehaviorID")
 STRONGREJECT_COLUMNS = ("category", "source", "forbidden_prompt")
-COPYRIGHT_REASON = ("HarmBench scores copyright behaviours by hashing the generation against "
-                    "the copyrighted text (MinHash), not by judging harm; neither the judge "
-                    "nor a refusal rule measures them")
+
 
 
 def splits(suite: str) -> list[str]:
@@ -128,18 +126,12 @@ def read_rows(data: bytes, columns: tuple[str, ...], where: str) -> list[dict[st
     return list(reader)
 
 
-def harmbench_prompt(behavior: str, context: str) -> str:
-    """A HarmBench test case as HarmBench writes it: a contextual behaviour's context, a
-    separator, then the request (upstream `baselines/direct_request/direct_request.py` and the
-    GCG baselines: f"{context_str}\\n\\n---\\n\\n{behavior}"); a standard one is the behaviour."""
-    return f"{context}\n\n---\n\n{behavior}" if context else behavior
-
-
 def load_standard_suite(suite: str, split: str | None, where: str,
                         root: Traversable | Path | None = None
                         ) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """The rows of a standard suite (columns prompt, should_refuse, category, source: the
-    generic layout) and what suites.json records: file, sha256, upstream, commit, exclusions."""
+    """The rows of a standard suite (HarmBench's own columns, for the harmbench layout;
+    StrongREJECT's as prompt, should_refuse, category, source, the generic layout) and what
+    suites.json records of them: file, sha256, upstream, commit, licence."""
     if suite not in STANDARD_SUITES:
         raise ValueError(f"unknown standard suite {suite!r}; expected one of {STANDARD_SUITES}")
     known = splits(suite)
@@ -155,23 +147,17 @@ def load_standard_suite(suite: str, split: str | None, where: str,
         "license": pinned.license, "file_rows": pinned.rows,
     }
     if suite == HARMBENCH:
+        # The harmbench layout (pipeline/suites.py) puts each context before its request and
+        # leaves the copyright behaviours out, as for a local HarmBench file.
         rows = read_rows(data, HARMBENCH_COLUMNS, where)
-        kept = [r for r in rows if r["FunctionalCategory"] != "copyright"]
-        df = pd.DataFrame({
-            "prompt": [harmbench_prompt(r["Behavior"], r["ContextString"]) for r in kept],
-            "should_refuse": True,
-            "category": [r["SemanticCategory"] for r in kept],
-            "source": [r["FunctionalCategory"] for r in kept],
-        })
-        record["excluded"] = {"copyright": {"count": len(rows) - len(kept),
-                                            "reason": COPYRIGHT_REASON}}
+        df = pd.DataFrame(rows, columns=list(HARMBENCH_COLUMNS))
+        df["source"] = df["FunctionalCategory"]
     else:
         rows = read_rows(data, STRONGREJECT_COLUMNS, where)
         df = pd.DataFrame({"prompt": [r["forbidden_prompt"] for r in rows],
                            "should_refuse": True,
                            "category": [r["category"] for r in rows],
                            "source": [r["source"] for r in rows]})
-        record["excluded"] = {}
     if len(rows) != pinned.rows:  # the hash pins the bytes; this guards the parsing of them
         raise UserError(f"{where}: read {len(rows)} rows of {pinned.name}, expected "
                         f"{pinned.rows}")
