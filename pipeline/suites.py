@@ -2,8 +2,9 @@
 pairs' own prompts (docs/evaluation.md).
 
 A suite is one `suites:` entry of params.yaml: a source (`builtin:redteam`, `builtin:overrefusal`,
-a local .jsonl/.json/.csv/.parquet file, or a hub data set at a pinned revision; fetched by
-`pipeline.suite_sources.fetch_suite`) and a layout that maps its columns onto `SUITE_COLUMNS`:
+the shipped `builtin:harmbench` and `builtin:strongreject`, a local .jsonl/.json/.csv/.parquet
+file, or a hub data set at a pinned revision; fetched by `pipeline.suite_sources.fetch_suite`)
+and a layout that maps its columns onto `SUITE_COLUMNS`:
 
 ==========  ===================  ===============================================  ===========
 layout      prompt column        should_refuse                                    category
