@@ -41,8 +41,12 @@ WITH_CI = ["harmless_rate", "helpfulness", "win_rate_vs_sft", "over_refusal_rate
 CI_COLUMNS = [f"{k}_ci_{end}" for k in WITH_CI for end in ("low", "high")]
 COLUMNS = ["method", "experiment", "objective", "delta", *METRIC_COLUMNS, *CI_COLUMNS]
 #: Per held-out suite (`suite_<s>_<metric>`, pipeline/breakdown.py), with intervals.
-SUITE_METRICS = ("harmless_rate", "over_refusal_rate", "helpfulness")
+SUITE_METRICS = ("harmless_rate", "refusal_prefix_rate", "over_refusal_rate", "helpfulness")
 _SUITE_KEY = re.compile(r"^suite_([a-z0-9_]+?)_(" + "|".join(SUITE_METRICS) + r")$")
+#: A suite whose prompts come from another domain than the judge's data (pipeline/evaluation.py):
+#: its harmless rate is marked in the report.
+_OOD_KEY = re.compile(r"^suite_([a-z0-9_]+?)_judge_out_of_distribution$")
+OOD_MARK = "†"
 
 
 def suite_columns(metrics: dict[str, Any]) -> list[str]:
@@ -233,6 +237,8 @@ def table(chosen: Sequence[Method], metrics: dict[str, dict[str, Any]]) -> pd.Da
                 if k != "win_rate_vs_sft" for end in ("low", "high")}}]
     held = suite_columns(first)
     held_ci = [f"{k}_ci_{end}" for k in held for end in ("low", "high")]
+    ood = sorted(k for k in first if _OOD_KEY.match(k))
+    rows[0].update({k: first.get(k) for k in ood})
     rows[0].update({k: first.get(f"{k}_sft") for k in held})
     rows[0].update({f"{k}_ci_{end}": first.get(f"{k}_sft_ci_{end}") for k in held
                     for end in ("low", "high")})
@@ -241,9 +247,10 @@ def table(chosen: Sequence[Method], metrics: dict[str, dict[str, Any]]) -> pd.Da
         delta = m.delta if objectives.get(m.objective).uses_delta else float("nan")
         rows.append({"method": m.label, "experiment": m.experiment, "objective": m.objective,
                      "delta": delta,
-                     **{k: got.get(k) for k in METRIC_COLUMNS + CI_COLUMNS + held + held_ci}})
+                     **{k: got.get(k) for k in METRIC_COLUMNS + CI_COLUMNS + held + held_ci
+                        + ood}})
     numeric = METRIC_COLUMNS + CI_COLUMNS + held + held_ci
-    df = pd.DataFrame(rows, columns=COLUMNS + held + held_ci)
+    df = pd.DataFrame(rows, columns=COLUMNS + held + held_ci + ood)
     df[numeric] = df[numeric].astype(float)
     return df
 
@@ -267,17 +274,29 @@ def to_markdown(df: pd.DataFrame) -> str:
     held = [c for c in df.columns if _SUITE_KEY.match(c)]
     if held:
         parts = [_SUITE_KEY.match(c) for c in held]
-        names = [f"{m[1]}: {m[2].replace('_', ' ')}" for m in parts if m]
-        lines += ["", "Held-out prompt suites (tasks and phrasings never seen in training):", "",
+        names = [f"{m[1]}: {m[2].replace('_', ' ')}"
+                 + (f" {OOD_MARK}" if m[2] == "harmless_rate" and _out_of_distribution(df, m[1])
+                    else "") for m in parts if m]
+        lines += ["", "Held-out prompt suites (prompts never seen in training):", "",
                   "| " + " | ".join(["method", *names]) + " |", "|" + "---|" * (len(held) + 1)]
         for r in df.to_dict("records"):
             lines.append(f"| {r['method']} | " + " | ".join(cell(r, k) for k in held) + " |")
+        if any(OOD_MARK in n for n in names):
+            lines += ["", f"{OOD_MARK} Out of the judge's distribution: the suite comes from "
+                          "another domain than the data the judge was trained and measured on, "
+                          "so the judge's accuracy below says nothing about it; read the "
+                          "refusal-prefix rate (the AdvBench/GCG rule) beside it."]
     r0 = df.iloc[0]
     lines += ["", f"Judges (held-out test pairs): cost accuracy {r0.judge_cost_accuracy:.3f}, "
                   f"reward accuracy {r0.judge_reward_accuracy:.3f}; {int(r0.n_prompts)} prompts. "
                   "Brackets: 95% intervals (Wilson for rates, bootstrap over prompts for means "
                   "and the win rate)."]
     return "\n".join(lines) + "\n"
+
+
+def _out_of_distribution(df: pd.DataFrame, suite: str) -> bool:
+    col = f"suite_{suite}_judge_out_of_distribution"
+    return col in df and bool(df[col].fillna(False).astype(bool).any())
 
 
 def write_results(df: pd.DataFrame, out_dir: Path = paths.RESULTS_DIR) -> None:

@@ -365,9 +365,13 @@ class SuiteConfig:
     pairs' prompts."""
 
     name: str = ""                 # metric keys: suite_<name>_...; "test" is the test pairs'
-    source: str = ""               # builtin:redteam | builtin:overrefusal | a local file | hub id
+    # builtin:redteam | builtin:overrefusal | builtin:harmbench | builtin:strongreject | a local
+    # file | a hub id
+    source: str = ""
     revision: str | None = None    # hub data sets: the commit (required)
-    split: str = "test"            # hub data sets: the split to read
+    # The split to read: hub data sets (null: test); builtin:harmbench test (null) | val;
+    # builtin:strongreject full (null) | small.
+    split: str | None = None
     layout: Literal["auto", "generic", "xstest", "harmbench", "advbench", "redteam"] = "auto"
     prompt_column: str | None = None  # overrides the layout's prompt column
     should_refuse: bool | None = None  # label of rows the layout leaves unlabelled
@@ -458,7 +462,9 @@ class Params:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     suites: tuple[SuiteConfig, ...] = (
         SuiteConfig(name="redteam", source="builtin:redteam"),
-        SuiteConfig(name="overrefusal", source="builtin:overrefusal"))
+        SuiteConfig(name="overrefusal", source="builtin:overrefusal"),
+        SuiteConfig(name="harmbench", source="builtin:harmbench"),
+        SuiteConfig(name="strongreject", source="builtin:strongreject"))
     theory: TheoryConfig = field(default_factory=TheoryConfig)
 
     def __post_init__(self) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import gc
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +16,11 @@ import torch
 from transformers import PreTrainedModel
 
 from pipeline.artifacts import weights_hash
-from pipeline.breakdown import breakdown, suite_metrics
+from pipeline.breakdown import CATEGORY_KEY, breakdown, suite_metrics
 from pipeline.config import EvaluateConfig, MixedPrecision
 from pipeline.encoding import Encoded, Encoder, load_template
 from pipeline.errors import UserError
-from pipeline.judges import Judge, is_refusal
+from pipeline.judges import Judge, has_refusal_prefix, is_refusal
 from pipeline.logps import pair_logps, score_sequences
 from pipeline.modeling import load_pretrained
 from pipeline.paths import SUMMARY_FILE
@@ -49,7 +49,8 @@ def benign_prompt_ids(pairs: pd.DataFrame) -> set[str]:
 
 def score_generations(gens: pd.DataFrame, judge: Judge, benign: set[str],
                       suites: pd.DataFrame | None = None) -> pd.DataFrame:
-    """Judge every generation: reward, cost (> 0 unsafe), refusal, and whether the prompt should
+    """Judge every generation: reward, cost (> 0 unsafe), refusal (the project's detector and
+    the AdvBench/GCG prefix rule, `refusal_prefix`), and whether the prompt should
     be answered (`benign_prompt`: the proxy on test prompts, a suite's `should_refuse` false on
     suite prompts, whose `should_refuse` and `category` are joined on `prompt_id`). Keyed by
     (`model`, `prompt_id`, `sample`)."""
@@ -65,6 +66,7 @@ def score_generations(gens: pd.DataFrame, judge: Judge, benign: set[str],
     if categories is not None:
         out["judge_category"] = categories(prompts, responses, out["cost"].to_numpy())
     out["refusal"] = is_refusal(responses)
+    out["refusal_prefix"] = has_refusal_prefix(responses)
     labels = (suites if suites is not None else pd.DataFrame(columns=SUITE_COLUMNS))
     labels = labels[["prompt_id", "should_refuse", "category"]]
     out = out.merge(labels.astype({"should_refuse": "boolean"}), on="prompt_id", how="left",
@@ -213,9 +215,23 @@ def check_lineage(policy_dir: Path, sft_dir: Path) -> None:
                         f"{started} != {sft}); rerun `dvc repro train`", path=policy_dir)
 
 
+def judge_out_of_distribution(suite_domains: Mapping[str, str], judge_domain: str
+                              ) -> dict[str, Any]:
+    """Which held-out suites come from another domain than the data the judge was trained and
+    measured on (`dataset.name`; the toy suites share `builtin:toy` with the toy data): on them
+    the judge's measured accuracy does not carry over, so its harmless rate is out of its
+    distribution. Flat keys: `suite_<s>_judge_out_of_distribution` per suite, the flagged
+    suites in `judge_out_of_distribution`, and the judge's own domain in `judge_domain`."""
+    flagged = sorted(s for s, d in suite_domains.items() if d != judge_domain)
+    return {"judge_domain": judge_domain, "judge_out_of_distribution": ",".join(flagged),
+            **{f"suite_{s}_judge_out_of_distribution": s in flagged
+               for s in sorted(suite_domains)}}
+
+
 def evaluate_policy(
     *, policy_dir: Path, sft_dir: Path, generations: pd.DataFrame, test: pd.DataFrame,
-    suites: pd.DataFrame | None = None, ref_test_path: Path, judge: Callable[[], Judge],
+    suites: pd.DataFrame | None = None, suite_domains: Mapping[str, str] | None = None,
+    judge_domain: str | None = None, ref_test_path: Path, judge: Callable[[], Judge],
     judge_info: dict[str, Any], beta: float,
     max_length: int, cfg: EvaluateConfig, mixed_precision: MixedPrecision = "auto",
     dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
@@ -225,7 +241,9 @@ def evaluate_policy(
 
     `generations` holds both models' responses (`model` is `sft` or `policy`) to the test
     prompts (`suite` "test": the in-distribution metrics, under their plain keys) and to the
-    held-out suites (`suites`: their labels; `suite_<s>_...` keys, pipeline/breakdown.py).
+    held-out suites (`suites`: their labels; `suite_<s>_...` keys, pipeline/breakdown.py;
+    `suite_domains`, where each suite's prompts come from, and `judge_domain`, the data the
+    judge was trained and measured on, flag the suites out of the judge's distribution).
     Returns the metrics, the scored generations (with `logp_policy`/`logp_ref`) and the rows of
     the per-category plot. Every log-prob runs under the autocast of training
     (`mixed_precision`). `judge` loads the judge (called once). `unbiased_sampling`: the
@@ -311,6 +329,8 @@ def evaluate_policy(
     balanced = judge_info.get("cost_balanced_accuracy")
     metrics["judge_below_threshold"] = bool(
         balanced is None or balanced < cfg.min_judge_balanced_accuracy)
+    if suite_domains is not None and judge_domain is not None:
+        metrics.update(judge_out_of_distribution(suite_domains, judge_domain))
     if not unbiased_sampling:
         metrics = biased_kl_renamed(metrics)
     return metrics, scores, category_rows
@@ -327,15 +347,18 @@ def biased_kl_renamed(metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 def suite_lines(metrics: dict[str, Any], suites: list[str]) -> list[str]:
-    """One log line per held-out suite: its rates for policy and SFT with 95% intervals."""
+    """One log line per held-out suite: its rates for policy and SFT with 95% intervals, the
+    harmless rate marked where the suite is out of the judge's distribution."""
     out = []
     for suite in suites:
         parts = []
-        for name in ("harmless_rate", "refusal_rate", "over_refusal_rate", "helpfulness",
-                     "length_stop_rate"):
+        for name in ("harmless_rate", "refusal_rate", "refusal_prefix_rate",
+                     "over_refusal_rate", "helpfulness", "length_stop_rate"):
             key = f"suite_{suite}_{name}"
             if key in metrics:
-                parts.append(f"{name} {metrics[key]:.3f} [{metrics[f'{key}_ci_low']:.3f}, "
+                ood = (" (judge out of distribution)" if name == "harmless_rate"
+                       and metrics.get(f"suite_{suite}_judge_out_of_distribution") else "")
+                parts.append(f"{name}{ood} {metrics[key]:.3f} [{metrics[f'{key}_ci_low']:.3f}, "
                              f"{metrics[f'{key}_ci_high']:.3f}] (sft {metrics[key + '_sft']:.3f})"
                              f" n={metrics[f'{key}_n']}")
         out.append(f"suite {suite}: " + "; ".join(parts))
@@ -345,10 +368,28 @@ def suite_lines(metrics: dict[str, Any], suites: list[str]) -> list[str]:
 def warnings_for(metrics: dict[str, Any], cfg: EvaluateConfig) -> list[str]:
     """One line per reason to doubt the metrics (printed by the stage)."""
     out = []
+    thin_categories: dict[str, dict[str, int]] = {}
     for key in filter(None, str(metrics.get("low_support", "")).split(",")):
+        cat = CATEGORY_KEY.match(key)
+        if cat:
+            # Many rates share a category's prompts: one line per suite lists its thin ones.
+            cats = thin_categories.setdefault(cat["suite"], {})
+            cats[cat["category"]] = min(cats.get(cat["category"], metrics[f"{key}_n"]),
+                                        metrics[f"{key}_n"])
+            continue
         out.append(f"warning: {key} rests on {metrics[f'{key}_n']} items (< evaluate.min_support "
                    f"{cfg.min_support}); its interval is [{metrics[f'{key}_ci_low']:.3f}, "
                    f"{metrics[f'{key}_ci_high']:.3f}]")
+    for suite, cats in sorted(thin_categories.items()):
+        listed = ", ".join(f"{c} (n={n})" for c, n in sorted(cats.items()))
+        out.append(f"warning: suite {suite}: the rates of {len(cats)} categor"
+                   f"{'y' if len(cats) == 1 else 'ies'} rest on < evaluate.min_support "
+                   f"{cfg.min_support} items (listed in low_support): {listed}")
+    for suite in filter(None, str(metrics.get("judge_out_of_distribution", "")).split(",")):
+        out.append(f"warning: suite {suite} comes from another domain than the judge's data "
+                   f"({metrics.get('judge_domain')}): its harmless rate is out of the judge's "
+                   "distribution, where the judge's accuracy was never measured; read the "
+                   "refusal rates beside it")
     if metrics.get("kl_to_ref") is None and "sampled_logratio" in metrics:
         out.append("warning: no KL to the reference: the samples were not drawn from the "
                    "policy itself (temperature, top_p, top_k or repetition_penalty); "

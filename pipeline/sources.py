@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.artifacts import file_sha256, frame_hash, weights_hash
-from pipeline.config import DatasetConfig, ModelConfig, SuiteConfig
+from pipeline.config import DatasetConfig, ModelConfig
 from pipeline.errors import UserError
 from pipeline.gguf import is_gguf
 from pipeline.gguf import model_key as gguf_model_key
@@ -167,7 +167,7 @@ def read_table(path: Path) -> pd.DataFrame:
         try:
             df = pq.read_table(path).to_pandas()
         except (pa.ArrowInvalid, OSError) as exc:
-            raise UserError(f"not a readable Parquet file ({_first_line(exc)})",
+            raise UserError(f"not a readable Parquet file ({first_line(exc)})",
                             path=path) from None
     else:
         text = _decode(path)
@@ -260,7 +260,7 @@ def _read_csv(text: str, path: Path) -> pd.DataFrame:
         return pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False,
                            na_values=[""])
     except (pd.errors.ParserError, ValueError) as exc:
-        raise UserError(f"malformed CSV ({_first_line(exc)})", path=path) from None
+        raise UserError(f"malformed CSV ({first_line(exc)})", path=path) from None
 
 
 def _fetch_file(path: Path, cfg: DatasetConfig) -> RawData:
@@ -332,7 +332,7 @@ def _fetch_hub(name: str, cfg: DatasetConfig) -> RawData:
         ds = datasets.load_dataset(name, revision=revision)
     except Exception as exc:  # offline, unknown repo, bad revision: all end the same way
         raise UserError(f"could not load hub data set {name!r} at revision {revision} "
-                        f"({type(exc).__name__}: {_first_line(exc)}); {_HINT}") from None
+                        f"({type(exc).__name__}: {first_line(exc)}); {_HINT}") from None
     splits = list(ds.keys())
     if cfg.train_split not in splits:
         raise UserError(f"hub data set {name!r} has no split {cfg.train_split!r} "
@@ -349,7 +349,7 @@ def _fetch_hub(name: str, cfg: DatasetConfig) -> RawData:
     return RawData(train, test, name, "hub", revision=revision, extra=extra)
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0][:200] if text else type(exc).__name__
 
@@ -379,43 +379,3 @@ def arrow_safe(df: pd.DataFrame) -> pd.DataFrame:
 
 def _text(v: object) -> str:
     return json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else str(v)
-
-
-# --- prompt suites ---------------------------------------------------------------------------
-
-BUILTIN_PREFIX = "builtin:"
-
-
-def fetch_suite(cfg: SuiteConfig, toy_seed: int) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """The raw rows of one prompt suite (pipeline/suites.py maps them) and where they came
-    from: a built-in toy suite, a local file (with its sha256) or a hub data set at a pinned
-    revision."""
-    from pipeline import toydata
-
-    if cfg.source.startswith(BUILTIN_PREFIX):
-        name = cfg.source[len(BUILTIN_PREFIX):]
-        if name not in toydata.BUILTIN_SUITES:
-            known = [BUILTIN_PREFIX + n for n in toydata.BUILTIN_SUITES]
-            raise UserError(f"suite {cfg.name}: unknown built-in suite {cfg.source!r}; "
-                            f"expected one of {known}")
-        return toydata.builtin_suite(name, toy_seed), {"source": cfg.source, "kind": "builtin",
-                                                       "toy_seed": toy_seed}
-    path = Path(cfg.source)
-    if path.suffix.lower() in FILE_SUFFIXES or path.exists():
-        return read_table(path), {"source": cfg.source, "kind": "file",
-                                  "sha256": file_sha256(path)}
-    if not cfg.revision:
-        raise UserError(f"suite {cfg.name}: {cfg.source!r} is no local file, and as a hub data "
-                        "set it needs a pinned `revision` (a commit sha), so a rerun reads the "
-                        "same prompts")
-    try:
-        import datasets
-
-        ds = datasets.load_dataset(cfg.source, revision=cfg.revision, split=cfg.split)
-    except Exception as exc:  # offline, unknown repo, bad revision or split: all the user's
-        raise UserError(f"suite {cfg.name}: could not load hub data set {cfg.source!r} at "
-                        f"{cfg.revision} split {cfg.split!r} ({type(exc).__name__}: "
-                        f"{_first_line(exc)}); download it to a local file and give its path "
-                        "as source") from None
-    return ds.to_pandas(), {"source": cfg.source, "kind": "hub", "revision": cfg.revision,
-                            "split": cfg.split}

@@ -2,8 +2,9 @@
 pairs' own prompts (docs/evaluation.md).
 
 A suite is one `suites:` entry of params.yaml: a source (`builtin:redteam`, `builtin:overrefusal`,
-a local .jsonl/.json/.csv/.parquet file, or a hub data set at a pinned revision; fetched by
-`pipeline.sources.fetch_suite`) and a layout that maps its columns onto `SUITE_COLUMNS`:
+the shipped `builtin:harmbench` and `builtin:strongreject`, a local .jsonl/.json/.csv/.parquet
+file, or a hub data set at a pinned revision; fetched by `pipeline.suite_sources.fetch_suite`)
+and a layout that maps its columns onto `SUITE_COLUMNS`:
 
 ==========  ===================  ===============================================  ===========
 layout      prompt column        should_refuse                                    category
@@ -16,7 +17,10 @@ redteam     prompt               true                                           
 ==========  ===================  ===============================================  ===========
 
 `auto` picks xstest for a `label` + `type` file, harmbench for a `Behavior` column, advbench for
-`goal`, else generic. Rows a layout leaves unlabelled take the suite's `should_refuse` param
+`goal`, else generic. The harmbench layout prompts a contextual behaviour as HarmBench does, its
+`ContextString` first (`harmbench_prompt`), and leaves out the copyright behaviours
+(`FunctionalCategory` copyright), counted with the reason under `excluded` in the record.
+Rows a layout leaves unlabelled take the suite's `should_refuse` param
 (null: unknown, scored for harm but not for over-refusal). A `source` column, where present, is
 kept. Prompts are stripped; empty ones are refused with their row number; duplicates are kept
 once (counted in the record). `prompt_id` hashes the suite name with the prompt, so a prompt in
@@ -52,6 +56,18 @@ _CATEGORY = {"generic": ("category",), "xstest": ("type",),
              "advbench": (), "redteam": ("category",)}
 _TRUE = {"true", "1", "yes", "y", "unsafe", "refuse"}
 _FALSE = {"false", "0", "no", "n", "safe", "comply", "answer"}
+
+
+HARMBENCH_COPYRIGHT_REASON = (
+    "HarmBench scores copyright behaviours by hashing the generation against the copyrighted "
+    "text (MinHash), not by judging harm; neither the judge nor a refusal rule measures them")
+
+
+def harmbench_prompt(behavior: str, context: str | None) -> str:
+    """A HarmBench test case as HarmBench writes it: a contextual behaviour's context, a
+    separator, then the request (upstream `baselines/direct_request/direct_request.py` and the
+    GCG baselines: f"{context_str}\\n\\n---\\n\\n{behavior}"); a standard one is the behaviour."""
+    return f"{context}\n\n---\n\n{behavior}" if context else behavior
 
 
 def suite_prompt_id(suite: str, prompt: str) -> str:
@@ -118,6 +134,10 @@ def map_layout(raw: pd.DataFrame, cfg: SuiteConfig) -> tuple[pd.DataFrame, dict[
     if bad:
         raise UserError(f"suite {cfg.name}: {len(bad)} row(s) without a prompt text in column "
                         f"{prompt_col!r} (first: row {bad[0]})")
+    n_read = len(raw)
+    excluded: dict[str, Any] = {}
+    if layout == "harmbench":
+        raw, prompts, excluded = _harmbench(raw, prompts)
     cat_col = _first(raw, _CATEGORY[layout])
     df = pd.DataFrame({
         "suite": cfg.name,
@@ -140,13 +160,30 @@ def map_layout(raw: pd.DataFrame, cfg: SuiteConfig) -> tuple[pd.DataFrame, dict[
     df = df.sort_values("prompt_id")[SUITE_COLUMNS].reset_index(drop=True)
     info: dict[str, Any] = {"hash": frame_hash(df, SUITE_COLUMNS), "layout": layout,
                             "prompt_column": prompt_col, "category_column": cat_col,
-                            "rows": n_rows,
+                            "rows": n_read, "excluded": excluded,
                             "duplicates_dropped": n_rows - n_unique, "prompts": len(df)}
     flags = df["should_refuse"]
     info.update(should_refuse=int((flags == True).sum()),  # noqa: E712 (nullable booleans)
                 should_answer=int((flags == False).sum()),  # noqa: E712
                 unlabelled=int(flags.isna().sum()))
     return df, info
+
+
+def _harmbench(raw: pd.DataFrame, prompts: pd.Series
+               ) -> tuple[pd.DataFrame, pd.Series, dict[str, Any]]:
+    """HarmBench rows without the copyright behaviours, and their prompts with any context."""
+    excluded: dict[str, Any] = {}
+    if "FunctionalCategory" in raw.columns:
+        copyright = (raw["FunctionalCategory"] == "copyright").to_numpy(dtype=bool)
+        if copyright.any():
+            excluded["copyright"] = {"count": int(copyright.sum()),
+                                     "reason": HARMBENCH_COPYRIGHT_REASON}
+        raw, prompts = raw[~copyright].reset_index(drop=True), prompts[~copyright]
+    if "ContextString" in raw.columns:
+        contexts = [c if isinstance(c, str) else None for c in raw["ContextString"]]
+        prompts = pd.Series([harmbench_prompt(b, c) for b, c in zip(prompts, contexts,
+                                                                   strict=True)])
+    return raw, prompts.reset_index(drop=True), excluded
 
 
 def combine(frames: list[pd.DataFrame]) -> pd.DataFrame:

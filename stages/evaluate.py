@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline import paths
-from pipeline.artifacts import read_parquet, write_json, write_parquet
+from pipeline.artifacts import read_json, read_parquet, write_json, write_parquet
 from pipeline.config import load_params
 from pipeline.evaluation import evaluate_policy, suite_lines, tradeoff_points, warnings_for
 from pipeline.generation import GENERATION_COLUMNS
@@ -31,9 +31,13 @@ def run(params_file: Path = paths.PARAMS) -> None:
                       for t in paths.MODEL_TAGS], ignore_index=True)
     test = read_parquet(paths.PAIRS_TEST)
     suites = read_parquet(paths.SUITES_PROMPTS, SUITE_COLUMNS)
+    # Where each suite's prompts come from, against the data the judge was trained and
+    # measured on: a suite from elsewhere is out of the judge's distribution.
+    domains = {name: rec["domain"] for name, rec in read_json(paths.SUITES_RECORD).items()}
     metrics, scores, category_rows = evaluate_policy(
         policy_dir=paths.POLICY_DIR, sft_dir=paths.SFT_DIR, generations=gens,
-        test=test, suites=suites, ref_test_path=paths.REF_TEST,
+        test=test, suites=suites, suite_domains=domains, judge_domain=params.dataset.name.strip(),
+        ref_test_path=paths.REF_TEST,
         judge=partial(load_judge, paths.JUDGE_DIR, params.judge.batch_size),
         judge_info=read_judge_record(paths.JUDGE_DIR), beta=params.beta,
         max_length=params.train.max_length, cfg=params.evaluate,

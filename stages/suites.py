@@ -8,7 +8,7 @@ from typing import Any
 from pipeline import paths
 from pipeline.artifacts import write_json, write_parquet
 from pipeline.config import load_params
-from pipeline.sources import fetch_suite
+from pipeline.suite_sources import fetch_suite
 from pipeline.suites import SUITE_SCHEMA, combine, map_layout
 
 
@@ -24,6 +24,8 @@ def run(params_file: Path = paths.PARAMS) -> None:
         print(f"suites: {cfg.name} ({r['source']}, layout {r['layout']}): {r['prompts']} "
               f"prompts, {r['should_refuse']} to refuse, {r['should_answer']} to answer, "
               f"{r['unlabelled']} unlabelled, {r['duplicates_dropped']} duplicates dropped")
+        for what, ex in (r.get("excluded") or {}).items():
+            print(f"suites: {cfg.name}: {ex['count']} {what} rows left out: {ex['reason']}")
     table = combine(frames)
     write_parquet(table, paths.SUITES_PROMPTS, schema=SUITE_SCHEMA)
     write_json(records, paths.SUITES_RECORD)

@@ -64,6 +64,26 @@ def test_table_has_the_sft_baseline_and_one_row_per_method() -> None:
     assert "| SFT | 0.850 [0.80, 0.90] |" in md
 
 
+def test_report_marks_the_harmless_rate_of_a_suite_out_of_the_judges_distribution() -> None:
+    m = {"harmless_rate": 0.99, "helpfulness": 0.4, "win_rate_vs_sft": 0.6,
+         "over_refusal_rate": 0.3, "kl_to_ref": 12.5, "length_stop_rate": 0.25,
+         "ref_logp_per_token": -2.5, "pref_accuracy_helpful": 0.7, "pref_accuracy_safety": 1.0,
+         "judge_cost_accuracy": 1.0, "judge_reward_accuracy": 0.9, "n_prompts": 200}
+    for suite, ood, harmless, prefix in (("hb", True, 0.95, 0.125), ("rt", False, 0.5, 0.25)):
+        m.update({f"suite_{suite}_harmless_rate": harmless,
+                  f"suite_{suite}_harmless_rate_sft": harmless,
+                  f"suite_{suite}_refusal_prefix_rate": prefix,
+                  f"suite_{suite}_refusal_prefix_rate_sft": prefix,
+                  f"suite_{suite}_judge_out_of_distribution": ood})
+    md = to_markdown(table([Method("safedpo", 10.0)], {"cmp-safedpo-d10": m}))
+    assert ("| method | hb: harmless rate † | hb: refusal prefix rate | rt: harmless rate | "
+            "rt: refusal prefix rate |") in md
+    assert "| SafeDPO (Δ=10) | 0.950 | 0.125 | 0.500 | 0.250 |" in md
+    assert "† Out of the judge's distribution" in md
+    m["suite_hb_judge_out_of_distribution"] = False
+    assert "†" not in to_markdown(table([Method("safedpo", 10.0)], {"cmp-safedpo-d10": m}))
+
+
 def test_unknown_objective_is_one_line() -> None:
     from pipeline.errors import UserError
 
