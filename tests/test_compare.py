@@ -109,6 +109,7 @@ def test_a_profile_overlays_every_experiment_and_is_validated_first(tmp_path) ->
     assert "sft.lr=2e-05" in prof.overrides
     suites = next(o for o in prof.overrides if o.startswith("suites="))
     assert suites.startswith("suites=[{name:'redteam',source:'builtin:redteam',max_prompts:24},")
+    assert suites.endswith("{name:'strongreject',source:'builtin:strongreject',split:'small'}]")
     m = methods(["safedpo"], [10.0], prof)[0]
     assert m.experiment == "gemma3-270m-cmp-safedpo-d10"
     args = m.set_params()
