@@ -17,7 +17,9 @@ from dvc_project import BIN, copy_project, run, stages_run
 from safetensors import safe_open
 from tiny_lms import full_logits
 
+from pipeline.config import GenerateConfig
 from pipeline.encoding import Encoder, resolve_template
+from pipeline.generation import generate
 from pipeline.gguf import GEMMA_270M, RECORD, converted, locate
 from pipeline.layouts import collate
 from pipeline.lm_head import head_path, lm_head_of
@@ -73,6 +75,36 @@ def test_gemma_turn_format_round_trips_and_ends_with_end_of_turn(gemma) -> None:
         assert e.input_ids[0] == tokenizer.bos_token_id and e.input_ids[-1] == END_OF_TURN
 
 
+def test_end_of_turn_ends_generation(gemma) -> None:
+    """The pipeline's sampler on the real model stops at <end_of_turn> as at EOS: made likely
+    at the third new token (a hook adds to its logit), it ends every sample there, the token is
+    kept in the ids (KL scores it) and left out of the text."""
+    model, tokenizer, _ = gemma
+    enc = Encoder(tokenizer, resolve_template("auto", tokenizer), 64)
+    prompts = pd.DataFrame({"prompt_id": ["a", "b"], "prompt": PROMPTS[:2]})
+    seen = []
+
+    def boost(_module, _args, out: torch.Tensor) -> torch.Tensor:
+        seen.append(out.shape[1])
+        step = len(seen) - 1  # 0: the prompt's forward; k: the k-th new token's
+        if step == 2:
+            out = out.clone()
+            out[..., END_OF_TURN] += 1e4
+        return out
+
+    handle = model.get_output_embeddings().register_forward_hook(boost)
+    try:
+        df, _ = generate(model, enc, prompts, GenerateConfig(max_new_tokens=12, batch_size=2),
+                         "policy")
+    finally:
+        handle.remove()
+    assert len(seen) == 3  # the prompts' forward and two new tokens' (one batch)
+    for ids, reason, text in zip(df["token_ids"], df["finish_reason"], df["response"],
+                                 strict=True):
+        assert len(ids) == 3 and int(ids[-1]) == END_OF_TURN and reason == "eos"
+        assert "<end_of_turn>" not in text and text
+
+
 #: Weights whose gradients are compared: the tied embedding/head, the first and last layers.
 GRAD_NAMES = ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
               "model.layers.17.mlp.down_proj.weight", "model.norm.weight")
@@ -119,14 +151,14 @@ def test_label_position_logps_equal_the_full_logits_on_gemma(gemma, precision: s
 
 
 def test_gemma_through_every_stage(tmp_path: Path) -> None:
-    # Sizes for CI's 2 cores: 2 SFT steps of 16 sequences, 2 SafeDPO steps of 8 pairs.
+    # Sizes for CI's 2 cores: one SFT step of 16 sequences, one SafeDPO step of 8 pairs.
     project = copy_project(tmp_path, {
-        "dataset": {"toy": {"n_train": 16, "n_test": 6}},
+        "dataset": {"toy": {"n_train": 8, "n_test": 4}},
         "model": {"name": GEMMA_270M, "template": "auto"},
         "sft": {"epochs": 1, "batch_size": 16, "max_length": 48, "lr": 2e-5, "log_every": 1},
         "train": {"epochs": 1, "batch_size": 8, "max_length": 48, "lr": 1e-5,
                   "checkpoint_every": 1000},
-        "generate": {"n_prompts": 3, "max_new_tokens": 8, "batch_size": 8},
+        "generate": {"n_prompts": 2, "max_new_tokens": 8, "batch_size": 8},
         "judge": {"offline": {"epochs": 2, "n_features": 4096, "vocab_buckets": 65536}},
         "evaluate": {"bootstrap": 100},
         "suites": [{"name": "redteam", "source": "builtin:redteam", "max_prompts": 2}]})
@@ -151,7 +183,7 @@ def test_gemma_through_every_stage(tmp_path: Path) -> None:
 
     # <end_of_turn> ends generation: no token after it, never in the text.
     gens = pd.read_parquet(project / "data/generations/policy.parquet")
-    assert len(gens) == 3 + 2
+    assert len(gens) == 2 + 2
     stops = {END_OF_TURN, 1}
     for ids, reason, text in zip(gens["token_ids"], gens["finish_reason"], gens["response"],
                                  strict=True):
