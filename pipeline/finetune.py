@@ -38,7 +38,6 @@ from pipeline.modeling import (
     load_pretrained,
     save_model,
 )
-from pipeline.paths import SUMMARY_FILE
 from pipeline.reference import attach_reference, fingerprint_for, read_reference
 from pipeline.selection import contradictions, oriented, responses_long
 from pipeline.training import (
@@ -99,9 +98,8 @@ def run_sft(
                                            trust_remote_code=model_cfg.trust_remote_code,
                                            dtype="auto")
         template = resolve_template(model_cfg.template, tokenizer)
-        save_model(model, tokenizer, template, out_dir)
         summary = {"enabled": False, "source": model_cfg.name, "template": template.kind}
-        (Path(out_dir) / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+        save_model(model, tokenizer, template, out_dir, summary)
         return summary
 
     prompts, responses = sft_texts(train, cfg.responses)
@@ -141,8 +139,7 @@ def run_sft(
     }
     check_finite_weights(model, "sft")
     if accelerator.is_main_process:
-        save_model(model, tokenizer, template, out_dir, state_dict=result.state_dict)
-        (Path(out_dir) / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+        save_model(model, tokenizer, template, out_dir, summary, state_dict=result.state_dict)
     return {**summary, "seconds": result.seconds, "layout": layout.describe()}
 
 
@@ -198,17 +195,22 @@ def run_preference(
     if cfg.lora.enabled:
         model = _apply_lora(model, cfg.lora)
     key = _run_key("pref", asdict(cfg), beta, delta, fp.as_dict())
-    checkpointer = Checkpointer(checkpoint_root, key, cfg.checkpoint_every)
-    resumed = checkpointer.resumable_step()
+    # Every logged row, saved with each checkpoint: on resume DVCLive's files are rebuilt from
+    # it, whatever a kill left in them (an empty metrics.json, a cut .tsv row, rows of steps
+    # after the checkpoint).
+    history: list[dict[str, float]] = []
+    checkpointer = Checkpointer(checkpoint_root, key, cfg.checkpoint_every,
+                                notes=lambda: {"log": history})
+    if checkpointer.resumable_step():
+        history.extend(checkpointer.resumed_notes().get("log", []))
     live = None
     if accelerator.is_main_process and live_dir is not None:
-        live = _open_live(live_dir, resumed)
+        live = _open_live(live_dir, history)
 
     def log(step: int, metrics: dict[str, float]) -> None:
+        history.append(dict(metrics))
         if live is not None:
-            for k, v in metrics.items():
-                live.log_metric(k, v)
-            live.next_step()
+            _log_row(live, metrics)
 
     layout = forward_layout(cfg.layout, cfg.forward_groups, model, accelerator.device,
                             accelerator.num_processes)
@@ -227,13 +229,13 @@ def run_preference(
     # A run cut short by `stop_after` stands for a killed one: it leaves only its checkpoint.
     check_finite_weights(model, "train")
     if accelerator.is_main_process and stop_after is None:
+        notes = {**summary, "final": result.last_metrics}
         if cfg.lora.enabled:
             # Merging needs the whole model on one process: LoRA is for single / DDP runs.
-            save_model(model.merge_and_unload(), tokenizer, encoder.template, out_dir)
+            save_model(model.merge_and_unload(), tokenizer, encoder.template, out_dir, notes)
         else:
-            save_model(model, tokenizer, encoder.template, out_dir, state_dict=result.state_dict)
-        (Path(out_dir) / SUMMARY_FILE).write_text(json.dumps(
-            {**summary, "final": result.last_metrics}, indent=2) + "\n")
+            save_model(model, tokenizer, encoder.template, out_dir, notes,
+                       state_dict=result.state_dict)
         checkpointer.clear(accelerator)
     if live is not None:
         for k, v in summary.items():
@@ -244,21 +246,18 @@ def run_preference(
             "seconds": result.seconds, "layout": layout.describe()}
 
 
-def _open_live(live_dir: Path, resumed_step: int):  # -> dvclive.Live
+def _open_live(live_dir: Path, history: list[dict[str, float]]):  # -> dvclive.Live
+    """A fresh DVCLive logger (it deletes what an earlier run left) with the rows of `history`
+    logged again: the same files, byte for byte, as the run had written up to its checkpoint."""
     from dvclive import Live
 
-    live_dir = Path(live_dir)
-    if resumed_step:
-        _truncate_live(live_dir, resumed_step)
-    live = Live(str(live_dir), resume=bool(resumed_step), dvcyaml=False, save_dvc_exp=False,
-                report=None)
-    if resumed_step:
-        live.step = resumed_step
+    live = Live(str(live_dir), resume=False, dvcyaml=False, save_dvc_exp=False, report=None)
+    for row in history:
+        _log_row(live, row)
     return live
 
 
-def _truncate_live(live_dir: Path, step: int) -> None:
-    """Drop rows logged after the checkpoint we resume from, so no step appears twice."""
-    for tsv in (live_dir / "plots" / "metrics").rglob("*.tsv"):
-        df = pd.read_csv(tsv, sep="\t")
-        df[df["step"] < step].to_csv(tsv, sep="\t", index=False)
+def _log_row(live, metrics: dict[str, float]) -> None:  # live: dvclive.Live
+    for k, v in metrics.items():
+        live.log_metric(k, v)
+    live.next_step()
