@@ -32,10 +32,12 @@ from pipeline.errors import UserError
 from pipeline.logps import forward_layout, score_sequences
 from pipeline.modeling import (
     BUILTIN_TINY,
-    check_finite_weights,
+    check_weights,
     disable_dropout,
     initial_model,
     load_pretrained,
+    load_saved,
+    max_abs_weight,
     save_model,
 )
 from pipeline.reference import attach_reference, fingerprint_for, read_reference
@@ -114,6 +116,7 @@ def run_sft(
     accelerator = make_accelerator(cfg)
     device = str(accelerator.device)
     model.to(accelerator.device)
+    start = max_abs_weight(model)
     before = heldout_loss(model, encoder, test, cfg.responses, device, cfg.mixed_precision)
     stats = TruncationStats()
     examples = encoder.sequences(prompts, responses, stats)
@@ -137,7 +140,7 @@ def run_sft(
         "truncation": stats.as_dict(),
         "parameters": sum(p.numel() for p in model.parameters()), "history": history,
     }
-    check_finite_weights(model, "sft")
+    check_weights(model, "sft", start, cfg.max_weight_growth)
     if accelerator.is_main_process:
         save_model(model, tokenizer, template, out_dir, summary, state_dict=result.state_dict)
     return {**summary, "seconds": result.seconds, "layout": layout.describe()}
@@ -182,7 +185,7 @@ def run_preference(
     is loaded: its log-probs come from `ref_path`, checked against the current fingerprint.
     The weights train in fp32 whatever dtype the SFT checkpoint has."""
     objective = objectives.get(cfg.objective)
-    model, tokenizer = load_pretrained(sft_dir, dtype=torch.float32)
+    model, tokenizer = load_saved(sft_dir, "sft", dtype=torch.float32)
     encoder = Encoder(tokenizer, load_template(sft_dir), cfg.max_length)
     accelerator = make_accelerator(cfg)
     fp = fingerprint_for(sft_dir, encoder, cfg.mixed_precision, train, accelerator.device)
@@ -194,6 +197,7 @@ def run_preference(
         disable_dropout(model)
     if cfg.lora.enabled:
         model = _apply_lora(model, cfg.lora)
+    start = max_abs_weight(model)
     key = _run_key("pref", asdict(cfg), beta, delta, fp.as_dict())
     # Every logged row, saved with each checkpoint: on resume DVCLive's files are rebuilt from
     # it, whatever a kill left in them (an empty metrics.json, a cut .tsv row, rows of steps
@@ -227,7 +231,7 @@ def run_preference(
         "pairs_trained": len(examples), "steps": result.steps,
     }
     # A run cut short by `stop_after` stands for a killed one: it leaves only its checkpoint.
-    check_finite_weights(model, "train")
+    check_weights(model, "train", start, cfg.max_weight_growth)
     if accelerator.is_main_process and stop_after is None:
         notes = {**summary, "final": result.last_metrics}
         if cfg.lora.enabled:

@@ -188,13 +188,31 @@ def check_saved(model_dir: Path, stage: str) -> None:
                         f"or replaced; rerun `dvc repro {stage}`", path=model_dir)
 
 
-def check_finite_weights(model: PreTrainedModel, what: str) -> None:
-    """Refuse to save non-finite weights (a learning rate far too high can leave them after a
-    last step whose loss was still finite)."""
-    for name, p in model.named_parameters():
-        if not torch.isfinite(p).all():
-            raise UserError(f"{what} produced non-finite weights ({name}); lower the learning "
-                            "rate")
+def max_abs_weight(model: PreTrainedModel) -> float:
+    with torch.no_grad():
+        return max((float(p.detach().abs().max()) for p in model.parameters() if p.numel()),
+                   default=0.0)
+
+
+def check_weights(model: PreTrainedModel, what: str, start: float, max_growth: float) -> None:
+    """Refuse to save non-finite or exploded weights: a learning rate far too high can leave
+    them after a last step whose loss was still finite (one step at lr 1e10 moves every weight
+    by ~1e10 under Adam).
+
+    Exploded means the largest |weight| grew more than `max_growth` times over `start`, the
+    largest at the start taken as at least 1 (a model's norm weights start at 1). Sound runs
+    stay far below: Adam moves a weight by about the learning rate per step."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not torch.isfinite(p).all():
+                raise UserError(f"{what} produced non-finite weights ({name}); lower the "
+                                f"learning rate ({what}.lr)")
+        now = max_abs_weight(model)
+    limit = max_growth * max(start, 1.0)
+    if now > limit:
+        raise UserError(f"{what} diverged: the largest |weight| is {now:.3g}, more than "
+                        f"{what}.max_weight_growth {max_growth:g} x {max(start, 1.0):.3g} (the "
+                        f"start's); nothing was saved; lower the learning rate ({what}.lr)")
 
 
 def disable_dropout(model: PreTrainedModel) -> int:

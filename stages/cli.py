@@ -91,18 +91,39 @@ def inspect(
 VERBOSE = ("-v", "--verbose")
 
 
+INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
+TERMINATED = 143  # 128 + SIGTERM
+
+
+class _Terminated(BaseException):
+    """SIGTERM (a scheduler's preemption, `kill`), raised where the process is, so that the
+    `finally` blocks of the atomic writes remove their temporary files as on Ctrl-C."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise _Terminated
+
+
 def main() -> None:
     """Entry point: a `UserError` becomes one line on stderr and exit code 2; anything
-    unexpected one line and exit code 1 (`-v`/`--verbose`, anywhere: the traceback)."""
+    unexpected one line and exit code 1 (`-v`/`--verbose`, anywhere: the traceback); Ctrl-C
+    (SIGINT) one line and 130, SIGTERM one line and 143."""
+    import signal
+
     verbose = any(a in VERBOSE for a in sys.argv[1:])
+    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        app(args=[a for a in sys.argv[1:] if a not in VERBOSE], standalone_mode=False)
+        code = app(args=[a for a in sys.argv[1:] if a not in VERBOSE], standalone_mode=False)
     except UserError as exc:
         print(f"safedpo: error: {exc}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("safedpo: interrupted", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(INTERRUPTED)
+    except _Terminated:
+        print("safedpo: terminated", file=sys.stderr)
+        sys.exit(TERMINATED)
     except SystemExit:
         raise
     except Exception as exc:
@@ -119,3 +140,9 @@ def main() -> None:
         print(f"safedpo: unexpected error: {type(exc).__name__}: {first}; rerun with -v for the "
               "traceback", file=sys.stderr)
         sys.exit(1)
+    # Without standalone mode typer *returns* the exit code of a `typer.Exit`, and turns a
+    # KeyboardInterrupt into `Exit(130)`: dropped, a Ctrl-C at any point exited 0, silently.
+    if code == INTERRUPTED:
+        print("safedpo: interrupted", file=sys.stderr)
+    if isinstance(code, int) and code:
+        sys.exit(code)

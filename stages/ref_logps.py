@@ -10,7 +10,7 @@ from pipeline.artifacts import read_parquet
 from pipeline.config import load_params
 from pipeline.encoding import Encoder, TruncationStats, load_template
 from pipeline.logps import pair_logps
-from pipeline.modeling import load_pretrained
+from pipeline.modeling import load_saved
 from pipeline.precision import device, weight_dtype
 from pipeline.reference import fingerprint_for, write_reference
 
@@ -19,7 +19,7 @@ def run(params_file: Path = paths.PARAMS) -> None:
     params = load_params(params_file)
     on = device()
     mp = params.train.mixed_precision
-    model, tokenizer = load_pretrained(paths.SFT_DIR, dtype=weight_dtype(params.model.dtype))
+    model, tokenizer = load_saved(paths.SFT_DIR, "sft", dtype=weight_dtype(params.model.dtype))
     model.to(on)
     encoder = Encoder(tokenizer, load_template(paths.SFT_DIR), params.train.max_length)
     for split, src, dest in (("train", paths.PAIRS_TRAIN, paths.REF_TRAIN),
