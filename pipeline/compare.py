@@ -27,6 +27,7 @@ import pandas as pd
 from pipeline import objectives, paths
 from pipeline.artifacts import atomic_path, write_parquet
 from pipeline.errors import UserError
+from pipeline.repolock import exclusive
 
 METRIC_COLUMNS = ["harmless_rate", "helpfulness", "win_rate_vs_sft", "over_refusal_rate",
                   "kl_to_ref", "length_stop_rate", "ref_logp_per_token", "pref_accuracy_helpful",
@@ -123,15 +124,20 @@ def experiment_metrics(shown: list[dict[str, Any]]
 
 
 def run_comparison(chosen: Sequence[Method], cwd: Path = Path()) -> pd.DataFrame:
-    """Queue the methods that have no experiment yet, run them, and tabulate every method."""
-    have, failed = experiment_metrics(json.loads(_dvc(["exp", "show", "--json"], cwd)))
-    todo = [m for m in chosen if m.experiment not in have]
-    stale = [m.experiment for m in todo if m.experiment in failed]
-    if stale:  # a failed run of an earlier call: run it again
-        _dvc(["exp", "remove", *stale], cwd)
-    for m in todo:
-        _dvc(["exp", "run", "--queue", "-n", m.experiment, *m.set_params()], cwd)
-        print(f"compare: queued {m.experiment} ({m.label})")
+    """Queue the methods that have no experiment yet, run them, and tabulate every method.
+
+    Queueing writes each method's params into the workspace's params.yaml for a moment (DVC
+    stashes them), so it holds the project (`repolock.exclusive`): refused while `dvc repro`
+    or a stage runs here. The queued runs then go in DVC's temporary copies, not here."""
+    with exclusive("safedpo compare", Path(cwd)):
+        have, failed = experiment_metrics(json.loads(_dvc(["exp", "show", "--json"], cwd)))
+        todo = [m for m in chosen if m.experiment not in have]
+        stale = [m.experiment for m in todo if m.experiment in failed]
+        if stale:  # a failed run of an earlier call: run it again
+            _dvc(["exp", "remove", *stale], cwd)
+        for m in todo:
+            _dvc(["exp", "run", "--queue", "-n", m.experiment, *m.set_params()], cwd)
+            print(f"compare: queued {m.experiment} ({m.label})")
     if todo:
         # Which ones failed is read from `exp show` below.
         with contextlib.suppress(UserError):

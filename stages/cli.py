@@ -34,8 +34,11 @@ STAGES = {
 
 
 def _run_stage(module: str, **kwargs: object) -> None:
+    from pipeline.repolock import stage_lock
+
     mod = importlib.import_module(f"stages.{module}")
-    mod.run(**kwargs)
+    with stage_lock():  # `safedpo compare` does not rewrite params.yaml under a running stage
+        mod.run(**kwargs)
 
 
 def _register(name: str, help_text: str) -> None:
