@@ -78,14 +78,19 @@ def methods(names: Sequence[str], deltas: Sequence[float]) -> list[Method]:
     return out
 
 
-def _dvc(args: list[str], cwd: Path) -> str:
+def dvc_command() -> tuple[str, dict[str, str]]:
+    """The `dvc` beside this interpreter (else on PATH) and the environment to run it in."""
     # Queue workers run `safedpo` from a temporary copy of the repository: put this
     # interpreter's scripts directory on PATH as an absolute path, so an unactivated
     # `.venv/bin/safedpo compare` works too.
     scripts = os.path.dirname(os.path.abspath(sys.executable))
     env = {**os.environ, "DVC_NO_ANALYTICS": "true",
            "PATH": os.pathsep.join([scripts, os.environ.get("PATH", "")])}
-    dvc = shutil.which("dvc", path=env["PATH"]) or "dvc"
+    return shutil.which("dvc", path=env["PATH"]) or "dvc", env
+
+
+def _dvc(args: list[str], cwd: Path) -> str:
+    dvc, env = dvc_command()
     try:
         proc = subprocess.run([dvc, *args], cwd=cwd, env=env, capture_output=True, text=True)
     except FileNotFoundError:

@@ -81,6 +81,25 @@ def compare(
     typer.echo(to_markdown(table))
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+             help="`dvc status` that sees in-place edits of a local dataset.name or model.name: "
+                  "first writes their content keys (what the always-run `source` stage writes; "
+                  "the same bytes if nothing changed), then runs `dvc status ARGS`.")
+def status(ctx: typer.Context, params: Path = PARAMS_OPT) -> None:
+    import subprocess
+
+    from pipeline.compare import dvc_command
+
+    _run_stage("source", params_file=params)
+    dvc, env = dvc_command()
+    try:
+        code = subprocess.run([dvc, "status", *ctx.args], env=env).returncode
+    except FileNotFoundError:
+        raise UserError("dvc is not on PATH (activate the project's virtualenv)") from None
+    if code:
+        raise typer.Exit(code)
+
+
 @app.command(help="Print a Parquet artifact's schema, row count, key statistics and first rows.")
 def inspect(
     path: Path = typer.Argument(..., help="A Parquet file, e.g. data/pairs/train.parquet."),
