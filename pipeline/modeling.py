@@ -25,7 +25,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from pipeline.artifacts import atomic_dir, weights_hash, write_json
+from pipeline.artifacts import atomic_dir, refuse_broken_link, weights_hash, write_json
 from pipeline.config import ModelConfig, TinyModelConfig
 from pipeline.encoding import Template
 from pipeline.errors import UserError
@@ -102,6 +102,7 @@ def load_pretrained(
     hf_logging.disable_progress_bar()
     name = str(name)
     local = Path(name)
+    refuse_broken_link(local, "the model directory")
     if local.exists() and not (local / "config.json").exists():
         raise UserError("not a Hugging Face model directory (no config.json)", path=local)
     if not local.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):

@@ -22,6 +22,7 @@ def run(params_file: Path = paths.PARAMS) -> None:
     model, tokenizer = load_saved(paths.SFT_DIR, "sft", dtype=weight_dtype(params.model.dtype))
     model.to(on)
     encoder = Encoder(tokenizer, load_template(paths.SFT_DIR), params.train.max_length)
+    encoder.require_room("train.max_length")
     for split, src, dest in (("train", paths.PAIRS_TRAIN, paths.REF_TRAIN),
                              ("test", paths.PAIRS_TEST, paths.REF_TEST)):
         pairs = read_parquet(src)
