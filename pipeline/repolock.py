@@ -94,9 +94,13 @@ def stage_lock(root: Path = Path()) -> Iterator[None]:
 @contextmanager
 def exclusive(what: str, root: Path = Path()) -> Iterator[None]:
     """Hold the project for `what` (a command that edits params.yaml), or refuse in one line
-    while DVC or a stage holds it."""
+    while DVC or a stage holds it. Outside a DVC project there is nothing to hold (and no
+    `.dvc` folder is made: dvc would take it for a project); dvc itself then says so."""
+    if not _dvc_project(root):
+        yield
+        return
     path = root / paths.STAGE_LOCK
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:

@@ -126,6 +126,30 @@ def _on_sigterm(signum: int, frame: object) -> None:
     raise _Terminated
 
 
+class _Stderr:
+    """sys.stderr, remembering whether its last text ended a line: a progress bar cut short by
+    an error or a signal ends without one, and the error's line would run on after it."""
+
+    def __init__(self, stream: object) -> None:
+        self.stream = stream
+        self.mid_line = False
+
+    def write(self, text: str) -> int:
+        # Noted before the write: a signal arriving just after it would skip the note.
+        if text:
+            self.mid_line = not text.endswith("\n")
+        return self.stream.write(text)  # type: ignore[attr-defined]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.stream, name)
+
+
+def _say(message: str) -> None:
+    """`message` on a line of its own on stderr."""
+    start = "\n" if isinstance(sys.stderr, _Stderr) and sys.stderr.mid_line else ""
+    print(start + message, file=sys.stderr)
+
+
 def main() -> None:
     """Entry point: a `UserError` becomes one line on stderr and exit code 2; anything
     unexpected one line and exit code 1 (`-v`/`--verbose`, anywhere: the traceback); Ctrl-C
@@ -135,16 +159,24 @@ def main() -> None:
     verbose = any(a in VERBOSE for a in sys.argv[1:])
     if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _on_sigterm)
+    stderr, sys.stderr = sys.stderr, _Stderr(sys.stderr)
+    try:
+        _main(verbose)
+    finally:
+        sys.stderr = stderr
+
+
+def _main(verbose: bool) -> None:
     try:
         code = app(args=[a for a in sys.argv[1:] if a not in VERBOSE], standalone_mode=False)
     except UserError as exc:
-        print(f"safedpo: error: {exc}", file=sys.stderr)
+        _say(f"safedpo: error: {exc}")
         sys.exit(2)
     except KeyboardInterrupt:
-        print("safedpo: interrupted", file=sys.stderr)
+        _say("safedpo: interrupted")
         sys.exit(INTERRUPTED)
     except _Terminated:
-        print("safedpo: terminated", file=sys.stderr)
+        _say("safedpo: terminated")
         sys.exit(TERMINATED)
     except SystemExit:
         raise
@@ -159,12 +191,12 @@ def main() -> None:
         if verbose:
             raise
         first = (str(exc).strip().splitlines() or [""])[0][:300]
-        print(f"safedpo: unexpected error: {type(exc).__name__}: {first}; rerun with -v for the "
-              "traceback", file=sys.stderr)
+        _say(f"safedpo: unexpected error: {type(exc).__name__}: {first}; rerun with -v for the "
+             "traceback")
         sys.exit(1)
     # Without standalone mode typer *returns* the exit code of a `typer.Exit`, and turns a
     # KeyboardInterrupt into `Exit(130)`: dropped, a Ctrl-C at any point exited 0, silently.
     if code == INTERRUPTED:
-        print("safedpo: interrupted", file=sys.stderr)
+        _say("safedpo: interrupted")
     if isinstance(code, int) and code:
         sys.exit(code)
