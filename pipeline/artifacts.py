@@ -6,6 +6,7 @@ interrupted stage never leaves a half-written file that a later stage could mist
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import json
@@ -149,6 +150,22 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def refuse_broken_link(path: Path, what: str) -> None:
+    """A path that is a symbolic link resolving to nothing (a loop, a deleted target) looks like
+    no file at all, and a name that is no local file is then taken for a hub id: say what it
+    is instead."""
+    path = Path(path).expanduser()
+    try:
+        os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UserError(f"{what} is a symbolic link loop (a link that points back to "
+                            "itself); point it at a real file or directory", path=path) from None
+        if path.is_symlink():
+            raise UserError(f"{what} is a symbolic link to {os.readlink(path)!r}, which does "
+                            "not exist", path=path) from None
 
 
 def file_sha256(path: Path) -> str:

@@ -29,6 +29,7 @@ from pipeline import objectives, paths
 from pipeline.artifacts import atomic_path, write_parquet
 from pipeline.config import Params, from_dict
 from pipeline.errors import UserError
+from pipeline.repolock import exclusive
 
 #: Named profiles for `safedpo compare --profile NAME` (package data).
 PROFILES = Path(__file__).parent / "profiles"
@@ -153,14 +154,19 @@ def methods(names: Sequence[str], deltas: Sequence[float], profile: Profile | No
     return out
 
 
-def _dvc(args: list[str], cwd: Path) -> str:
+def dvc_command() -> tuple[str, dict[str, str]]:
+    """The `dvc` beside this interpreter (else on PATH) and the environment to run it in."""
     # Queue workers run `safedpo` from a temporary copy of the repository: put this
     # interpreter's scripts directory on PATH as an absolute path, so an unactivated
     # `.venv/bin/safedpo compare` works too.
     scripts = os.path.dirname(os.path.abspath(sys.executable))
     env = {**os.environ, "DVC_NO_ANALYTICS": "true",
            "PATH": os.pathsep.join([scripts, os.environ.get("PATH", "")])}
-    dvc = shutil.which("dvc", path=env["PATH"]) or "dvc"
+    return shutil.which("dvc", path=env["PATH"]) or "dvc", env
+
+
+def _dvc(args: list[str], cwd: Path) -> str:
+    dvc, env = dvc_command()
     try:
         proc = subprocess.run([dvc, *args], cwd=cwd, env=env, capture_output=True, text=True)
     except FileNotFoundError:
@@ -199,15 +205,20 @@ def experiment_metrics(shown: list[dict[str, Any]]
 
 
 def run_comparison(chosen: Sequence[Method], cwd: Path = Path()) -> pd.DataFrame:
-    """Queue the methods that have no experiment yet, run them, and tabulate every method."""
-    have, failed = experiment_metrics(json.loads(_dvc(["exp", "show", "--json"], cwd)))
-    todo = [m for m in chosen if m.experiment not in have]
-    stale = [m.experiment for m in todo if m.experiment in failed]
-    if stale:  # a failed run of an earlier call: run it again
-        _dvc(["exp", "remove", *stale], cwd)
-    for m in todo:
-        _dvc(["exp", "run", "--queue", "-n", m.experiment, *m.set_params()], cwd)
-        print(f"compare: queued {m.experiment} ({m.label})")
+    """Queue the methods that have no experiment yet, run them, and tabulate every method.
+
+    Queueing writes each method's params into the workspace's params.yaml for a moment (DVC
+    stashes them), so it holds the project (`repolock.exclusive`): refused while `dvc repro`
+    or a stage runs here. The queued runs then go in DVC's temporary copies, not here."""
+    with exclusive("safedpo compare", Path(cwd)):
+        have, failed = experiment_metrics(json.loads(_dvc(["exp", "show", "--json"], cwd)))
+        todo = [m for m in chosen if m.experiment not in have]
+        stale = [m.experiment for m in todo if m.experiment in failed]
+        if stale:  # a failed run of an earlier call: run it again
+            _dvc(["exp", "remove", *stale], cwd)
+        for m in todo:
+            _dvc(["exp", "run", "--queue", "-n", m.experiment, *m.set_params()], cwd)
+            print(f"compare: queued {m.experiment} ({m.label})")
     if todo:
         # Which ones failed is read from `exp show` below.
         with contextlib.suppress(UserError):

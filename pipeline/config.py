@@ -137,6 +137,9 @@ class OptimConfig:
     layout: LayoutKind | None = None
     # Length-sorted groups per padded forward pass (null: 4 on CPU, 1 on GPU).
     forward_groups: int | None = None
+    # The largest |weight| may grow at most this factor over the start's (taken as at least 1)
+    # before the run counts as diverged and nothing is saved (`modeling.check_weights`).
+    max_weight_growth: float = 100.0
 
     def _validate(self, section: str) -> None:
         _check(self.lr > 0, f"{section}.lr", "must be > 0")
@@ -148,6 +151,7 @@ class OptimConfig:
         _check(self.max_grad_norm > 0, f"{section}.max_grad_norm", "must be > 0")
         _check(self.max_length >= 16, f"{section}.max_length", "must be >= 16")
         _check(self.log_every > 0, f"{section}.log_every", "must be > 0")
+        _check(self.max_weight_growth > 1, f"{section}.max_weight_growth", "must be > 1")
         _check(self.forward_groups is None or self.forward_groups > 0,
                f"{section}.forward_groups", "must be > 0 or null")
         # fp16 needs loss scaling, whose overflowing steps are skipped by design; the loop

@@ -268,6 +268,17 @@ class Encoder:
         if self.eos is None:
             raise UserError("the tokenizer has no EOS token; responses cannot be terminated")
 
+    def require_room(self, param: str) -> None:
+        """Refuse a `max_length` (named `param`) that cannot hold the prompt template around an
+        empty prompt plus one response token and EOS: every sequence would be cut, the
+        template's head first, and training would learn from nothing but truncations."""
+        overhead = len(self.prompt_ids([""])[0])
+        if overhead + 2 > self.max_length:
+            raise UserError(f"parameter {param}: {self.max_length} tokens cannot hold the prompt "
+                            f"template ({self.template.kind}: {overhead} tokens around an empty "
+                            f"prompt) plus a response; raise it above {overhead + 2} (far above, "
+                            "for real prompts)")
+
     @property
     def template_id(self) -> str:
         """The template and what it renders (a probe prompt): a template whose output moves

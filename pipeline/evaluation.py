@@ -22,7 +22,7 @@ from pipeline.encoding import Encoded, Encoder, load_template
 from pipeline.errors import UserError
 from pipeline.judges import Judge, has_refusal_prefix, is_refusal
 from pipeline.logps import pair_logps, score_sequences
-from pipeline.modeling import load_pretrained
+from pipeline.modeling import load_saved
 from pipeline.paths import SUMMARY_FILE
 from pipeline.reference import (
     fingerprint_for,
@@ -258,9 +258,9 @@ def evaluate_policy(
 
     # Implicit reward on the test pairs needs the policy's log-probs and the stored reference
     # ones, which must have been computed by the SFT model on these very pairs.
-    policy, tokenizer = load_pretrained(policy_dir, dtype=dtype)
+    policy, tokenizer = load_saved(policy_dir, "train", dtype=dtype)
     policy.to(device)
-    ref_model, ref_tok = load_pretrained(sft_dir, dtype=dtype)
+    ref_model, ref_tok = load_saved(sft_dir, "sft", dtype=dtype)
     check_lineage(policy_dir, sft_dir)
     if tokenizer_id(tokenizer) != tokenizer_id(ref_tok):
         raise UserError(f"the policy's tokenizer differs from the SFT model's ({sft_dir}); "

@@ -33,13 +33,14 @@ from pipeline.lm_head import head_path
 from pipeline.logps import forward_layout, score_sequences
 from pipeline.modeling import (
     BUILTIN_TINY,
-    check_finite_weights,
+    check_weights,
     disable_dropout,
     initial_model,
     load_pretrained,
+    load_saved,
+    max_abs_weight,
     save_model,
 )
-from pipeline.paths import SUMMARY_FILE
 from pipeline.reference import attach_reference, fingerprint_for, read_reference
 from pipeline.selection import contradictions, oriented, responses_long
 from pipeline.training import (
@@ -100,9 +101,8 @@ def run_sft(
                                            trust_remote_code=model_cfg.trust_remote_code,
                                            dtype="auto")
         template = resolve_template(model_cfg.template, tokenizer)
-        save_model(model, tokenizer, template, out_dir)
         summary = {"enabled": False, "source": model_cfg.name, "template": template.kind}
-        (Path(out_dir) / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+        save_model(model, tokenizer, template, out_dir, summary)
         return summary
 
     prompts, responses = sft_texts(train, cfg.responses)
@@ -114,9 +114,11 @@ def run_sft(
         model, tokenizer = initial_model(model_cfg, [])
         template = resolve_template(model_cfg.template, tokenizer)
     encoder = Encoder(tokenizer, template, cfg.max_length)
+    encoder.require_room("sft.max_length")
     accelerator = make_accelerator(cfg)
     device = str(accelerator.device)
     model.to(accelerator.device)
+    start = max_abs_weight(model)
     before = heldout_loss(model, encoder, test, cfg.responses, device, cfg.mixed_precision)
     stats = TruncationStats()
     examples = encoder.sequences(prompts, responses, stats)
@@ -140,10 +142,9 @@ def run_sft(
         "truncation": stats.as_dict(),
         "parameters": sum(p.numel() for p in model.parameters()), "history": history,
     }
-    check_finite_weights(model, "sft")
+    check_weights(model, "sft", start, cfg.max_weight_growth)
     if accelerator.is_main_process:
-        save_model(model, tokenizer, template, out_dir, state_dict=result.state_dict)
-        (Path(out_dir) / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+        save_model(model, tokenizer, template, out_dir, summary, state_dict=result.state_dict)
     return {**summary, "seconds": result.seconds,
             "layout": f"{layout.describe()}; log-probs from {head_path(model)}"}
 
@@ -187,8 +188,9 @@ def run_preference(
     is loaded: its log-probs come from `ref_path`, checked against the current fingerprint.
     The weights train in fp32 whatever dtype the SFT checkpoint has."""
     objective = objectives.get(cfg.objective)
-    model, tokenizer = load_pretrained(sft_dir, dtype=torch.float32)
+    model, tokenizer = load_saved(sft_dir, "sft", dtype=torch.float32)
     encoder = Encoder(tokenizer, load_template(sft_dir), cfg.max_length)
+    encoder.require_room("train.max_length")
     accelerator = make_accelerator(cfg)
     fp = fingerprint_for(sft_dir, encoder, cfg.mixed_precision, train, accelerator.device)
     ref = read_reference(ref_path, fp)
@@ -199,18 +201,24 @@ def run_preference(
         disable_dropout(model)
     if cfg.lora.enabled:
         model = _apply_lora(model, cfg.lora)
+    start = max_abs_weight(model)
     key = _run_key("pref", asdict(cfg), beta, delta, fp.as_dict())
-    checkpointer = Checkpointer(checkpoint_root, key, cfg.checkpoint_every)
-    resumed = checkpointer.resumable_step()
+    # Every logged row, saved with each checkpoint: on resume DVCLive's files are rebuilt from
+    # it, whatever a kill left in them (an empty metrics.json, a cut .tsv row, rows of steps
+    # after the checkpoint).
+    history: list[dict[str, float]] = []
+    checkpointer = Checkpointer(checkpoint_root, key, cfg.checkpoint_every,
+                                notes=lambda: {"log": history})
+    if checkpointer.resumable_step():
+        history.extend(checkpointer.resumed_notes().get("log", []))
     live = None
     if accelerator.is_main_process and live_dir is not None:
-        live = _open_live(live_dir, resumed)
+        live = _open_live(live_dir, history)
 
     def log(step: int, metrics: dict[str, float]) -> None:
+        history.append(dict(metrics))
         if live is not None:
-            for k, v in metrics.items():
-                live.log_metric(k, v)
-            live.next_step()
+            _log_row(live, metrics)
 
     layout = forward_layout(cfg.layout, cfg.forward_groups, model, accelerator.device,
                             accelerator.num_processes)
@@ -227,15 +235,15 @@ def run_preference(
         "pairs_trained": len(examples), "steps": result.steps,
     }
     # A run cut short by `stop_after` stands for a killed one: it leaves only its checkpoint.
-    check_finite_weights(model, "train")
+    check_weights(model, "train", start, cfg.max_weight_growth)
     if accelerator.is_main_process and stop_after is None:
+        notes = {**summary, "final": result.last_metrics}
         if cfg.lora.enabled:
             # Merging needs the whole model on one process: LoRA is for single / DDP runs.
-            save_model(model.merge_and_unload(), tokenizer, encoder.template, out_dir)
+            save_model(model.merge_and_unload(), tokenizer, encoder.template, out_dir, notes)
         else:
-            save_model(model, tokenizer, encoder.template, out_dir, state_dict=result.state_dict)
-        (Path(out_dir) / SUMMARY_FILE).write_text(json.dumps(
-            {**summary, "final": result.last_metrics}, indent=2) + "\n")
+            save_model(model, tokenizer, encoder.template, out_dir, notes,
+                       state_dict=result.state_dict)
         checkpointer.clear(accelerator)
     if live is not None:
         for k, v in summary.items():
@@ -247,21 +255,18 @@ def run_preference(
             "layout": f"{layout.describe()}; log-probs from {head_path(model)}"}
 
 
-def _open_live(live_dir: Path, resumed_step: int):  # -> dvclive.Live
+def _open_live(live_dir: Path, history: list[dict[str, float]]):  # -> dvclive.Live
+    """A fresh DVCLive logger (it deletes what an earlier run left) with the rows of `history`
+    logged again: the same files, byte for byte, as the run had written up to its checkpoint."""
     from dvclive import Live
 
-    live_dir = Path(live_dir)
-    if resumed_step:
-        _truncate_live(live_dir, resumed_step)
-    live = Live(str(live_dir), resume=bool(resumed_step), dvcyaml=False, save_dvc_exp=False,
-                report=None)
-    if resumed_step:
-        live.step = resumed_step
+    live = Live(str(live_dir), resume=False, dvcyaml=False, save_dvc_exp=False, report=None)
+    for row in history:
+        _log_row(live, row)
     return live
 
 
-def _truncate_live(live_dir: Path, step: int) -> None:
-    """Drop rows logged after the checkpoint we resume from, so no step appears twice."""
-    for tsv in (live_dir / "plots" / "metrics").rglob("*.tsv"):
-        df = pd.read_csv(tsv, sep="\t")
-        df[df["step"] < step].to_csv(tsv, sep="\t", index=False)
+def _log_row(live, metrics: dict[str, float]) -> None:  # live: dvclive.Live
+    for k, v in metrics.items():
+        live.log_metric(k, v)
+    live.next_step()

@@ -43,6 +43,7 @@ from pipeline.precision import device as default_device
 from pipeline.score_models import (
     ScoreModel,
     model_fingerprint,
+    read_model_config,
     resolve_model,
     resolve_recorded,
     weight_files,
@@ -163,6 +164,26 @@ def resolve_guard_template(spec: str, tokenizer: Any) -> GuardTemplate:
                     "format string with {prompt} and {response}")
 
 
+#: Model classes that generate text (what a guard must be): Llama, Mistral, Qwen, Gemma
+#: (`...ForCausalLM`), GPT-2 style (`...LMHeadModel`), Llama Guard 4
+#: (`...ForConditionalGeneration`).
+_GENERATIVE = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+
+
+def require_causal_lm(model_dir: Path) -> None:
+    """Refuse a checkpoint whose config names only non-generative classes (a BERT encoder, a
+    sequence classifier): it cannot answer "safe"/"unsafe", and transformers would still build
+    a randomly initialised LM head on it."""
+    config = read_model_config(model_dir)
+    archs = config.get("architectures") or []
+    encoder = any(str(a) == "BertLMHeadModel" for a in archs)  # a BERT with a decoder head
+    if encoder or (archs and not any(str(a).endswith(_GENERATIVE) for a in archs)):
+        kind = config.get("model_type", "?")
+        raise UserError(f"judge.guard.model is a {kind} checkpoint ({', '.join(map(str, archs))}),"
+                        " not a generative causal LM; a guard answers in text (Llama Guard, "
+                        "ShieldGemma ...); a score model goes in judge.kind: hub", path=model_dir)
+
+
 class GuardJudge:
     """A Llama-Guard-style causal LM as the cost judge (see the module docstring)."""
 
@@ -178,6 +199,7 @@ class GuardJudge:
             raise UserError("no config.json: not a Hugging Face model directory",
                             path=self.model_dir)
         weight_files(self.model_dir)  # refuses pickled checkpoints with a clear message
+        require_causal_lm(self.model_dir)
         self.answer_prefix, self.safe_answer, self.unsafe_answer = (answer_prefix, safe_answer,
                                                                     unsafe_answer)
         self.max_length, self.max_new_tokens = max_length, max_new_tokens
@@ -433,6 +455,7 @@ def describe_guard(cfg: GuardConfig) -> dict[str, Any]:
     if not (model_dir / "config.json").is_file():
         raise UserError("no config.json: not a Hugging Face model directory", path=model_dir)
     weight_files(model_dir)
+    require_causal_lm(model_dir)
     return {"source": cfg.model, "revision": commit, "path": str(model_dir),
             "fingerprint": model_fingerprint(model_dir), "template": cfg.template,
             "answer_prefix": cfg.answer_prefix, "safe_answer": cfg.safe_answer,

@@ -8,8 +8,10 @@ Llama-style `transformers` model, so the whole pipeline runs offline. Everything
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -24,14 +26,17 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from pipeline.artifacts import atomic_dir
+from pipeline.artifacts import atomic_dir, refuse_broken_link, weights_hash, write_json
 from pipeline.config import ModelConfig, TinyModelConfig
 from pipeline.encoding import Template
 from pipeline.errors import UserError
 from pipeline.gguf import GEMMA_270M, converted, is_gguf
+from pipeline.paths import SUMMARY_FILE
 
 BUILTIN_TINY = "builtin:tiny"
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
+#: The key of `training_summary.json` that holds the hash of the files saved beside it.
+WRITTEN_KEY = "weights_hash"
 
 def train_tiny_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer trained on `texts` (deterministic for the same texts)."""
@@ -99,6 +104,7 @@ def load_pretrained(
     hf_logging.disable_progress_bar()
     name = str(name)
     local = Path(name)
+    refuse_broken_link(local, "the model directory")
     if local.exists() and not (local / "config.json").exists():
         raise UserError("not a Hugging Face model directory (no config.json)", path=local)
     if not local.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
@@ -142,26 +148,76 @@ def initial_model(
 
 
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, template: Template,
-               out_dir: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
-    """`save_pretrained` (+ the prompt template) into a temporary sibling folder, then swap it
-    into place.
+               out_dir: Path, summary: dict[str, Any] | None = None,
+               state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """`save_pretrained` (+ the prompt template and the stage's `summary`) into a temporary
+    sibling folder, then swap it into place.
 
-    `state_dict`, when given, is what gets written (a full state dict gathered from sharded
-    training); otherwise the model's own."""
+    The summary records the hash of what was written (`weights_hash`), which `load_saved`
+    checks: a model directory edited after its stage wrote it is refused. `state_dict`, when
+    given, is what gets written (a full state dict gathered from sharded training); otherwise
+    the model's own."""
     hf_logging.disable_progress_bar()
     with atomic_dir(Path(out_dir)) as tmp:
         model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         template.save(tmp)
+        write_json({**(summary or {}), WRITTEN_KEY: weights_hash(tmp)}, tmp / SUMMARY_FILE)
 
 
-def check_finite_weights(model: PreTrainedModel, what: str) -> None:
-    """Refuse to save non-finite weights (a learning rate far too high can leave them after a
-    last step whose loss was still finite)."""
-    for name, p in model.named_parameters():
-        if not torch.isfinite(p).all():
-            raise UserError(f"{what} produced non-finite weights ({name}); lower the learning "
-                            "rate")
+def load_saved(model_dir: Path, stage: str, dtype: torch.dtype | str = torch.float32
+               ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a model directory the pipeline wrote (`data/sft`, `data/policy`) after checking its
+    files are still those its stage `stage` wrote."""
+    check_saved(model_dir, stage)
+    return load_pretrained(model_dir, dtype=dtype)
+
+
+def check_saved(model_dir: Path, stage: str) -> None:
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise UserError(f"no saved model (has `{stage}` run? `dvc repro {stage}`)",
+                        path=model_dir)
+    summary = model_dir / SUMMARY_FILE
+    try:
+        recorded = json.loads(summary.read_text()).get(WRITTEN_KEY)
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    if not isinstance(recorded, str):
+        raise UserError(f"no record of the files `{stage}` wrote ({SUMMARY_FILE}, key "
+                        f"{WRITTEN_KEY!r}); rerun `dvc repro {stage}`", path=model_dir)
+    now = weights_hash(model_dir)
+    if now != recorded:
+        raise UserError(f"its files were changed after `{stage}` wrote them (hash {now}, "
+                        f"recorded {recorded}): a weight, config or tokenizer file was edited "
+                        f"or replaced; rerun `dvc repro {stage}`", path=model_dir)
+
+
+def max_abs_weight(model: PreTrainedModel) -> float:
+    with torch.no_grad():
+        return max((float(p.detach().abs().max()) for p in model.parameters() if p.numel()),
+                   default=0.0)
+
+
+def check_weights(model: PreTrainedModel, what: str, start: float, max_growth: float) -> None:
+    """Refuse to save non-finite or exploded weights: a learning rate far too high can leave
+    them after a last step whose loss was still finite (one step at lr 1e10 moves every weight
+    by ~1e10 under Adam).
+
+    Exploded means the largest |weight| grew more than `max_growth` times over `start`, the
+    largest at the start taken as at least 1 (a model's norm weights start at 1). Sound runs
+    stay far below: Adam moves a weight by about the learning rate per step."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not torch.isfinite(p).all():
+                raise UserError(f"{what} produced non-finite weights ({name}); lower the "
+                                f"learning rate ({what}.lr)")
+        now = max_abs_weight(model)
+    limit = max_growth * max(start, 1.0)
+    if now > limit:
+        raise UserError(f"{what} diverged: the largest |weight| is {now:.3g}, more than "
+                        f"{what}.max_weight_growth {max_growth:g} x {max(start, 1.0):.3g} (the "
+                        f"start's); nothing was saved; lower the learning rate ({what}.lr)")
 
 
 def disable_dropout(model: PreTrainedModel) -> int:

@@ -33,7 +33,11 @@ which must match `pipeline.artifacts.text_hash` so ids agree across stages.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import re
+import sys
+import unicodedata
 from dataclasses import dataclass
 from typing import Any
 
@@ -335,13 +339,30 @@ def normalize_frame(df: pd.DataFrame, layout: str = "auto", where: object = None
     return Normalized(pairs, rejected, layout, n, keys[ok].reset_index(drop=True), rows[ok])
 
 
+@functools.cache
+def _format_chars() -> str:
+    """A regex class of Unicode's format characters (category Cf: zero-width space and
+    joiners, BOM, soft hyphen, direction marks), computed once, when first needed."""
+    cf = [chr(c) for c in range(sys.maxunicode + 1) if unicodedata.category(chr(c)) == "Cf"]
+    return "[" + "".join(re.escape(c) for c in cf) + "]"
+
+
+def _visible(s: pd.Series) -> pd.Series:
+    """Text as it shows: NFKC-normalized (full-width, ligature and composed forms as their
+    plain equivalents), invisible format characters removed. Two texts that differ only by a
+    zero-width space are the same text to a reader, and to the duplicate checks."""
+    return s.str.normalize("NFKC").str.replace(_format_chars(), "", regex=True)
+
+
 def _canonical(s: pd.Series) -> pd.Series:
-    """Text as a reader compares it: case and runs of whitespace do not count."""
-    return s.str.casefold().str.replace(r"\s+", " ", regex=True)
+    """Text as a reader compares it: visible characters; case and runs of whitespace do not
+    count."""
+    return _visible(s).str.casefold().str.replace(r"\s+", " ", regex=True)
 
 
 def _hash_text(s: pd.Series) -> np.ndarray:
-    return pd.util.hash_array(s.fillna("").to_numpy(dtype=object), categorize=False)
+    """Duplicate keys: hashes of the visible text."""
+    return pd.util.hash_array(_visible(s).fillna("").to_numpy(dtype=object), categorize=False)
 
 
 def _id_column(s: pd.Series, col: str, rej: _Rejections) -> np.ndarray:

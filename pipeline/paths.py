@@ -32,6 +32,11 @@ SUMMARY_FILE = "training_summary.json"
 # Hashes of model files by (path, size, mtime), kept between the stages' processes beside DVC's
 # own state (`.dvc/tmp` is git-ignored): a 7B model is hashed once, not by every stage run.
 HASH_CACHE = Path(".dvc/tmp/safedpo-file-hashes.json")
+# Who holds the project (pipeline/repolock.py): DVC's repository lock and its record of running
+# stages, and the lock each stage command holds while it runs.
+DVC_LOCK = Path(".dvc/tmp/lock")
+DVC_RWLOCK = Path(".dvc/tmp/rwlock")
+STAGE_LOCK = Path(".dvc/tmp/safedpo-stages.lock")
 
 # Models converted from GGUF files (`pipeline.gguf`), keyed by the file's sha256: outside the
 # repository, so every clone and every queued DVC experiment (each runs in its own temporary

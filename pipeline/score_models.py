@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.artifacts import refuse_broken_link
 from pipeline.config import JudgeConfig
 from pipeline.encoding import NAMED_TEMPLATES, render_chat
 from pipeline.errors import UserError
@@ -39,6 +40,7 @@ def resolve_model(source: str, revision: str | None = None, *,
                   local_files_only: bool = False) -> tuple[Path, str | None]:
     """A local model directory for `source` (a local dir or a hub id) and its hub commit, if any."""
     path = Path(source).expanduser()
+    refuse_broken_link(path, "the judge model")
     if path.is_dir():
         return path, None
     looks_local = source.startswith((".", "/", "~")) or source.count("/") != 1 or path.exists()
@@ -60,7 +62,7 @@ def resolve_model(source: str, revision: str | None = None, *,
     return local, local.name if re.fullmatch(r"[0-9a-f]{40}", local.name) else None
 
 
-def _read_model_config(model_dir: Path) -> dict[str, Any]:
+def read_model_config(model_dir: Path) -> dict[str, Any]:
     cfg_path = model_dir / "config.json"
     if not cfg_path.is_file():
         raise UserError("no config.json: not a Hugging Face model directory", path=model_dir)
@@ -75,7 +77,7 @@ def _read_model_config(model_dir: Path) -> dict[str, Any]:
 
 def detect_layout(model_dir: Path, layout: str = "auto") -> str:
     """`sequence_classification` or `beaver_score`, from config.json's `architectures`."""
-    cfg = _read_model_config(model_dir)
+    cfg = read_model_config(model_dir)
     if layout != "auto":
         if layout not in LAYOUTS:
             raise UserError(f"unknown score-model layout {layout!r}; expected auto or {LAYOUTS}")
@@ -167,7 +169,7 @@ class ScoreModel:
         from transformers import AutoConfig, AutoModel
         from transformers.initialization import no_init_weights
 
-        raw = _read_model_config(self.model_dir)
+        raw = read_model_config(self.model_dir)
         model_type = raw.get("model_type")
         try:
             config = AutoConfig.for_model(model_type, **{k: v for k, v in raw.items()

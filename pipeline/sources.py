@@ -34,7 +34,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.artifacts import file_sha256, frame_hash, weights_hash
+from pipeline.artifacts import file_sha256, frame_hash, refuse_broken_link, weights_hash
 from pipeline.config import DatasetConfig, ModelConfig
 from pipeline.errors import UserError
 from pipeline.gguf import is_gguf
@@ -90,6 +90,7 @@ class RawData:
 def fetch(cfg: DatasetConfig) -> RawData:
     """Resolve `cfg.name` to a source and return its capped train and test splits."""
     name = cfg.name.strip()
+    refuse_broken_link(Path(name), "dataset.name")
     if name == TOY:
         raw = _fetch_toy(cfg)
     elif name.startswith("builtin:"):
@@ -118,6 +119,7 @@ def source_key(cfg: DatasetConfig) -> dict[str, Any]:
     name = cfg.name.strip()
     if name == TOY:
         return {"kind": "builtin", "name": name}
+    refuse_broken_link(Path(name), "dataset.name")
     path = Path(name)
     if path.is_file():
         return {"kind": "file", "name": name, "sha256": file_sha256(path)}
@@ -132,6 +134,7 @@ def model_key(cfg: ModelConfig) -> dict[str, Any]:
     tokenizer, template files). A hub id is pinned by `model.revision` and `builtin:tiny` by
     `model.tiny`, both params of `sft`. Written by the `source` stage on every `dvc repro`, so
     weights re-saved into the same directory rerun `sft` and all after it."""
+    refuse_broken_link(Path(cfg.name), "model.name")
     if is_gguf(cfg.name):
         return gguf_model_key(cfg.name)
     if Path(cfg.name).is_dir():
@@ -165,10 +168,11 @@ def read_table(path: Path) -> pd.DataFrame:
         raise UserError("file is empty", path=path)
     if suffix == ".parquet":
         try:
-            df = pq.read_table(path).to_pandas()
+            table = pq.read_table(path)
         except (pa.ArrowInvalid, OSError) as exc:
             raise UserError(f"not a readable Parquet file ({first_line(exc)})",
                             path=path) from None
+        df = _parquet_frame(table, path)
     else:
         text = _decode(path)
         if not text.strip():
@@ -176,6 +180,29 @@ def read_table(path: Path) -> pd.DataFrame:
         df = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv}[suffix](text, path)
     if len(df) == 0:
         raise UserError("file has no data rows", path=path)
+    return df
+
+
+def _parquet_frame(table: pa.Table, path: Path) -> pd.DataFrame:
+    """A Parquet table as plain columns: dictionary-encoded ones (what pandas writes for a
+    `category` column) decoded to their values, and the file's pandas metadata ignored when it
+    no longer fits the data (a column retyped after it was written: pandas then fails to
+    rebuild it); normalize judges the values themselves, row by row."""
+    for i, col in enumerate(table.schema):
+        if pa.types.is_dictionary(col.type):
+            table = table.set_column(i, pa.field(col.name, col.type.value_type),
+                                     table.column(i).cast(col.type.value_type))
+    try:
+        df = table.to_pandas()
+    except (pa.ArrowException, TypeError, ValueError, KeyError):
+        try:
+            df = table.to_pandas(ignore_metadata=True)
+        except (pa.ArrowException, TypeError, ValueError) as exc:
+            raise UserError(f"Parquet columns pandas cannot read ({first_line(exc)})",
+                            path=path) from None
+    for col in df.columns:
+        if isinstance(df[col].dtype, pd.CategoricalDtype):  # a category named by metadata only
+            df[col] = df[col].astype(df[col].cat.categories.dtype)
     return df
 
 
@@ -202,6 +229,21 @@ class _DuplicateKey(ValueError):
     pass
 
 
+def _mark_invalid_text(obj: dict[str, Any]) -> dict[str, Any]:
+    """A JSON string with a lone surrogate escape (`"\\ud800"`) is no Unicode text: nothing can
+    store it as UTF-8. Such a value becomes a non-text marker, so normalize rejects its row
+    (`bad_text`) and keeps the others."""
+    out = {}
+    for k, v in obj.items():
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                v = {"invalid_unicode": v.encode("utf-8", "backslashreplace").decode("ascii")}
+        out[k] = v
+    return out
+
+
 def _read_jsonl(text: str, path: Path) -> pd.DataFrame:
     """One JSON object per line; a malformed line, a non-object or a key given twice in one
     object (which JSON readers resolve silently) is an error naming its line."""
@@ -218,7 +260,7 @@ def _read_jsonl(text: str, path: Path) -> pd.DataFrame:
             raise UserError(f"line {i}: malformed JSON line ({exc.msg})", path=path) from None
         if not isinstance(obj, dict):
             raise UserError(f"line {i}: each line must be a JSON object", path=path)
-        records.append(obj)
+        records.append(_mark_invalid_text(obj))
     try:
         return pd.DataFrame.from_records(records)
     except OverflowError:
@@ -236,15 +278,20 @@ def _read_json(text: str, path: Path) -> pd.DataFrame:
         raise UserError(f"line {exc.lineno}: malformed JSON ({exc.msg})", path=path) from None
     if isinstance(obj, dict) and all(isinstance(v, list) for v in obj.values()) and obj:
         # {"train": [...], "test": [...]}: the keys become the split column.
-        frames = [pd.DataFrame.from_records(v).assign(**{SPLIT_COLUMN: k})
-                  for k, v in obj.items()]
+        for k, v in obj.items():
+            bad = [i for i, r in enumerate(v) if not isinstance(r, dict)]
+            if bad:
+                raise UserError(f"split {k!r}: item {bad[0]} is {json.dumps(v[bad[0]])[:40]}, "
+                                "not a JSON object (expected {split: [records]})", path=path)
+        frames = [pd.DataFrame.from_records([_mark_invalid_text(r) for r in v])
+                  .assign(**{SPLIT_COLUMN: k}) for k, v in obj.items()]
         obj_df = pd.concat(frames, ignore_index=True)
     elif isinstance(obj, list):
         bad = [i for i, r in enumerate(obj) if not isinstance(r, dict)]
         if bad:
             raise UserError("expected a list of JSON objects; item is not an object",
                             path=path, row=bad[0])
-        obj_df = pd.DataFrame.from_records(obj)
+        obj_df = pd.DataFrame.from_records([_mark_invalid_text(r) for r in obj])
     else:
         raise UserError("expected a list of records or {split: [records]}", path=path)
     return obj_df

@@ -12,6 +12,7 @@ accumulation steps.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -20,7 +21,7 @@ from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from accelerate import Accelerator
@@ -108,20 +109,38 @@ class Checkpointer:
     """Resumable state (model, optimizer, scheduler, RNG, step) in one folder, swapped in
     atomically, tagged with a run key so a changed configuration never resumes an old run."""
 
-    def __init__(self, root: Path | None, run_key: str, every: int) -> None:
+    def __init__(self, root: Path | None, run_key: str, every: int,
+                 notes: Callable[[], dict[str, Any]] | None = None) -> None:
         self.root = root
         self.run_key = run_key
         self.every = every
+        # What the caller needs to rebuild its own files on resume (the log so far), saved in
+        # the same atomic swap as the weights, so the two always describe the same step.
+        self.notes = notes
 
     @property
     def latest(self) -> Path | None:
         return None if self.root is None else self.root / "latest"
 
-    def resumable_step(self) -> int:
-        if self.latest is None or not (self.latest / STATE_FILE).exists():
-            return 0
+    def _state(self) -> dict[str, Any]:
+        if self.latest is None or self.root is None:
+            return {}
+        old = self.root / ".old"
+        if not self.latest.exists() and (old / STATE_FILE).exists():
+            # Killed between the two renames of `save`: the previous checkpoint is complete.
+            with contextlib.suppress(OSError):  # another process may have got there first
+                old.rename(self.latest)
+        if not (self.latest / STATE_FILE).exists():
+            return {}
         state = json.loads((self.latest / STATE_FILE).read_text())
-        return int(state["step"]) if state.get("run_key") == self.run_key else 0
+        return state if state.get("run_key") == self.run_key else {}
+
+    def resumable_step(self) -> int:
+        return int(self._state().get("step", 0))
+
+    def resumed_notes(self) -> dict[str, Any]:
+        """The `notes` saved with the checkpoint `resumable_step` resumes from ({} if none)."""
+        return dict(self._state().get("notes") or {})
 
     def save(self, accelerator: Accelerator, step: int) -> None:
         assert self.root is not None and self.latest is not None
@@ -131,7 +150,10 @@ class Checkpointer:
         accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp), safe_serialization=True)
         if accelerator.is_main_process:
-            (tmp / STATE_FILE).write_text(json.dumps({"step": step, "run_key": self.run_key}))
+            notes = self.notes() if self.notes is not None else {}
+            # Written last: a folder without it is a checkpoint whose save was cut short.
+            (tmp / STATE_FILE).write_text(json.dumps(
+                {"step": step, "run_key": self.run_key, "notes": notes}))
             old = self.root / ".old"
             if old.exists():  # left by a process killed in the middle of the last swap
                 shutil.rmtree(old)

@@ -36,9 +36,12 @@ STAGES = {
 
 
 def _run_stage(module: str, **kwargs: object) -> None:
+    from pipeline.repolock import stage_lock
+
     start = time.perf_counter()
     mod = importlib.import_module(f"stages.{module}")
-    mod.run(**kwargs)
+    with stage_lock():  # `safedpo compare` does not rewrite params.yaml under a running stage
+        mod.run(**kwargs)
     # What a user sizes a machine by, in the log only (never in a cached out).
     print(f"{module}{' ' + str(kwargs['tag']) if 'tag' in kwargs else ''}: "
           f"{time.perf_counter() - start:.0f}s wall, {peak_memory()}")
@@ -103,6 +106,25 @@ def compare(
     typer.echo(to_markdown(table))
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+             help="`dvc status` that sees in-place edits of a local dataset.name or model.name: "
+                  "first writes their content keys (what the always-run `source` stage writes; "
+                  "the same bytes if nothing changed), then runs `dvc status ARGS`.")
+def status(ctx: typer.Context, params: Path = PARAMS_OPT) -> None:
+    import subprocess
+
+    from pipeline.compare import dvc_command
+
+    _run_stage("source", params_file=params)
+    dvc, env = dvc_command()
+    try:
+        code = subprocess.run([dvc, "status", *ctx.args], env=env).returncode
+    except FileNotFoundError:
+        raise UserError("dvc is not on PATH (activate the project's virtualenv)") from None
+    if code:
+        raise typer.Exit(code)
+
+
 @app.command(help="Print a Parquet artifact's schema, row count, key statistics and first rows.")
 def inspect(
     path: Path = typer.Argument(..., help="A Parquet file, e.g. data/pairs/train.parquet."),
@@ -116,18 +138,71 @@ def inspect(
 VERBOSE = ("-v", "--verbose")
 
 
+INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
+TERMINATED = 143  # 128 + SIGTERM
+
+
+class _Terminated(BaseException):
+    """SIGTERM (a scheduler's preemption, `kill`), raised where the process is, so that the
+    `finally` blocks of the atomic writes remove their temporary files as on Ctrl-C."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise _Terminated
+
+
+class _Stderr:
+    """sys.stderr, remembering whether its last text ended a line: a progress bar cut short by
+    an error or a signal ends without one, and the error's line would run on after it."""
+
+    def __init__(self, stream: object) -> None:
+        self.stream = stream
+        self.mid_line = False
+
+    def write(self, text: str) -> int:
+        # Noted before the write: a signal arriving just after it would skip the note.
+        if text:
+            self.mid_line = not text.endswith("\n")
+        return self.stream.write(text)  # type: ignore[attr-defined]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.stream, name)
+
+
+def _say(message: str) -> None:
+    """`message` on a line of its own on stderr."""
+    start = "\n" if isinstance(sys.stderr, _Stderr) and sys.stderr.mid_line else ""
+    print(start + message, file=sys.stderr)
+
+
 def main() -> None:
     """Entry point: a `UserError` becomes one line on stderr and exit code 2; anything
-    unexpected one line and exit code 1 (`-v`/`--verbose`, anywhere: the traceback)."""
+    unexpected one line and exit code 1 (`-v`/`--verbose`, anywhere: the traceback); Ctrl-C
+    (SIGINT) one line and 130, SIGTERM one line and 143."""
+    import signal
+
     verbose = any(a in VERBOSE for a in sys.argv[1:])
+    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    stderr, sys.stderr = sys.stderr, _Stderr(sys.stderr)
     try:
-        app(args=[a for a in sys.argv[1:] if a not in VERBOSE], standalone_mode=False)
+        _main(verbose)
+    finally:
+        sys.stderr = stderr
+
+
+def _main(verbose: bool) -> None:
+    try:
+        code = app(args=[a for a in sys.argv[1:] if a not in VERBOSE], standalone_mode=False)
     except UserError as exc:
-        print(f"safedpo: error: {exc}", file=sys.stderr)
+        _say(f"safedpo: error: {exc}")
         sys.exit(2)
     except KeyboardInterrupt:
-        print("safedpo: interrupted", file=sys.stderr)
-        sys.exit(130)
+        _say("safedpo: interrupted")
+        sys.exit(INTERRUPTED)
+    except _Terminated:
+        _say("safedpo: terminated")
+        sys.exit(TERMINATED)
     except SystemExit:
         raise
     except Exception as exc:
@@ -141,6 +216,12 @@ def main() -> None:
         if verbose:
             raise
         first = (str(exc).strip().splitlines() or [""])[0][:300]
-        print(f"safedpo: unexpected error: {type(exc).__name__}: {first}; rerun with -v for the "
-              "traceback", file=sys.stderr)
+        _say(f"safedpo: unexpected error: {type(exc).__name__}: {first}; rerun with -v for the "
+             "traceback")
         sys.exit(1)
+    # Without standalone mode typer *returns* the exit code of a `typer.Exit`, and turns a
+    # KeyboardInterrupt into `Exit(130)`: dropped, a Ctrl-C at any point exited 0, silently.
+    if code == INTERRUPTED:
+        _say("safedpo: interrupted")
+    if isinstance(code, int) and code:
+        sys.exit(code)

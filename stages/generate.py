@@ -18,7 +18,7 @@ from pipeline.generation import (
     generation_record,
     select_prompts,
 )
-from pipeline.modeling import load_pretrained
+from pipeline.modeling import load_saved
 from pipeline.precision import device, weight_dtype
 from pipeline.suites import TEST_SUITE
 
@@ -30,7 +30,8 @@ def run(params_file: Path = paths.PARAMS, tag: str = "policy") -> None:
     cfg = params.generate
     on = device()
     model_dir = paths.model_dir(tag)
-    model, tokenizer = load_pretrained(model_dir, dtype=weight_dtype(params.model.dtype))
+    model, tokenizer = load_saved(model_dir, "sft" if tag == "sft" else "train",
+                                  dtype=weight_dtype(params.model.dtype))
     model.to(on)
     encoder = Encoder(tokenizer, load_template(model_dir), params.train.max_length)
     # The test pairs' prompts (in distribution) and every held-out suite's, in one pass.

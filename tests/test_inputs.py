@@ -210,19 +210,29 @@ def test_negative_seed_and_lora_targets_that_match_nothing(tmp_path: Path) -> No
         _apply_lora(tiny_llama(tok), LoraConfig(enabled=True, target_modules=("c_attn",)))
 
 
-def test_training_never_saves_non_finite_weights() -> None:
+def test_training_never_saves_non_finite_or_exploded_weights() -> None:
     import torch
     from real_models import metaspace_tokenizer, tiny_llama
 
-    from pipeline.modeling import check_finite_weights
+    from pipeline.modeling import check_weights, max_abs_weight
 
     tok = metaspace_tokenizer(["a b c d e f g"] * 20, vocab_size=40, chat_template=None)
     model = tiny_llama(tok)
-    check_finite_weights(model, "train")
+    start = max_abs_weight(model)
+    assert start == 1.0  # the norm weights
+    check_weights(model, "train", start, 100.0)
+    with torch.no_grad():
+        model.model.norm.weight[1] = 99.0  # within 100 x the start
+    check_weights(model, "train", start, 100.0)
+    with torch.no_grad():
+        model.model.norm.weight[1] = 101.0
+    with pytest.raises(UserError, match=r"train diverged: the largest \|weight\| is 101, more "
+                                        r"than train.max_weight_growth 100 x 1"):
+        check_weights(model, "train", start, 100.0)
     with torch.no_grad():
         model.model.norm.weight[0] = float("inf")
     with pytest.raises(UserError, match=r"non-finite weights.*lower the learning rate"):
-        check_finite_weights(model, "train")
+        check_weights(model, "train", start, 100.0)
 
 
 def _write_rows(path: Path, rows: list[dict]) -> Path:

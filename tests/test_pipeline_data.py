@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from dvc_project import DVC, copy_project, run, stages_run
+from dvc_project import BIN, DVC, copy_project, run, stages_run
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not DVC.exists(), reason="dvc is not installed here")]
@@ -58,3 +58,15 @@ def test_editing_a_local_data_file_reruns_download(tmp_path: Path) -> None:
     assert stages_run(run([str(DVC), "repro", "normalize"], project)) == {
         "source", "download", "normalize"}
     assert rows_in() == 40
+
+    # An edit in place: plain `dvc status` cannot see it (the key is computed by the
+    # always-run `source` stage); `safedpo status` computes the keys first, then asks DVC.
+    data.write_text(data.read_text().replace("question 3\"", "question three\""))
+    assert "download" not in run([str(DVC), "status"], project)
+    status = run([str(BIN / "safedpo"), "status"], project)
+    assert "download:" in status and "modified:" in status and "data/source_key.json" in status
+    unchanged = run([str(BIN / "safedpo"), "status", "download"], project)
+    assert "data/source_key.json" in unchanged  # still stale: status itself reruns nothing
+    assert stages_run(run([str(DVC), "repro", "normalize"], project)) == {
+        "source", "download", "normalize"}
+    assert "download" not in run([str(BIN / "safedpo"), "status"], project)
