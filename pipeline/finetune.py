@@ -41,6 +41,7 @@ from pipeline.modeling import (
 from pipeline.paths import SUMMARY_FILE
 from pipeline.reference import attach_reference, fingerprint_for, read_reference
 from pipeline.selection import contradictions, oriented, responses_long
+from pipeline.sharding import active, load_sharded, shard
 from pipeline.training import (
     Checkpointer,
     PreferenceExample,
@@ -105,17 +106,27 @@ def run_sft(
         return summary
 
     prompts, responses = sft_texts(train, cfg.responses)
+    # First: under a launcher it sets up the process group that sharded loading uses.
+    accelerator = make_accelerator(cfg)
+    sharded = active(cfg.sharding, accelerator.num_processes)
     if model_cfg.name == BUILTIN_TINY:
         # The tiny tokenizer learns from exactly what it will see: templated prompts + responses.
         template = resolve_template(model_cfg.template, None)
         model, tokenizer = initial_model(model_cfg, template_corpus(template, prompts, responses))
+        if sharded:  # every process built the same seeded model
+            model = shard(model, accelerator.device)
     else:
-        model, tokenizer = initial_model(model_cfg, [])
+        if sharded and not model_cfg.name.startswith("builtin:"):
+            model, tokenizer = load_sharded(model_cfg.name, accelerator.device,
+                                            revision=model_cfg.revision,
+                                            trust_remote_code=model_cfg.trust_remote_code)
+        else:
+            model, tokenizer = initial_model(model_cfg, [])
         template = resolve_template(model_cfg.template, tokenizer)
     encoder = Encoder(tokenizer, template, cfg.max_length)
-    accelerator = make_accelerator(cfg)
     device = str(accelerator.device)
-    model.to(accelerator.device)
+    if not sharded:
+        model.to(accelerator.device)
     before = heldout_loss(model, encoder, test, cfg.responses, device, cfg.mixed_precision)
     stats = TruncationStats()
     examples = encoder.sequences(prompts, responses, stats)
@@ -185,9 +196,13 @@ def run_preference(
     is loaded: its log-probs come from `ref_path`, checked against the current fingerprint.
     The weights train in fp32 whatever dtype the SFT checkpoint has."""
     objective = objectives.get(cfg.objective)
-    model, tokenizer = load_pretrained(sft_dir, dtype=torch.float32)
-    encoder = Encoder(tokenizer, load_template(sft_dir), cfg.max_length)
+    # First: under a launcher it sets up the process group that sharded loading uses.
     accelerator = make_accelerator(cfg)
+    if active(cfg.sharding, accelerator.num_processes):
+        model, tokenizer = load_sharded(sft_dir, accelerator.device)
+    else:
+        model, tokenizer = load_pretrained(sft_dir, dtype=torch.float32)
+    encoder = Encoder(tokenizer, load_template(sft_dir), cfg.max_length)
     fp = fingerprint_for(sft_dir, encoder, cfg.mixed_precision, train, accelerator.device)
     ref = read_reference(ref_path, fp)
     selected, counts = objectives.select_pairs(train, objective)

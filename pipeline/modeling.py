@@ -11,8 +11,11 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+from accelerate import init_empty_weights
 from safetensors import SafetensorError
+from torch.distributed.tensor import DTensor
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     LlamaConfig,
@@ -85,9 +88,13 @@ def _hub_error(name: str, exc: Exception) -> UserError:
 
 def load_pretrained(
     name: str | Path, *, revision: str | None = None, trust_remote_code: bool = False,
-    dtype: torch.dtype | str = torch.float32,
+    dtype: torch.dtype | str = torch.float32, weights: bool = True,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer from a local directory or a hub id.
+
+    `weights=False` builds the model from its config with parameters on the meta device (no
+    memory; buffers such as rotary frequencies are computed): the ranks of a sharded run
+    other than rank 0, which receive their shards from it (`sharding.load_sharded`).
 
     `dtype` is explicit because transformers 5 reads `dtype=None` as "auto": a checkpoint saved
     in bf16 would load as bf16 parameters, and AdamW steps at lr 1e-6 on bf16 weights mostly
@@ -108,10 +115,19 @@ def load_pretrained(
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             name, revision=revision, trust_remote_code=trust_remote_code)
-        # Safetensors only: a pickled `pytorch_model.bin` can run code when loaded.
-        model = AutoModelForCausalLM.from_pretrained(
-            name, revision=revision, trust_remote_code=trust_remote_code, dtype=dtype,
-            use_safetensors=True)
+        if weights:
+            # Safetensors only: a pickled `pytorch_model.bin` can run code when loaded.
+            model = AutoModelForCausalLM.from_pretrained(
+                name, revision=revision, trust_remote_code=trust_remote_code, dtype=dtype,
+                use_safetensors=True)
+        else:
+            config = AutoConfig.from_pretrained(name, revision=revision,
+                                                trust_remote_code=trust_remote_code)
+            with init_empty_weights(include_buffers=False):
+                model = AutoModelForCausalLM.from_config(
+                    config, trust_remote_code=trust_remote_code, dtype=dtype)
+            # accelerate's meta registration gives the tied head a parameter of its own.
+            model.tie_weights()
     except SafetensorError as exc:
         raise UserError(f"unreadable weights ({str(exc).splitlines()[0][:200]}); rerun the stage "
                         "that wrote them", path=name) from None
@@ -155,7 +171,9 @@ def check_finite_weights(model: PreTrainedModel, what: str) -> None:
     """Refuse to save non-finite weights (a learning rate far too high can leave them after a
     last step whose loss was still finite)."""
     for name, p in model.named_parameters():
-        if not torch.isfinite(p).all():
+        # A sharded parameter is checked whole (every process takes part), so that all of
+        # them stop, or none.
+        if not torch.isfinite(p.full_tensor() if isinstance(p, DTensor) else p).all():
             raise UserError(f"{what} produced non-finite weights ({name}); lower the learning "
                             "rate")
 
