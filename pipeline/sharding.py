@@ -89,25 +89,24 @@ def load_sharded(name: str | Path, device: torch.device, *, revision: str | None
                  ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The model at `name`, sharded over all processes, with fp32 weights read once.
 
-    Rank 0 loads the checkpoint (`load_pretrained`); the other ranks build the model from its
-    config with meta parameters (their buffers, such as rotary frequencies, computed for
-    real), shard it and allocate their shards only; rank 0 then broadcasts each full tensor,
-    every rank keeping its shard. Peak host memory: one full model on rank 0, a shard on the
-    others (measured in tests/test_sharding.py)."""
-    rank = dist.get_rank()
-    model, tokenizer = load_pretrained(name, revision=revision,
-                                       trust_remote_code=trust_remote_code,
-                                       dtype=torch.float32, weights=rank == 0)
-    full = model.state_dict() if rank == 0 else {}
-    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    Every rank builds the model from its config with meta parameters (no memory; buffers such
+    as rotary frequencies computed for real) and shards it; rank 0 alone reads the checkpoint
+    and broadcasts one full tensor at a time, of which each rank keeps its shard, assigned in
+    place of the meta one. Peak host memory: the full model and a shard on rank 0, a shard
+    and the largest tensor in flight on the others (tests/test_sharding.py measures it)."""
+    kw = {"revision": revision, "trust_remote_code": trust_remote_code, "dtype": torch.float32}
+    model, tokenizer = load_pretrained(name, weights=False, **kw)
+    full = load_pretrained(name, **kw)[0].state_dict() if dist.get_rank() == 0 else {}
     model = shard(model, device)
-    if rank != 0:
-        model.to_empty(device=device)
-        for n, b in buffers.items():  # `to_empty` left them uninitialised
-            model.get_buffer(n).copy_(b)
+    tied = len(list(model.parameters()))
     set_model_state_dict(model, full, options=StateDictOptions(
         full_state_dict=True, broadcast_from_rank0=True))
     del full
+    # Assigning the shards gave each name of a tied parameter an object of its own (the
+    # optimizer would hold a copy nothing trains); tie them again, as the model was built.
+    model.tie_weights()
+    if len(list(model.parameters())) != tied:
+        raise RuntimeError(f"{type(model).__name__}: tied parameters came apart in loading")
     return model, tokenizer
 
 
@@ -150,6 +149,8 @@ class ShardedState:
 
     def save(self, folder: Path) -> None:
         folder = Path(folder)
+        # Every rank: each may be first to write (a shared folder on several nodes).
+        (folder / "dcp").mkdir(parents=True, exist_ok=True)
         dcp.save(self._state(), checkpoint_id=str(folder / "dcp"))
         save_file(_rng_state(), str(folder / f"rng-{dist.get_rank()}.safetensors"))
         if dist.get_rank() == 0:

@@ -137,6 +137,8 @@ class Checkpointer:
             accelerator.save_state(str(tmp), safe_serialization=True)
         else:
             write(tmp)
+        # Every process has written its part (RNG state, shards) before the folder moves.
+        accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             (tmp / STATE_FILE).write_text(json.dumps({"step": step, "run_key": self.run_key}))
             old = self.root / ".old"
