@@ -84,6 +84,15 @@ def shard(model: PreTrainedModel, device: torch.device) -> PreTrainedModel:
     return model
 
 
+def reshard(model: torch.nn.Module) -> None:
+    """Register the sharded parameters again where a forward without backward (no_grad
+    scoring) left the root's gathered ones: an optimizer built now, or a checkpoint taken
+    now, must see the sharded parameters, which are the ones training updates."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def load_sharded(name: str | Path, device: torch.device, *, revision: str | None = None,
                  trust_remote_code: bool = False
                  ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -114,6 +123,7 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The full weights, gathered shard by shard onto rank 0's CPU (empty on the other ranks);
     every rank must call it. A tied parameter is written once, under its first name, as
     `save_pretrained` writes an unsharded model (the gathered copies share no storage)."""
+    reshard(model)
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
                                                                 cpu_offload=True))
     seen: set[int] = set()
@@ -144,6 +154,7 @@ class ShardedState:
         self.scheduler = scheduler
 
     def _state(self) -> dict[str, dict]:
+        reshard(self.model)
         return {"model": get_model_state_dict(self.model),
                 "optim": get_optimizer_state_dict(self.model, self.optimizer)}
 

@@ -34,7 +34,13 @@ from pipeline.errors import UserError
 from pipeline.logps import ForwardLayout
 from pipeline.objectives import Objective
 from pipeline.precision import device, resolve_mixed_precision
-from pipeline.sharding import ShardedState, clip_grad_norm, full_state_dict, is_sharded
+from pipeline.sharding import (
+    ShardedState,
+    clip_grad_norm,
+    full_state_dict,
+    is_sharded,
+    reshard,
+)
 
 T = TypeVar("T")
 Metrics = dict[str, torch.Tensor]
@@ -178,6 +184,8 @@ def train_loop(
     # A model sharded by `pipeline.sharding` (FSDP2) is not `prepare`d (accelerate would wrap
     # it in DDP): it clips, checkpoints and gathers its weights through that module.
     sharded = is_sharded(model)
+    if sharded:
+        reshard(model)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False

@@ -5,8 +5,8 @@ rank measured to `<out>/rank-<r>.json`.
    (ru_maxrss) before and after, per rank.
 2. The label-position log-probs of the sharded model, and their gradients (gathered), against
    one unsharded padded forward through the full logits (`tiny_lms`).
-3. Sharded SFT (`run_sft` with `sharding: fsdp2`) on the test project's pairs, saved to
-   `<out>/sft`, for the test to hold against its one-process SFT.
+3. Sharded SFT (`run_sft` with `sharding: fsdp2`, one epoch) on the test project's pairs,
+   saved to `<out>/sft`, for the test to hold against one process with 2 accumulation steps.
 """
 
 from __future__ import annotations
@@ -64,8 +64,8 @@ def main(model_dir: Path, project: Path, out: Path) -> None:
 
     train = pd.read_parquet(project / paths.PAIRS_TRAIN)
     test = pd.read_parquet(project / paths.PAIRS_TEST)
-    sft = run_sft(ModelConfig(tiny=TINY), replace(SFT_CFG, sharding="fsdp2"), train, test,
-                  out / "sft")
+    sft = run_sft(ModelConfig(tiny=TINY), replace(SFT_CFG, epochs=1, sharding="fsdp2"), train,
+                  test, out / "sft")
     report["sft"] = {k: sft[k] for k in ("steps", "train_loss", "heldout_loss_before",
                                          "heldout_loss_after", "parameters")}
     (out / f"rank-{rank}.json").write_text(json.dumps(report, indent=2))

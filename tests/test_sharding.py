@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -18,11 +19,12 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from test_training import MAX_LEN, _stage_env, project  # noqa: F401 (a fixture)
+from test_training import MAX_LEN, SFT_CFG, TINY, _stage_env, project  # noqa: F401 (a fixture)
 
 from pipeline import paths
-from pipeline.config import LoraConfig, TrainConfig
+from pipeline.config import LoraConfig, ModelConfig, TrainConfig
 from pipeline.errors import UserError
+from pipeline.finetune import run_preference, run_sft
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCHER = REPO / "docs" / "multinode" / "launch.sh"
@@ -111,10 +113,12 @@ def test_sharded_training_follows_one_process_and_resumes_bit_exact_after_kill_9
     loss_tsv = work / "dvclive/plots/metrics/loss.tsv"
     policy = work / paths.POLICY_DIR / "model.safetensors"
 
-    one_log = _run(cmd, work, 1)
-    assert "resumed" not in one_log
-    one_loss = pd.read_csv(loss_tsv, sep="\t")
-    one = load_file(policy)
+    # One process, in this one (the stage's own code path, without a second start-up).
+    run_preference(TrainConfig(**params["train"]), 0.1, 10.0, work / paths.SFT_DIR,
+                   pd.read_parquet(work / paths.PAIRS_TRAIN), work / paths.REF_TRAIN,
+                   tmp_path / "one", tmp_path / "one-live", tmp_path / "one-ckpt")
+    one_loss = pd.read_csv(tmp_path / "one-live/plots/metrics/loss.tsv", sep="\t")
+    one = load_file(tmp_path / "one" / "model.safetensors")
     two_log = _run(cmd, work, 2)
     assert two_log.count("train: safedpo") == 1  # only the main process reports
     two_loss = pd.read_csv(loss_tsv, sep="\t")
@@ -147,10 +151,11 @@ def test_sharded_loading_memory_label_logps_and_sft(project: Path,  # noqa: F811
     """Two processes load a 33M-parameter model (127 MB) the test saves: rank 0 reads it,
     rank 1 builds on the meta device and receives its half, so rank 1's peak RSS grows by
     about half the model (measured: 0.65x, its shard and one tensor in flight) where rank
-    0's grows by the whole (1.5x; unsharded DDP loading: 2.1x on every rank). The sharded model scores through the
-    label-position head (logits of width 0 come out of the model) and gives the log-probs and
-    gathered gradients of an unsharded forward through the full logits. Sharded SFT on the
-    project's pairs saves what one-process SFT saved."""
+    0's grows by the whole (1.5x; unsharded DDP loading: 2.1x on every rank). The sharded
+    model scores through the label-position head (logits of width 0 come out of the model)
+    and gives the log-probs and gathered gradients of an unsharded forward through the full
+    logits. Sharded SFT on the project's pairs saves what one process saves that accumulates
+    the same halves of each batch."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     # Most of it in the decoder layers, as in a 7B model (whose largest tensor, the 0.5 GB
@@ -192,13 +197,17 @@ def test_sharded_loading_memory_label_logps_and_sft(project: Path,  # noqa: F811
         assert r["logps_max_abs_diff"] < 1e-4
         assert r["grad_names_equal"] and r["grad_max_rel_diff"] < 1e-4
 
-    sft_one = load_file(project / paths.SFT_DIR / "model.safetensors")
+    # SFT's loss is a token mean per micro-batch, so 2 processes of 8 follow one process
+    # that accumulates 2 micro-batches of 8 (the same halves of each batch), not one of 16.
+    train, test = (pd.read_parquet(project / p) for p in (paths.PAIRS_TRAIN, paths.PAIRS_TEST))
+    one = run_sft(ModelConfig(tiny=TINY), replace(SFT_CFG, epochs=1, grad_accum=2), train, test,
+                  tmp_path / "sft-one")
+    sft_one = load_file(tmp_path / "sft-one" / "model.safetensors")
     sft_two = load_file(out / "sft" / "model.safetensors")
     assert sft_two.keys() == sft_one.keys()
     for k in sft_one:
         torch.testing.assert_close(sft_two[k], sft_one[k], rtol=1e-4, atol=1e-5, msg=k)
-    one_summary = json.loads((project / paths.SFT_DIR / paths.SUMMARY_FILE).read_text())
     for k in ("steps", "parameters"):
-        assert ranks[0]["sft"][k] == ranks[1]["sft"][k] == one_summary[k]
-    for k in ("train_loss", "heldout_loss_after"):
-        assert ranks[0]["sft"][k] == pytest.approx(one_summary[k], rel=1e-5)
+        assert ranks[0]["sft"][k] == ranks[1]["sft"][k] == one[k]
+    for k in ("train_loss", "heldout_loss_before", "heldout_loss_after"):
+        assert ranks[0]["sft"][k] == pytest.approx(one[k], rel=1e-5), k
