@@ -198,7 +198,8 @@ def run_preference(
     objective = objectives.get(cfg.objective)
     # First: under a launcher it sets up the process group that sharded loading uses.
     accelerator = make_accelerator(cfg)
-    if active(cfg.sharding, accelerator.num_processes):
+    sharded = active(cfg.sharding, accelerator.num_processes)
+    if sharded:
         model, tokenizer = load_sharded(sft_dir, accelerator.device)
     else:
         model, tokenizer = load_pretrained(sft_dir, dtype=torch.float32)
@@ -212,7 +213,9 @@ def run_preference(
         disable_dropout(model)
     if cfg.lora.enabled:
         model = _apply_lora(model, cfg.lora)
-    key = _run_key("pref", asdict(cfg), beta, delta, fp.as_dict())
+    # A sharded checkpoint (`sharding.ShardedState`) is not accelerate's: neither reads the
+    # other, so a run that shards never resumes one that did not, nor the reverse.
+    key = _run_key("pref", asdict(cfg), beta, delta, fp.as_dict(), *(["fsdp2"] * sharded))
     checkpointer = Checkpointer(checkpoint_root, key, cfg.checkpoint_every)
     resumed = checkpointer.resumable_step()
     live = None

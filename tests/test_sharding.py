@@ -133,6 +133,9 @@ def test_sharded_training_follows_one_process_and_resumes_bit_exact_after_kill_9
     assert two.keys() == one.keys()
     for k in one:
         torch.testing.assert_close(two[k], one[k], rtol=1e-5, atol=1e-6, msg=k)
+    config = json.loads((work / paths.POLICY_DIR / "config.json").read_text())
+    assert config == json.loads((tmp_path / "one" / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"]  # not FSDP2's subclass
 
     step = _kill_9_after_checkpoint(cmd, work, 2)
     assert 0 < step < 11
