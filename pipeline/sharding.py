@@ -12,8 +12,8 @@ user runs must be the code CI runs on CPU processes.
   (`precision.autocast`), so a sharded policy computes like the unsharded reference that
   scored its pairs.
 - `load_sharded`: rank 0 reads the checkpoint; the other ranks build the model on the meta
-  device and receive their shards from rank 0, so a 7B model is in host memory once per
-  node, not once per rank.
+  device and receive their shards from rank 0, so a 7B model is in host memory once (on
+  rank 0), not once per rank.
 - `full_state_dict`: the full, gathered weights on rank 0 (CPU), which `save_pretrained`
   writes; `ShardedState`: the resumable state of a sharded run, each rank writing its own
   shards (torch.distributed.checkpoint).
