@@ -38,6 +38,14 @@ def test_lora_is_refused_with_sharding() -> None:
         TrainConfig(sharding="fsdp2", lora=LoraConfig(enabled=True))
 
 
+def test_an_unknown_sharding_is_one_line(tmp_path: Path) -> None:
+    from pipeline.config import load_params
+
+    (tmp_path / "params.yaml").write_text("sft:\n  sharding: zero3\n")
+    with pytest.raises(UserError, match=r"sft\.sharding: 'zero3' is not one of \['none', 'fsd"):
+        load_params(tmp_path / "params.yaml")
+
+
 def test_decoder_layers_are_the_outermost_no_split_blocks() -> None:
     from tiny_lms import llama
 
