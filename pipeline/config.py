@@ -24,6 +24,9 @@ MixedPrecision = Literal["auto", "no", "bf16", "fp16"]
 #: Forward layouts of training batches (`logps.forward_layout`).
 LayoutKind = Literal["auto", "padded", "packed", "shared_prompts"]
 WeightDtype = Literal["auto", "float32", "bfloat16", "float16"]
+#: How training holds the model over several processes (`pipeline.sharding`): `none` (a
+#: whole copy per process, DDP) or `fsdp2` (parameters, gradients and optimizer state sharded).
+Sharding = Literal["none", "fsdp2"]
 
 
 def _check(cond: bool, key: str, msg: str) -> None:
@@ -140,6 +143,9 @@ class OptimConfig:
     # The largest |weight| may grow at most this factor over the start's (taken as at least 1)
     # before the run counts as diverged and nothing is saved (`modeling.check_weights`).
     max_weight_growth: float = 100.0
+    # none: a whole model per process (DDP); fsdp2: sharded over the processes
+    # (`pipeline.sharding`; one process trains unsharded either way).
+    sharding: Sharding = "none"
 
     def _validate(self, section: str) -> None:
         _check(self.lr > 0, f"{section}.lr", "must be > 0")
@@ -203,6 +209,9 @@ class TrainConfig(OptimConfig):
         # stage's first step), so this module stays free of torch and of the objectives.
         self._validate("train")
         _check(self.checkpoint_every > 0, "train.checkpoint_every", "must be > 0")
+        # Merging LoRA on save needs the whole model in one process.
+        _check(not (self.lora.enabled and self.sharding != "none"), "train.sharding",
+               "LoRA (train.lora.enabled) trains unsharded; set sharding: none")
 
 
 @dataclass(frozen=True)

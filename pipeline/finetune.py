@@ -29,10 +29,12 @@ from pipeline.encoding import (
     template_corpus,
 )
 from pipeline.errors import UserError
+from pipeline.gguf import converted, is_gguf
 from pipeline.lm_head import head_path
 from pipeline.logps import forward_layout, score_sequences
 from pipeline.modeling import (
     BUILTIN_TINY,
+    check_saved,
     check_weights,
     disable_dropout,
     initial_model,
@@ -43,6 +45,7 @@ from pipeline.modeling import (
 )
 from pipeline.reference import attach_reference, fingerprint_for, read_reference
 from pipeline.selection import contradictions, oriented, responses_long
+from pipeline.sharding import active, load_sharded, shard
 from pipeline.training import (
     Checkpointer,
     PreferenceExample,
@@ -106,18 +109,29 @@ def run_sft(
         return summary
 
     prompts, responses = sft_texts(train, cfg.responses)
+    # First: under a launcher it sets up the process group that sharded loading uses.
+    accelerator = make_accelerator(cfg)
+    sharded = active(cfg.sharding, accelerator.num_processes)
     if model_cfg.name == BUILTIN_TINY:
         # The tiny tokenizer learns from exactly what it will see: templated prompts + responses.
         template = resolve_template(model_cfg.template, None)
         model, tokenizer = initial_model(model_cfg, template_corpus(template, prompts, responses))
+        if sharded:  # every process built the same seeded model
+            model = shard(model, accelerator.device)
     else:
-        model, tokenizer = initial_model(model_cfg, [])
+        if sharded and (is_gguf(model_cfg.name) or not model_cfg.name.startswith("builtin:")):
+            source = converted(model_cfg.name) if is_gguf(model_cfg.name) else model_cfg.name
+            model, tokenizer = load_sharded(source, accelerator.device,
+                                            revision=model_cfg.revision,
+                                            trust_remote_code=model_cfg.trust_remote_code)
+        else:
+            model, tokenizer = initial_model(model_cfg, [])
         template = resolve_template(model_cfg.template, tokenizer)
     encoder = Encoder(tokenizer, template, cfg.max_length)
     encoder.require_room("sft.max_length")
-    accelerator = make_accelerator(cfg)
     device = str(accelerator.device)
-    model.to(accelerator.device)
+    if not sharded:
+        model.to(accelerator.device)
     start = max_abs_weight(model)
     before = heldout_loss(model, encoder, test, cfg.responses, device, cfg.mixed_precision)
     stats = TruncationStats()
@@ -188,10 +202,16 @@ def run_preference(
     is loaded: its log-probs come from `ref_path`, checked against the current fingerprint.
     The weights train in fp32 whatever dtype the SFT checkpoint has."""
     objective = objectives.get(cfg.objective)
-    model, tokenizer = load_saved(sft_dir, "sft", dtype=torch.float32)
+    # First: under a launcher it sets up the process group that sharded loading uses.
+    accelerator = make_accelerator(cfg)
+    sharded = active(cfg.sharding, accelerator.num_processes)
+    if sharded:
+        check_saved(sft_dir, "sft")
+        model, tokenizer = load_sharded(sft_dir, accelerator.device)
+    else:
+        model, tokenizer = load_saved(sft_dir, "sft", dtype=torch.float32)
     encoder = Encoder(tokenizer, load_template(sft_dir), cfg.max_length)
     encoder.require_room("train.max_length")
-    accelerator = make_accelerator(cfg)
     fp = fingerprint_for(sft_dir, encoder, cfg.mixed_precision, train, accelerator.device)
     ref = read_reference(ref_path, fp)
     selected, counts = objectives.select_pairs(train, objective)
@@ -202,7 +222,9 @@ def run_preference(
     if cfg.lora.enabled:
         model = _apply_lora(model, cfg.lora)
     start = max_abs_weight(model)
-    key = _run_key("pref", asdict(cfg), beta, delta, fp.as_dict())
+    # A sharded checkpoint (`sharding.ShardedState`) is not accelerate's: neither reads the
+    # other, so a run that shards never resumes one that did not, nor the reverse.
+    key = _run_key("pref", asdict(cfg), beta, delta, fp.as_dict(), *(["fsdp2"] * sharded))
     # Every logged row, saved with each checkpoint: on resume DVCLive's files are rebuilt from
     # it, whatever a kill left in them (an empty metrics.json, a cut .tsv row, rows of steps
     # after the checkpoint).

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 from torch.autograd.function import FunctionCtx
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 from transformers import PreTrainedModel
 
 #: `model_type`s whose `*ForCausalLM.forward` returns exactly `lm_head(x)` of the head's input x
@@ -58,8 +60,11 @@ def lm_head_of(model: torch.nn.Module) -> LMHead | None:
     `model` may be wrapped by DDP and by peft (LoRA injects its layers in place; its wrapper
     only forwards). Refused: models outside `_PLAIN_HEAD`/`_SCALED_HEAD` or with remote code
     (the forward is unknown), a head that is not a plain `nn.Linear` (LoRA on `lm_head`, a
-    quantized layer), and sharded or offloaded weights (FSDP, DeepSpeed, a `device_map`), which
-    are only whole inside the model's own forward.
+    quantized layer), and sharded or offloaded weights (FSDP1, DeepSpeed, a `device_map`),
+    which are only whole inside the model's own forward. The exception: a head in the root
+    group of an FSDP2 model (`pipeline.sharding.shard`), whose parameters the root gathers
+    before its forward and keeps whole until its backward, so `hidden_logps` reads them whole
+    after the forward, and their gradients reduce-scatter with the root's.
     """
     head = _head_or_refusal(model)
     return head if isinstance(head, LMHead) else None
@@ -75,8 +80,10 @@ def head_path(model: torch.nn.Module) -> str:
 
 def _head_or_refusal(model: torch.nn.Module) -> LMHead | str:
     model = unwrap(model)
+    # FSDP2 subclasses the model's class (as FSDP<Name>); the class that runs is its base.
+    cls = type(model).__mro__[2] if isinstance(model, FSDPModule) else type(model)
     if not isinstance(model, PreTrainedModel) \
-            or not type(model).__module__.startswith("transformers.models."):
+            or not cls.__module__.startswith("transformers.models."):
         return "not a transformers model: its forward is unknown"
     kind = model.config.model_type
     if kind not in _PLAIN_HEAD | _SCALED_HEAD:
@@ -88,11 +95,27 @@ def _head_or_refusal(model: torch.nn.Module) -> LMHead | str:
     head = model.get_output_embeddings()
     if type(head) is not torch.nn.Linear or hasattr(head, "_hf_hook"):
         return "the head is not a plain Linear layer (LoRA, quantized or offloaded)"
+    root_group = _in_root_group(model, head)
     for p in head.parameters():
-        if type(p) is not torch.nn.Parameter or p.device.type == "meta" or hasattr(p, "ds_id"):
-            return "the head's weights are sharded or offloaded"
+        plain = type(p) is torch.nn.Parameter or (root_group and isinstance(p, DTensor))
+        if not plain or p.device.type == "meta" or hasattr(p, "ds_id"):
+            return "the head's weights are sharded outside the root group or offloaded"
     scale = float(model.logit_scale) if kind in _SCALED_HEAD else 1.0
     return LMHead(head, scale)
+
+
+def _in_root_group(model: torch.nn.Module, head: torch.nn.Module) -> bool:
+    """Whether `head` belongs to the root group of an FSDP2 `model`: no module from the root
+    down to the head (itself included) is sharded on its own. FSDP2 keeps the root's
+    parameters unsharded from its forward through its backward."""
+    if not isinstance(model, FSDPModule):
+        return False
+    for name, module in model.named_modules():
+        if module is head:
+            parts = name.split(".")
+            return not any(isinstance(model.get_submodule(".".join(parts[:i])), FSDPModule)
+                           for i in range(1, len(parts) + 1))
+    return False
 
 
 #: `torch.addmm(..., out_dtype=)` from half inputs, CUDA only.
@@ -206,7 +229,11 @@ def hidden_logps(hidden: torch.Tensor, pos: torch.Tensor, labels: torch.Tensor,
     """
     rows, width = hidden.shape[:2]
     h = hidden.reshape(rows * width, -1).index_select(0, pos).to(dtype)
-    lp = LabelLogps.apply(h, head.module.weight, head.module.bias, labels, head.scale, chunk)
+    weight = head.module.weight
+    if isinstance(weight, DTensor):  # FSDP2 resharded the root after its forward after all
+        raise RuntimeError("the LM head's weight is sharded after the model's forward; "
+                           "its log-probs need it whole (lm_head_of)")
+    lp = LabelLogps.apply(h, weight, head.module.bias, labels, head.scale, chunk)
     # Into a zero grid and summed along W: the order of the full-logits path's sum,
     # deterministic (an index_add_ would sum with atomics on a GPU).
     n = rows if sequences is None else sequences

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 from torch.autograd.function import FunctionCtx
+from torch.distributed.fsdp import FSDPModule
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
@@ -343,7 +344,6 @@ def _packed_logps(model: PreTrainedModel, batch: dict[str, torch.Tensor], head: 
     return lp, n_tok
 
 
-@torch.inference_mode()
 def score_sequences(
     model: PreTrainedModel, encoded: Sequence[Encoded], pad_id: int, batch_size: int,
     device: torch.device | str = "cpu", desc: str = "log-probs",
@@ -356,6 +356,18 @@ def score_sequences(
     hold at most `batch_size` rows and `max_tokens` padded tokens, so the logits of a batch of
     long sequences stay within memory whatever their length.
     """
+    # An FSDP2 model (SFT's held-out loss under sharding) gathers its parameters into
+    # tensors it updates in place again in training: inference tensors would refuse that.
+    with torch.no_grad() if isinstance(model, FSDPModule) else torch.inference_mode():
+        return _score_sequences(model, encoded, pad_id, batch_size, device, desc,
+                                mixed_precision, max_tokens)
+
+
+def _score_sequences(
+    model: PreTrainedModel, encoded: Sequence[Encoded], pad_id: int, batch_size: int,
+    device: torch.device | str, desc: str, mixed_precision: MixedPrecision,
+    max_tokens: int | None,
+) -> tuple[np.ndarray, np.ndarray]:
     model.eval()
     lengths = np.array([len(e.input_ids) for e in encoded], dtype=np.int64)
     order = np.argsort(lengths, kind="stable")

@@ -14,8 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import init_empty_weights
 from safetensors import SafetensorError
+from torch.distributed.tensor import DTensor
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     LlamaConfig,
@@ -92,9 +95,13 @@ def _hub_error(name: str, exc: Exception) -> UserError:
 
 def load_pretrained(
     name: str | Path, *, revision: str | None = None, trust_remote_code: bool = False,
-    dtype: torch.dtype | str = torch.float32,
+    dtype: torch.dtype | str = torch.float32, weights: bool = True,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer from a local directory or a hub id.
+
+    `weights=False` builds the model from its config with parameters on the meta device (no
+    memory; buffers such as rotary frequencies are computed): the ranks of a sharded run
+    other than rank 0, which receive their shards from it (`sharding.load_sharded`).
 
     `dtype` is explicit because transformers 5 reads `dtype=None` as "auto": a checkpoint saved
     in bf16 would load as bf16 parameters, and AdamW steps at lr 1e-6 on bf16 weights mostly
@@ -116,10 +123,19 @@ def load_pretrained(
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             name, revision=revision, trust_remote_code=trust_remote_code)
-        # Safetensors only: a pickled `pytorch_model.bin` can run code when loaded.
-        model = AutoModelForCausalLM.from_pretrained(
-            name, revision=revision, trust_remote_code=trust_remote_code, dtype=dtype,
-            use_safetensors=True)
+        if weights:
+            # Safetensors only: a pickled `pytorch_model.bin` can run code when loaded.
+            model = AutoModelForCausalLM.from_pretrained(
+                name, revision=revision, trust_remote_code=trust_remote_code, dtype=dtype,
+                use_safetensors=True)
+        else:
+            config = AutoConfig.from_pretrained(name, revision=revision,
+                                                trust_remote_code=trust_remote_code)
+            with init_empty_weights(include_buffers=False):
+                model = AutoModelForCausalLM.from_config(
+                    config, trust_remote_code=trust_remote_code, dtype=dtype)
+            # accelerate's meta registration gives the tied head a parameter of its own.
+            model.tie_weights()
     except SafetensorError as exc:
         raise UserError(f"unreadable weights ({str(exc).splitlines()[0][:200]}); rerun the stage "
                         "that wrote them", path=name) from None
@@ -194,9 +210,16 @@ def check_saved(model_dir: Path, stage: str) -> None:
 
 
 def max_abs_weight(model: PreTrainedModel) -> float:
+    """The largest |weight| of the model; of all processes' shards for a sharded one (every
+    process takes part, so all of them stop, or none)."""
+    local = [p.to_local() if isinstance(p, DTensor) else p for p in model.parameters()]
     with torch.no_grad():
-        return max((float(p.detach().abs().max()) for p in model.parameters() if p.numel()),
-                   default=0.0)
+        big = max((float(p.detach().abs().max()) for p in local if p.numel()), default=0.0)
+    if any(isinstance(p, DTensor) for p in model.parameters()):
+        t = torch.tensor(big, device=local[0].device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        big = float(t)
+    return big
 
 
 def check_weights(model: PreTrainedModel, what: str, start: float, max_growth: float) -> None:
@@ -209,7 +232,8 @@ def check_weights(model: PreTrainedModel, what: str, start: float, max_growth: f
     stay far below: Adam moves a weight by about the learning rate per step."""
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if not torch.isfinite(p).all():
+            # A sharded parameter is checked whole (every process takes part).
+            if not torch.isfinite(p.full_tensor() if isinstance(p, DTensor) else p).all():
                 raise UserError(f"{what} produced non-finite weights ({name}); lower the "
                                 f"learning rate ({what}.lr)")
         now = max_abs_weight(model)

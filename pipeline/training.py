@@ -35,6 +35,13 @@ from pipeline.errors import UserError
 from pipeline.logps import ForwardLayout
 from pipeline.objectives import Objective
 from pipeline.precision import device, resolve_mixed_precision
+from pipeline.sharding import (
+    ShardedState,
+    clip_grad_norm,
+    full_state_dict,
+    is_sharded,
+    reshard,
+)
 
 T = TypeVar("T")
 Metrics = dict[str, torch.Tensor]
@@ -142,13 +149,21 @@ class Checkpointer:
         """The `notes` saved with the checkpoint `resumable_step` resumes from ({} if none)."""
         return dict(self._state().get("notes") or {})
 
-    def save(self, accelerator: Accelerator, step: int) -> None:
+    def save(self, accelerator: Accelerator, step: int,
+             write: Callable[[Path], None] | None = None) -> None:
+        """`write(folder)` writes the resumable state, every process taking part (default:
+        `accelerator.save_state`; a sharded run's `ShardedState.save`)."""
         assert self.root is not None and self.latest is not None
         tmp = self.root / f".step-{step}.tmp"
         if accelerator.is_main_process and tmp.exists():
             shutil.rmtree(tmp)
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp), safe_serialization=True)
+        if write is None:
+            accelerator.save_state(str(tmp), safe_serialization=True)
+        else:
+            write(tmp)
+        # Every process has written its part (RNG state, shards) before the folder moves.
+        accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             notes = self.notes() if self.notes is not None else {}
             # Written last: a folder without it is a checkpoint whose save was cut short.
@@ -188,6 +203,11 @@ def train_loop(
     """
     plan = Plan(len(examples), cfg.batch_size, cfg.grad_accum, accelerator.num_processes,
                 cfg.epochs)
+    # A model sharded by `pipeline.sharding` (FSDP2) is not `prepare`d (accelerate would wrap
+    # it in DDP): it clips, checkpoints and gathers its weights through that module.
+    sharded = is_sharded(model)
+    if sharded:
+        reshard(model)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
@@ -199,7 +219,7 @@ def train_loop(
     # parameter-sized temporaries at its peak (the foreach default holds some); on CPU it steps
     # 3-4x faster (30M params: 13 vs 40 ms, ~1% of a step on 2 cores). FSDP and DeepSpeed
     # shard or own the parameters, so they keep the default.
-    fused = accelerator.distributed_type in {
+    fused = not sharded and accelerator.distributed_type in {
         "cuda": (DistributedType.NO, DistributedType.MULTI_GPU),
         "cpu": (DistributedType.NO, DistributedType.MULTI_CPU),
     }.get(accelerator.device.type, ())
@@ -217,12 +237,18 @@ def train_loop(
         raise UserError("with DeepSpeed set gradient_accumulation_steps in the DeepSpeed config "
                         "and keep grad_accum: 1 in params.yaml")
     # The scheduler is not `prepare`d: accelerate would step it once per process per step.
-    model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
+    write: Callable[[Path], None] | None = None
+    if sharded:
+        state = ShardedState(model, optimizer, scheduler)
+        write, read = state.save, state.load
+    else:
+        model, optimizer = accelerator.prepare(model, optimizer)
+        accelerator.register_for_checkpointing(scheduler)
+        read = accelerator.load_state
 
     start = checkpointer.resumable_step()
     if start:
-        accelerator.load_state(str(checkpointer.latest))
+        read(checkpointer.latest)
     t0 = time.perf_counter()
     model.train()
     last: dict[str, float] = {}
@@ -240,14 +266,17 @@ def train_loop(
             batch = {k: (v.pin_memory() if pin else v).to(accelerator.device, non_blocking=True)
                      for k, v in make_batch([examples[i] for i in idx]).items()}
             sync = m == len(micro) - 1
-            ctx = accelerator.no_sync(model) if not sync else nullcontext()
+            # (An FSDP2 model reduce-scatters every micro-batch: skipping it would hold whole
+            # unsharded gradients, the memory sharding is there to save.)
+            ctx = accelerator.no_sync(model) if not (sync or sharded) else nullcontext()
             with ctx, accelerator.autocast():
                 loss, metrics = loss_fn(model, batch)
                 accelerator.backward(loss / plan.grad_accum)
             bad = bad + (~torch.isfinite(loss.detach())).float()
             for k, v in {"loss": loss.detach(), **metrics}.items():
                 sums[k] = sums.get(k, 0) + v.detach().float() / plan.grad_accum
-        norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        norm = clip_grad_norm(model, cfg.max_grad_norm) if sharded \
+            else accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         if norm is not None:  # (DeepSpeed clips inside its own step)
             sums["grad_norm"] = torch.as_tensor(norm, device=accelerator.device).float()
             bad = bad + (~torch.isfinite(sums["grad_norm"])).float()
@@ -273,7 +302,7 @@ def train_loop(
         done = step + 1
         if checkpointer.root is not None and done % checkpointer.every == 0 \
                 and done < plan.total_steps:
-            checkpointer.save(accelerator, done)
+            checkpointer.save(accelerator, done, write)
         if stop_after is not None and done >= stop_after:
             break
     bar.close()
@@ -281,7 +310,7 @@ def train_loop(
     accelerator.wait_for_everyone()
     # Every process takes part: under FSDP / ZeRO-3 this gathers the shards into a full state
     # dict on the main process, which is what `save_pretrained` must write.
-    state_dict = accelerator.get_state_dict(model)
+    state_dict = full_state_dict(model) if sharded else accelerator.get_state_dict(model)
     return accelerator.unwrap_model(model), LoopResult(
         steps=done, seconds=seconds, resumed_from=start, last_metrics=last,
         state_dict=state_dict)

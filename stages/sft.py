@@ -15,6 +15,10 @@ def run(params_file: Path = paths.PARAMS) -> None:
     train = read_parquet(paths.PAIRS_TRAIN)
     test = read_parquet(paths.PAIRS_TEST)
     summary = run_sft(params.model, params.sft, train, test, paths.SFT_DIR)
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:  # under a launcher, the main process reports
+        return
     if summary["enabled"]:
         cut = summary["truncation"]
         print(f"sft: {summary['examples']} examples ({cut['truncated']} truncated to "

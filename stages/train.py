@@ -20,9 +20,11 @@ def run(params_file: Path = paths.PARAMS) -> None:
     if not PartialState().is_main_process:
         return
     final = summary["final"]
+    resumed = summary["resumed_from_step"]
     print(f"train: {summary['objective']} on {summary['pairs_trained']} pairs (kept "
           f"{summary['pairs_kept']}, swapped {summary['pairs_swapped']}, dropped "
           f"{summary['pairs_dropped']}, of which {summary['pairs_contradictory']} contradictory); "
-          f"{summary['steps']} steps ({summary['layout']}) in "
+          f"{summary['steps']} steps ({summary['layout']}"
+          f"{f'; resumed from step {resumed}' if resumed else ''}) in "
           f"{summary['seconds']:.0f}s; loss {final.get('loss', float('nan')):.4f}, "
           f"reward accuracy {final.get('rewards/accuracies', float('nan')):.3f}")

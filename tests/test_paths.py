@@ -50,7 +50,20 @@ def test_stage_commands_exist_in_the_cli() -> None:
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     for st in stages.values():
         cmd = st.get("do", st)["cmd"].split()
+        if cmd[0] == LAUNCH:  # the training stages' launcher prefix (empty unless set)
+            cmd = cmd[1:]
         assert cmd[0] == "safedpo" and cmd[1] in commands, cmd
+
+
+#: What a cluster run sets to launch `sft` and `train` on every process (docs/training.md).
+LAUNCH = "$SAFEDPO_LAUNCH"
+
+
+def test_only_the_training_stages_take_a_launcher() -> None:
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    launched = {name for name, st in stages.items()
+                if st.get("do", st)["cmd"].startswith(f"{LAUNCH} ")}
+    assert launched == {"sft", "train"}
 
 
 def _project_imports(path: Path) -> set[str]:

@@ -28,6 +28,7 @@ from pipeline.toydata import generate
 MAX_LEN = 128
 TINY = TinyModelConfig(vocab_size=512, hidden_size=48, intermediate_size=128, num_layers=2,
                        num_heads=4, num_kv_heads=2, seed=0)
+SFT_CFG = SFTConfig(lr=3e-3, epochs=3, batch_size=16, max_length=MAX_LEN)
 
 
 def train_cfg(**kw: object) -> TrainConfig:
@@ -44,9 +45,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     train, test, _ = normalize_splits(train_raw, test_raw)
     write_parquet(train, root / paths.PAIRS_TRAIN)
     write_parquet(test, root / paths.PAIRS_TEST)
-    run_sft(ModelConfig(tiny=TINY), SFTConfig(lr=3e-3, epochs=3, batch_size=16,
-                                              max_length=MAX_LEN),
-            train, test, root / paths.SFT_DIR)
+    run_sft(ModelConfig(tiny=TINY), SFT_CFG, train, test, root / paths.SFT_DIR)
     model, tok = load_pretrained(root / paths.SFT_DIR)
     enc = Encoder(tok, load_template(root / paths.SFT_DIR), MAX_LEN)
     ref = pair_logps(model, enc, train, batch_size=64)
