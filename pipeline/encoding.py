@@ -103,6 +103,17 @@ class Template:
         what it renders)."""
         return hashlib.sha256(f"{self.kind}\0{self.text}".encode()).hexdigest()[:16]
 
+    def describe(self, width: int = 60) -> str:
+        """For the log: `chat` (the tokenizer's), or the format string, by name where it is a
+        named one, its text abbreviated to `width` characters."""
+        if self.kind == "chat":
+            return f"chat (the tokenizer's chat template, {len(self.text)} chars, id {self.id})"
+        name = next((k for k, v in NAMED_TEMPLATES.items() if v == self.text), None)
+        text = repr(self.text)
+        if len(text) > width:
+            text = text[:width - 4] + "...'"
+        return f"format {name} {text}" if name else f"format {text}"
+
     def save(self, model_dir: Path) -> None:
         (Path(model_dir) / TEMPLATE_FILE).write_text(
             json.dumps({"kind": self.kind, "text": self.text}, indent=2) + "\n")

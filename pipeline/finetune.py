@@ -37,8 +37,10 @@ from pipeline.modeling import (
     initial_model,
     load_pretrained,
     save_model,
+    stored_dtype,
 )
 from pipeline.paths import SUMMARY_FILE
+from pipeline.precision import save_dtype
 from pipeline.reference import attach_reference, fingerprint_for, read_reference
 from pipeline.selection import contradictions, oriented, responses_long
 from pipeline.training import (
@@ -99,10 +101,11 @@ def run_sft(
                                            trust_remote_code=model_cfg.trust_remote_code,
                                            dtype="auto")
         template = resolve_template(model_cfg.template, tokenizer)
-        save_model(model, tokenizer, template, out_dir)
+        dtype = save_dtype(model_cfg.save_dtype, next(model.parameters()).dtype)
+        save_model(model, tokenizer, template, out_dir, dtype=dtype)
         summary = {"enabled": False, "source": model_cfg.name, "template": template.kind}
         (Path(out_dir) / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-        return summary
+        return {**summary, "template_text": template.describe(), "saved_dtype": str(dtype)}
 
     prompts, responses = sft_texts(train, cfg.responses)
     if model_cfg.name == BUILTIN_TINY:
@@ -119,6 +122,10 @@ def run_sft(
     before = heldout_loss(model, encoder, test, cfg.responses, device, cfg.mixed_precision)
     stats = TruncationStats()
     examples = encoder.sequences(prompts, responses, stats)
+    # Training runs fp32 master weights; the result is saved in the starting checkpoint's dtype.
+    dtype = save_dtype(model_cfg.save_dtype, stored_dtype(
+        model_cfg.name, revision=model_cfg.revision,
+        trust_remote_code=model_cfg.trust_remote_code))
     history: list[dict[str, float]] = []
 
     def log(step: int, metrics: dict[str, float]) -> None:
@@ -141,9 +148,11 @@ def run_sft(
     }
     check_finite_weights(model, "sft")
     if accelerator.is_main_process:
-        save_model(model, tokenizer, template, out_dir, state_dict=result.state_dict)
+        save_model(model, tokenizer, template, out_dir, state_dict=result.state_dict,
+                   dtype=dtype)
         (Path(out_dir) / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-    return {**summary, "seconds": result.seconds, "layout": layout.describe()}
+    return {**summary, "seconds": result.seconds, "layout": layout.describe(),
+            "template_text": template.describe(), "saved_dtype": str(dtype)}
 
 
 def preference_examples(selected: pd.DataFrame, encoder: Encoder,
@@ -186,6 +195,8 @@ def run_preference(
     The weights train in fp32 whatever dtype the SFT checkpoint has."""
     objective = objectives.get(cfg.objective)
     model, tokenizer = load_pretrained(sft_dir, dtype=torch.float32)
+    # Saved in the SFT model's dtype (model.save_dtype chose it), though trained in fp32.
+    dtype = stored_dtype(sft_dir)
     encoder = Encoder(tokenizer, load_template(sft_dir), cfg.max_length)
     accelerator = make_accelerator(cfg)
     fp = fingerprint_for(sft_dir, encoder, cfg.mixed_precision, train, accelerator.device)
@@ -229,9 +240,11 @@ def run_preference(
     if accelerator.is_main_process and stop_after is None:
         if cfg.lora.enabled:
             # Merging needs the whole model on one process: LoRA is for single / DDP runs.
-            save_model(model.merge_and_unload(), tokenizer, encoder.template, out_dir)
+            save_model(model.merge_and_unload(), tokenizer, encoder.template, out_dir,
+                       dtype=dtype)
         else:
-            save_model(model, tokenizer, encoder.template, out_dir, state_dict=result.state_dict)
+            save_model(model, tokenizer, encoder.template, out_dir, state_dict=result.state_dict,
+                       dtype=dtype)
         (Path(out_dir) / SUMMARY_FILE).write_text(json.dumps(
             {**summary, "final": result.last_metrics}, indent=2) + "\n")
         checkpointer.clear(accelerator)
@@ -241,7 +254,7 @@ def run_preference(
         live.make_summary()
         live.end()
     return {**summary, "final": result.last_metrics, "resumed_from_step": result.resumed_from,
-            "seconds": result.seconds, "layout": layout.describe()}
+            "seconds": result.seconds, "layout": layout.describe(), "saved_dtype": str(dtype)}
 
 
 def _open_live(live_dir: Path, resumed_step: int):  # -> dvclive.Live

@@ -15,13 +15,14 @@ def run(params_file: Path = paths.PARAMS) -> None:
     train = read_parquet(paths.PAIRS_TRAIN)
     test = read_parquet(paths.PAIRS_TEST)
     summary = run_sft(params.model, params.sft, train, test, paths.SFT_DIR)
+    saved = summary["saved_dtype"].removeprefix("torch.")
     if summary["enabled"]:
         cut = summary["truncation"]
         print(f"sft: {summary['examples']} examples ({cut['truncated']} truncated to "
               f"max_length), {summary['steps']} steps ({summary['layout']}) in "
               f"{summary['seconds']:.0f}s; held-out "
               f"loss {summary['heldout_loss_before']:.3f} -> {summary['heldout_loss_after']:.3f}"
-              f" nats/token; template {summary['template']} -> {paths.SFT_DIR}")
+              f" nats/token -> {paths.SFT_DIR} ({saved})")
     else:
-        print(f"sft: disabled; passed {summary['source']} through (template "
-              f"{summary['template']}) -> {paths.SFT_DIR}")
+        print(f"sft: disabled; passed {summary['source']} through -> {paths.SFT_DIR} ({saved})")
+    print(f"sft: prompt template {summary['template_text']}")

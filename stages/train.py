@@ -25,4 +25,5 @@ def run(params_file: Path = paths.PARAMS) -> None:
           f"{summary['pairs_dropped']}, of which {summary['pairs_contradictory']} contradictory); "
           f"{summary['steps']} steps ({summary['layout']}) in "
           f"{summary['seconds']:.0f}s; loss {final.get('loss', float('nan')):.4f}, "
-          f"reward accuracy {final.get('rewards/accuracies', float('nan')):.3f}")
+          f"reward accuracy {final.get('rewards/accuracies', float('nan')):.3f} -> "
+          f"{paths.POLICY_DIR} ({summary['saved_dtype'].removeprefix('torch.')})")

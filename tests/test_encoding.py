@@ -10,6 +10,7 @@ from real_models import CHAT_TEMPLATE, corpus, metaspace_tokenizer, pku_v1_rows
 
 from pipeline.encoding import (
     IGNORE,
+    NAMED_TEMPLATES,
     Encoder,
     Template,
     TruncationStats,
@@ -186,3 +187,15 @@ def test_a_template_ending_in_a_space_tokenizes_as_one_text(tok) -> None:
         whole = tok("USER: how can i bake bread ASSISTANT: first mix the water")["input_ids"]
         assert seq.input_ids == [*whole, tok.eos_token_id], template
         assert enc.prompt_ids(["how can i bake bread"])[0] == seq.input_ids[:seq.n_prompt_tokens]
+
+
+def test_a_template_describes_itself_for_the_log() -> None:
+    assert Template("format", NAMED_TEMPLATES["safe_rlhf"]).describe() == (
+        "format safe_rlhf 'BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:'")
+    long = Template("format", "### Instruction: answer this carefully and kindly\n{prompt}\n"
+                              "### Response:")
+    text = long.describe(width=40)
+    assert text.startswith("format '### Instruction: answer this car") and text.endswith("...'")
+    assert len(text) == len("format ") + 40
+    chat = Template("chat", "{% for m in messages %}{{ m.content }}{% endfor %}")
+    assert chat.describe() == f"chat (the tokenizer's chat template, 50 chars, id {chat.id})"
