@@ -152,7 +152,9 @@ def run_sft(
                    dtype=dtype)
         (Path(out_dir) / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     return {**summary, "seconds": result.seconds, "layout": layout.describe(),
-            "template_text": template.describe(), "saved_dtype": str(dtype)}
+            "template_text": template.describe(), "saved_dtype": str(dtype),
+            "truncation_warning": stats.warning("SFT examples", "sft.max_length",
+                                                cfg.max_length)}
 
 
 def preference_examples(selected: pd.DataFrame, encoder: Encoder,
@@ -203,7 +205,8 @@ def run_preference(
     ref = read_reference(ref_path, fp)
     selected, counts = objectives.select_pairs(train, objective)
     selected = attach_reference(selected, ref)
-    examples = preference_examples(selected, encoder)
+    truncation = TruncationStats()
+    examples = preference_examples(selected, encoder, truncation)
     if cfg.disable_dropout:
         disable_dropout(model)
     if cfg.lora.enabled:
@@ -254,7 +257,9 @@ def run_preference(
         live.make_summary()
         live.end()
     return {**summary, "final": result.last_metrics, "resumed_from_step": result.resumed_from,
-            "seconds": result.seconds, "layout": layout.describe(), "saved_dtype": str(dtype)}
+            "seconds": result.seconds, "layout": layout.describe(), "saved_dtype": str(dtype),
+            "truncation_warning": truncation.warning("training pairs", "train.max_length",
+                                                     cfg.max_length)}
 
 
 def _open_live(live_dir: Path, resumed_step: int):  # -> dvclive.Live

@@ -26,3 +26,5 @@ def run(params_file: Path = paths.PARAMS) -> None:
     else:
         print(f"sft: disabled; passed {summary['source']} through -> {paths.SFT_DIR} ({saved})")
     print(f"sft: prompt template {summary['template_text']}")
+    if summary.get("truncation_warning"):
+        print(f"sft: {summary['truncation_warning']}")
