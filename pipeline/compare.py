@@ -5,18 +5,19 @@ Each method (an objective of `pipeline.objectives`, with each Δ where Δ applie
 experiment `cmp-<objective>[-d<Δ>]` that sets `train.objective` (and `delta`) on top of the
 committed params. Only `train`, `generate@policy` and `evaluate` rerun in an experiment; DVC's
 run cache restores anything it has seen. A method whose experiment already exists on the
-current commit is not queued again, so a second `safedpo compare` recomputes nothing.
+current commit is not queued again, so a second `safedpo compare` recomputes nothing. The queue
+runs one experiment at a time (`run_queue`), with a line as each starts and ends.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -221,8 +222,7 @@ def run_comparison(chosen: Sequence[Method], cwd: Path = Path()) -> pd.DataFrame
             print(f"compare: queued {m.experiment} ({m.label})")
     if todo:
         # Which ones failed is read from `exp show` below.
-        with contextlib.suppress(UserError):
-            _dvc(["exp", "run", "--run-all", "-j", "1"], cwd)
+        run_queue([m.experiment for m in todo], cwd)
         have, failed = experiment_metrics(json.loads(_dvc(["exp", "show", "--json"], cwd)))
     missing = [m.experiment for m in chosen if m.experiment not in have]
     if missing:
@@ -230,6 +230,97 @@ def run_comparison(chosen: Sequence[Method], cwd: Path = Path()) -> pd.DataFrame
         raise UserError(f"experiment(s) {missing} failed ({logs}); see `dvc queue logs NAME`")
     print(f"compare: {len(todo)} experiment(s) run, {len(chosen) - len(todo)} reused")
     return table(chosen, have)
+
+
+#: `dvc exp run --run-all` follows each queued experiment's log in turn; each begins so.
+_STARTS = re.compile(r"^Reproducing experiment '(?P<name>[^']+)'")
+#: The line that says why a stage failed: the pipeline's own (`safedpo: error: ...`), else
+#: DVC's first.
+_ERRORS = (re.compile(r"^safedpo: error: "), re.compile(r"^ERROR: "))
+#: Shown as each experiment ends.
+HEADLINE = ("harmless_rate", "helpfulness")
+
+
+def _duration(seconds: float) -> str:
+    minutes, sec = divmod(round(seconds), 60)
+    return f"{minutes}m{sec:02d}s" if minutes else f"{sec}s"
+
+
+def _error_line(lines: Sequence[str]) -> str | None:
+    for pattern in _ERRORS:
+        hit = next((ln for ln in lines if pattern.match(ln)), None)
+        if hit is not None:
+            return hit
+    return None
+
+
+def _result_metrics(name: str, cwd: Path) -> dict[str, Any] | None:
+    """The evaluate metrics a finished experiment committed (its DVC ref on this commit's
+    baseline, `refs/exps/<sha[:2]>/<sha[2:]>/<name>`), or None if it left none. Read with git,
+    which takes no DVC lock while the queue runs."""
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True,
+                          text=True).stdout.strip()
+    ref = f"refs/exps/{head[:2]}/{head[2:]}/{name}"
+    shown = subprocess.run(["git", "show", f"{ref}:{paths.EVAL_METRICS}"], cwd=cwd,
+                           capture_output=True, text=True)
+    if not head or shown.returncode != 0:
+        return None
+    try:
+        return json.loads(shown.stdout)
+    except json.JSONDecodeError:
+        return None
+
+
+def run_queue(names: Sequence[str], cwd: Path = Path()) -> None:
+    """Run the queued experiments one at a time (`dvc exp run --run-all -j 1`) and say, as it
+    goes, which one started, and as each ends its wall-clock time and its headline metrics,
+    or the line of its log that says why it failed; then the total. Which experiments
+    succeeded is decided by the caller from `dvc exp show`, not from these lines."""
+    print(f"compare: running {len(names)} queued experiment(s) one at a time; "
+          "`dvc queue status` lists them, `dvc queue logs NAME` prints one's log")
+    dvc, env = dvc_command()
+    t0 = time.monotonic()
+    ok = 0
+    current: str | None = None
+    started = t0
+    lines: list[str] = []
+
+    def finish() -> None:
+        nonlocal ok
+        took = _duration(time.monotonic() - started)
+        error = _error_line(lines)
+        metrics = None if error else _result_metrics(str(current), cwd)
+        if metrics is not None:
+            ok += 1
+            got = ", ".join(f"{k} {metrics[k]:.3f}" for k in HEADLINE
+                            if isinstance(metrics.get(k), int | float))
+            print(f"compare: {current} done in {took}: {got or 'no headline metric'}")
+        else:
+            print(f"compare: {current} failed after {took}: {error or 'no metrics written'} "
+                  f"(`dvc queue logs {current}`)")
+
+    # Unbuffered: each line of the followed logs arrives as it is written.
+    proc = subprocess.Popen([dvc, "exp", "run", "--run-all", "-j", "1"], cwd=cwd,
+                            env={**env, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, bufsize=1)
+    assert proc.stdout is not None
+    for raw in proc.stdout:
+        line = raw.rstrip()
+        start = _STARTS.match(line)
+        if start:
+            if current is not None:
+                finish()
+            current, started, lines = start["name"], time.monotonic(), []
+            place = f"{names.index(current) + 1} of {len(names)}" if current in names \
+                else "queued before"
+            print(f"compare: {current} started ({place})")
+        elif current is not None:
+            lines.append(line)
+    proc.wait()
+    if current is not None:
+        finish()
+    print(f"compare: {ok} of {len(names)} experiment(s) succeeded in "
+          f"{_duration(time.monotonic() - t0)}")
 
 
 def table(chosen: Sequence[Method], metrics: dict[str, dict[str, Any]]) -> pd.DataFrame:

@@ -110,6 +110,10 @@ class ModelConfig:
     template: str = "auto"
     # Weights of the inference stages (ref_logps, generate, evaluate); auto = fp32, as trained.
     dtype: WeightDtype = "auto"
+    # Dtype the sft stage saves data/sft in (train saves data/policy in data/sft's): auto = the
+    # dtype of the checkpoint it started from (builtin:tiny: float32). Training itself always
+    # runs fp32 master weights.
+    save_dtype: WeightDtype = "auto"
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
 
     def __post_init__(self) -> None:

@@ -34,9 +34,10 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +107,17 @@ class Template:
         """Identifies the template's source (`Encoder.template_id`, which fingerprints hold, adds
         what it renders)."""
         return hashlib.sha256(f"{self.kind}\0{self.text}".encode()).hexdigest()[:16]
+
+    def describe(self, width: int = 60) -> str:
+        """For the log: `chat` (the tokenizer's), or the format string, by name where it is a
+        named one, its text abbreviated to `width` characters."""
+        if self.kind == "chat":
+            return f"chat (the tokenizer's chat template, {len(self.text)} chars, id {self.id})"
+        name = next((k for k, v in NAMED_TEMPLATES.items() if v == self.text), None)
+        text = repr(self.text)
+        if len(text) > width:
+            text = text[:width - 4] + "...'"
+        return f"format {name} {text}" if name else f"format {text}"
 
     def save(self, model_dir: Path) -> None:
         (Path(model_dir) / TEMPLATE_FILE).write_text(
@@ -204,19 +216,29 @@ class Encoded:
         return next((t for t, lab in enumerate(self.labels) if lab != IGNORE), len(self.labels))
 
 
+#: More than this share of items cut draws a warning (`TruncationStats.warning`).
+WARN_TRUNCATED_SHARE = 0.10
+#: The warning names the max_length that keeps this share of the items whole.
+KEEP_WHOLE_SHARE = 0.95
+
+
 @dataclass
 class TruncationStats:
-    """How many items (pairs or single sequences) the length rule cut, and by how much."""
+    """How many items (pairs or single sequences) the length rule cut, and by how much; and the
+    length each item needed to stay whole."""
 
     items: int = 0
     truncated: int = 0
     prompt_tokens_cut: int = 0
     response_tokens_cut: int = 0
     max_prompt_cut: int = 0
+    needed: list[int] = field(default_factory=list)
 
-    def count(self, prompt_cut: int, response_cut: int = 0) -> None:
-        """One item, of which `prompt_cut` prompt and `response_cut` response tokens were cut."""
+    def count(self, prompt_cut: int, response_cut: int = 0, *, needed: int) -> None:
+        """One item, of which `prompt_cut` prompt and `response_cut` response tokens were cut;
+        it would have fitted whole in `needed` tokens."""
         self.items += 1
+        self.needed.append(needed)
         if prompt_cut or response_cut:
             self.truncated += 1
             self.prompt_tokens_cut += prompt_cut
@@ -228,6 +250,25 @@ class TruncationStats:
                 "prompt_tokens_cut": self.prompt_tokens_cut,
                 "response_tokens_cut": self.response_tokens_cut,
                 "max_prompt_cut": self.max_prompt_cut}
+
+    def length_to_keep(self, share: float = KEEP_WHOLE_SHARE) -> int:
+        """The smallest max_length that leaves at least `share` of the items whole."""
+        if not self.needed:
+            return 0
+        k = max(1, math.ceil(share * len(self.needed)))
+        return sorted(self.needed)[k - 1]
+
+    def warning(self, what: str, key: str, max_length: int) -> str | None:
+        """A `warning:` line when more than `WARN_TRUNCATED_SHARE` of the items were cut at
+        `max_length` (the parameter `key`), with the max_length that keeps 95% of them whole;
+        None otherwise."""
+        if self.truncated <= WARN_TRUNCATED_SHARE * self.items:
+            return None
+        return (f"warning: {self.truncated} of {self.items} {what} "
+                f"({100 * self.truncated / self.items:.1f}%) truncated at {key} {max_length} "
+                f"({self.prompt_tokens_cut} prompt and {self.response_tokens_cut} response tokens "
+                f"cut); {key} {self.length_to_keep()} would keep "
+                f"{KEEP_WHOLE_SHARE:.0%} of them whole")
 
     def describe(self, what: str = "pairs") -> str:
         # Generation cuts prompts only: no response count there.
@@ -332,7 +373,8 @@ class Encoder:
         n_p = len(p)
         p = self._cut_prompt(p, keep)
         room = self.max_length - len(p)  # response tokens + EOS
-        stats.count(n_p - len(p), sum(max(0, len(r) + 1 - room) for r in responses))
+        stats.count(n_p - len(p), sum(max(0, len(r) + 1 - room) for r in responses),
+                    needed=n_p + longest)
         # A response cut short gets no EOS (as TRL cuts): closing it would teach the model to
         # stop mid-sentence. One that fits ends with EOS.
         return [Encoded.join(p, [*r, self.eos] if len(r) < room else r[:room])
@@ -374,6 +416,6 @@ class Encoder:
         out = []
         for p in self.prompt_ids(prompts):
             kept = self._cut_prompt(p, prompt_keep(len(p), max_new_tokens, self.max_length))
-            stats.count(len(p) - len(kept))
+            stats.count(len(p) - len(kept), needed=len(p) + max_new_tokens)
             out.append(kept)
         return out

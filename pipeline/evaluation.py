@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -395,10 +396,20 @@ def warnings_for(metrics: dict[str, Any], cfg: EvaluateConfig) -> list[str]:
                    "policy itself (temperature, top_p, top_k or repetition_penalty); "
                    "`sampled_logratio` is the mean log π/π_ref on them, not a KL")
     if metrics.get("judge_below_threshold"):
+        balanced = metrics.get("judge_cost_balanced_accuracy")
         out.append(f"warning: the judge's held-out balanced cost accuracy is "
-                   f"{metrics.get('judge_cost_balanced_accuracy')} (< "
+                   f"{'unknown' if balanced is None else f'{balanced:.3f}'} (< "
                    f"evaluate.min_judge_balanced_accuracy {cfg.min_judge_balanced_accuracy}): "
                    "its harmless rates say little")
+    kl = metrics.get("kl_to_ref")
+    if kl is not None and kl < 0:
+        # KL(π || π_ref) >= 0; its sample mean is not, and near 0 it often comes out below.
+        out.append(f"note: kl_to_ref {kl:.3f} is negative: it is a Monte-Carlo estimate (mean of "
+                   "log π/π_ref over the policy's samples) of a quantity that is never negative; "
+                   f"its 95% interval is [{metrics.get('kl_to_ref_ci_low', math.nan):.3f}, "
+                   f"{metrics.get('kl_to_ref_ci_high', math.nan):.3f}] on "
+                   f"{metrics.get('kl_to_ref_n', 0)} prompts, so the policy is within sampling "
+                   "noise of its reference")
     return out
 
 

@@ -42,7 +42,9 @@ from pipeline.modeling import (
     load_saved,
     max_abs_weight,
     save_model,
+    stored_dtype,
 )
+from pipeline.precision import save_dtype
 from pipeline.reference import attach_reference, fingerprint_for, read_reference
 from pipeline.selection import contradictions, oriented, responses_long
 from pipeline.sharding import active, load_sharded, shard
@@ -104,9 +106,10 @@ def run_sft(
                                            trust_remote_code=model_cfg.trust_remote_code,
                                            dtype="auto")
         template = resolve_template(model_cfg.template, tokenizer)
+        dtype = save_dtype(model_cfg.save_dtype, next(model.parameters()).dtype)
         summary = {"enabled": False, "source": model_cfg.name, "template": template.kind}
-        save_model(model, tokenizer, template, out_dir, summary)
-        return summary
+        save_model(model, tokenizer, template, out_dir, summary, dtype=dtype)
+        return {**summary, "template_text": template.describe(), "saved_dtype": str(dtype)}
 
     prompts, responses = sft_texts(train, cfg.responses)
     # First: under a launcher it sets up the process group that sharded loading uses.
@@ -136,6 +139,10 @@ def run_sft(
     before = heldout_loss(model, encoder, test, cfg.responses, device, cfg.mixed_precision)
     stats = TruncationStats()
     examples = encoder.sequences(prompts, responses, stats)
+    # Training runs fp32 master weights; the result is saved in the starting checkpoint's dtype.
+    dtype = save_dtype(model_cfg.save_dtype, stored_dtype(
+        model_cfg.name, revision=model_cfg.revision,
+        trust_remote_code=model_cfg.trust_remote_code))
     history: list[dict[str, float]] = []
 
     def log(step: int, metrics: dict[str, float]) -> None:
@@ -158,9 +165,13 @@ def run_sft(
     }
     check_weights(model, "sft", start, cfg.max_weight_growth)
     if accelerator.is_main_process:
-        save_model(model, tokenizer, template, out_dir, summary, state_dict=result.state_dict)
+        save_model(model, tokenizer, template, out_dir, summary, state_dict=result.state_dict,
+                   dtype=dtype)
     return {**summary, "seconds": result.seconds,
-            "layout": f"{layout.describe()}; log-probs from {head_path(model)}"}
+            "layout": f"{layout.describe()}; log-probs from {head_path(model)}",
+            "template_text": template.describe(), "saved_dtype": str(dtype),
+            "truncation_warning": stats.warning("SFT examples", "sft.max_length",
+                                                cfg.max_length)}
 
 
 def preference_examples(selected: pd.DataFrame, encoder: Encoder,
@@ -210,13 +221,16 @@ def run_preference(
         model, tokenizer = load_sharded(sft_dir, accelerator.device)
     else:
         model, tokenizer = load_saved(sft_dir, "sft", dtype=torch.float32)
+    # Saved in the SFT model's dtype (model.save_dtype chose it), though trained in fp32.
+    dtype = stored_dtype(sft_dir)
     encoder = Encoder(tokenizer, load_template(sft_dir), cfg.max_length)
     encoder.require_room("train.max_length")
     fp = fingerprint_for(sft_dir, encoder, cfg.mixed_precision, train, accelerator.device)
     ref = read_reference(ref_path, fp)
     selected, counts = objectives.select_pairs(train, objective)
     selected = attach_reference(selected, ref)
-    examples = preference_examples(selected, encoder)
+    truncation = TruncationStats()
+    examples = preference_examples(selected, encoder, truncation)
     if cfg.disable_dropout:
         disable_dropout(model)
     if cfg.lora.enabled:
@@ -262,10 +276,11 @@ def run_preference(
         notes = {**summary, "final": result.last_metrics}
         if cfg.lora.enabled:
             # Merging needs the whole model on one process: LoRA is for single / DDP runs.
-            save_model(model.merge_and_unload(), tokenizer, encoder.template, out_dir, notes)
+            save_model(model.merge_and_unload(), tokenizer, encoder.template, out_dir, notes,
+                       dtype=dtype)
         else:
             save_model(model, tokenizer, encoder.template, out_dir, notes,
-                       state_dict=result.state_dict)
+                       state_dict=result.state_dict, dtype=dtype)
         checkpointer.clear(accelerator)
     if live is not None:
         for k, v in summary.items():
@@ -274,7 +289,10 @@ def run_preference(
         live.end()
     return {**summary, "final": result.last_metrics, "resumed_from_step": result.resumed_from,
             "seconds": result.seconds,
-            "layout": f"{layout.describe()}; log-probs from {head_path(model)}"}
+            "layout": f"{layout.describe()}; log-probs from {head_path(model)}",
+            "saved_dtype": str(dtype),
+            "truncation_warning": truncation.warning("training pairs", "train.max_length",
+                                                     cfg.max_length)}
 
 
 def _open_live(live_dir: Path, history: list[dict[str, float]]):  # -> dvclive.Live

@@ -147,6 +147,23 @@ def load_pretrained(
     return model, tokenizer
 
 
+def stored_dtype(name: str | Path, *, revision: str | None = None,
+                 trust_remote_code: bool = False) -> torch.dtype:
+    """The dtype a checkpoint's weights are stored in, from its config (read after the model
+    itself loaded, so from the local directory or the hub cache): float32 where it names none
+    (`builtin:tiny`, older configs)."""
+    if str(name) == BUILTIN_TINY:
+        return torch.float32
+    if is_gguf(str(name)):
+        name = converted(str(name), log=False)  # dequantized into fp32
+    config = AutoConfig.from_pretrained(str(name), revision=revision,
+                                        trust_remote_code=trust_remote_code)
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
+
+
 def initial_model(
     cfg: ModelConfig, tokenizer_texts: Iterable[str]
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -163,19 +180,46 @@ def initial_model(
                            trust_remote_code=cfg.trust_remote_code)
 
 
+def _cast(state_dict: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Floating tensors in `dtype`; tensors that share storage (tied embeddings) still share
+    it afterwards, so `save_pretrained` writes them once."""
+    done: dict[tuple[int, torch.dtype, tuple[int, ...]], torch.Tensor] = {}
+    out = {}
+    for key, t in state_dict.items():
+        if not t.is_floating_point() or t.dtype == dtype:
+            out[key] = t
+            continue
+        ident = (t.data_ptr(), t.dtype, tuple(t.shape))
+        if ident not in done:
+            done[ident] = t.detach().to(dtype)
+        out[key] = done[ident]
+    return out
+
+
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, template: Template,
                out_dir: Path, summary: dict[str, Any] | None = None,
-               state_dict: dict[str, torch.Tensor] | None = None) -> None:
+               state_dict: dict[str, torch.Tensor] | None = None,
+               dtype: torch.dtype | None = None) -> None:
     """`save_pretrained` (+ the prompt template and the stage's `summary`) into a temporary
     sibling folder, then swap it into place.
 
     The summary records the hash of what was written (`weights_hash`), which `load_saved`
     checks: a model directory edited after its stage wrote it is refused. `state_dict`, when
     given, is what gets written (a full state dict gathered from sharded training); otherwise
-    the model's own."""
+    the model's own. `dtype`, when given, is the dtype the floating weights are written in (and
+    the config names); the model in memory is left as it is."""
     hf_logging.disable_progress_bar()
+    cast = dtype is not None and any(t.is_floating_point() and t.dtype != dtype
+                                     for t in (state_dict or model.state_dict()).values())
+    if cast:
+        state_dict = _cast(state_dict if state_dict is not None else model.state_dict(), dtype)
     with atomic_dir(Path(out_dir)) as tmp:
         model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+        if cast:
+            # save_pretrained names the dtype of the model's parameters, not of what it wrote.
+            config = json.loads((tmp / "config.json").read_text())
+            config["dtype"] = str(dtype).removeprefix("torch.")
+            (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         tokenizer.save_pretrained(tmp)
         template.save(tmp)
         write_json({**(summary or {}), WRITTEN_KEY: weights_hash(tmp)}, tmp / SUMMARY_FILE)

@@ -48,3 +48,10 @@ def weight_dtype(name: WeightDtype) -> torch.dtype:
     trained in, so scoring under the same autocast reproduces training's numbers; bf16 halves
     the memory of a 7B model at the price of a small mismatch with training."""
     return torch.float32 if name == "auto" else _DTYPES[name]
+
+
+def save_dtype(name: WeightDtype, loaded: torch.dtype) -> torch.dtype:
+    """Dtype a trained model is saved in: `auto` is `loaded`, the dtype of the checkpoint
+    training started from (a bf16 7B model's SFT and policy stay 14 GB, not 28: the fp32 master
+    weights are cast back), else the one named."""
+    return loaded if name == "auto" else _DTYPES[name]

@@ -57,6 +57,18 @@ def bootstrap_mean(per_unit: np.ndarray, n_boot: int, seed: int) -> Support:
     return Support(len(values), float(low), float(high))
 
 
+def share(k: int, n: int) -> str:
+    """`k of n (p%)`: the count first, and a percentage that reads 0% or 100% only when it is
+    (209 of 210 is 99.5%, never 100%)."""
+    if n == 0:
+        return "0 of 0"
+    pct = 100.0 * k / n
+    digits = 1
+    while digits < 6 and 0 < k < n and float(f"{pct:.{digits}f}") in (0.0, 100.0):
+        digits += 1
+    return f"{k} of {n} ({pct:.{0 if k in (0, n) else digits}f}%)"
+
+
 def low_support(supports: Mapping[str, Support], min_n: int) -> list[str]:
     """Metrics that rest on fewer than `min_n` items."""
     return sorted(k for k, s in supports.items() if s.n < min_n)

@@ -16,6 +16,7 @@ from pipeline.generation import GENERATION_COLUMNS
 from pipeline.judges import load_judge, read_judge_record
 from pipeline.precision import device, weight_dtype
 from pipeline.suites import SUITE_COLUMNS
+from pipeline.support import share
 
 
 def kl_text(metrics: dict[str, object]) -> str:
@@ -48,11 +49,13 @@ def run(params_file: Path = paths.PARAMS) -> None:
     write_json(tradeoff_points(metrics), paths.EVAL_TRADEOFF)
     # One point per (category, model); empty on data without harm categories.
     write_json(category_rows, paths.EVAL_CATEGORIES)
+    n = metrics["length_stop_rate_n"]
+    stopped = share(round(metrics["length_stop_rate"] * n), n)
     print(f"evaluate: harmless {metrics['harmless_rate']:.3f} (sft "
           f"{metrics['harmless_rate_sft']:.3f}), helpfulness {metrics['helpfulness']:.3f} (sft "
           f"{metrics['helpfulness_sft']:.3f}), win vs sft {metrics['win_rate_vs_sft']:.3f}, "
           f"over-refusal {metrics['over_refusal_rate']:.3f}, {kl_text(metrics)} "
-          f"({metrics['length_stop_rate']:.0%} of samples hit max_new_tokens); judge accuracy cost "
+          f"({stopped} samples hit max_new_tokens); judge accuracy cost "
           f"{metrics['judge_cost_accuracy']:.3f}, reward {metrics['judge_reward_accuracy']:.3f} "
           f"[{time.perf_counter() - t0:.1f}s]")
     print(f"evaluate: harmless {metrics['harmless_rate']:.3f} "

@@ -21,6 +21,7 @@ from pipeline.generation import (
 from pipeline.modeling import load_saved
 from pipeline.precision import device, weight_dtype
 from pipeline.suites import TEST_SUITE
+from pipeline.support import share
 
 
 def run(params_file: Path = paths.PARAMS, tag: str = "policy") -> None:
@@ -44,11 +45,11 @@ def run(params_file: Path = paths.PARAMS, tag: str = "policy") -> None:
     # Throughput goes to the log only: a cached out must not change between identical reruns.
     write_parquet(df, out, schema=GENERATION_SCHEMA,
                   metadata=generation_record(cfg, eos_token_ids(model, encoder)))
-    eos = (df["finish_reason"] == "eos").mean()
+    eos = share(int((df["finish_reason"] == "eos").sum()), len(df))
     print(f"generate {tag}: {len(df)} responses to {len(prompts)} prompts "
           f"({len(test)} test, {len(suites)} from suites), "
           f"{stats.new_tokens} tokens in {stats.seconds:.1f}s "
-          f"({stats.tokens_per_second:.0f} tokens/s), {eos:.0%} ended with EOS -> {out}")
+          f"({stats.tokens_per_second:.0f} tokens/s), {eos} ended with EOS -> {out}")
     if stats.truncation.truncated:
         print(f"generate {tag}: {stats.truncation.describe('prompts')} to leave "
               f"max_new_tokens {cfg.max_new_tokens} within train.max_length "

@@ -26,8 +26,9 @@ def run(params_file: Path) -> None:
     write_json(report, paths.PAIRS_REPORT)
     for split in ("train", "test"):
         r = report[split]
+        how = "detected" if params.dataset.layout == "auto" else "dataset.layout"
         reasons = {k: v for k, v in r["rejected_by_reason"].items() if v}
         tdd = r["pair_types"]
-        print(f"normalize {split}: {r['rows_in']} in, {r['rows_out']} out, "
-              f"{r['rows_rejected']} rejected {reasons or ''}; T(D) keep {tdd['tdd_keep']}, "
-              f"swap {tdd['tdd_swap']}, drop {tdd['tdd_drop']}")
+        print(f"normalize {split}: layout {r['layout']} ({how}); {r['rows_in']} in, "
+              f"{r['rows_out']} out, {r['rows_rejected']} rejected {reasons or ''}; T(D) keep "
+              f"{tdd['tdd_keep']}, swap {tdd['tdd_swap']}, drop {tdd['tdd_drop']}")

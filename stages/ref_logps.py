@@ -34,3 +34,6 @@ def run(params_file: Path = paths.PARAMS) -> None:
         write_reference(ref, fingerprint_for(paths.SFT_DIR, encoder, mp, pairs, on), dest, stats)
         print(f"ref_logps: {split}: {len(ref)} pairs in {time.perf_counter() - t0:.1f}s; "
               f"{stats.describe()} at max_length {encoder.max_length} -> {dest}")
+        warning = stats.warning(f"{split} pairs", "train.max_length", encoder.max_length)
+        if warning:
+            print(f"ref_logps: {warning}")

@@ -19,13 +19,16 @@ def run(params_file: Path = paths.PARAMS) -> None:
 
     if not PartialState().is_main_process:  # under a launcher, the main process reports
         return
+    saved = summary["saved_dtype"].removeprefix("torch.")
     if summary["enabled"]:
         cut = summary["truncation"]
         print(f"sft: {summary['examples']} examples ({cut['truncated']} truncated to "
               f"max_length), {summary['steps']} steps ({summary['layout']}) in "
               f"{summary['seconds']:.0f}s; held-out "
               f"loss {summary['heldout_loss_before']:.3f} -> {summary['heldout_loss_after']:.3f}"
-              f" nats/token; template {summary['template']} -> {paths.SFT_DIR}")
+              f" nats/token -> {paths.SFT_DIR} ({saved})")
     else:
-        print(f"sft: disabled; passed {summary['source']} through (template "
-              f"{summary['template']}) -> {paths.SFT_DIR}")
+        print(f"sft: disabled; passed {summary['source']} through -> {paths.SFT_DIR} ({saved})")
+    print(f"sft: prompt template {summary['template_text']}")
+    if summary.get("truncation_warning"):
+        print(f"sft: {summary['truncation_warning']}")

@@ -27,4 +27,7 @@ def run(params_file: Path = paths.PARAMS) -> None:
           f"{summary['steps']} steps ({summary['layout']}"
           f"{f'; resumed from step {resumed}' if resumed else ''}) in "
           f"{summary['seconds']:.0f}s; loss {final.get('loss', float('nan')):.4f}, "
-          f"reward accuracy {final.get('rewards/accuracies', float('nan')):.3f}")
+          f"reward accuracy {final.get('rewards/accuracies', float('nan')):.3f} -> "
+          f"{paths.POLICY_DIR} ({summary['saved_dtype'].removeprefix('torch.')})")
+    if summary["truncation_warning"]:
+        print(f"train: {summary['truncation_warning']}")

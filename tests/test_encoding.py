@@ -10,6 +10,7 @@ from real_models import CHAT_TEMPLATE, corpus, metaspace_tokenizer, pku_v1_rows
 
 from pipeline.encoding import (
     IGNORE,
+    NAMED_TEMPLATES,
     Encoder,
     Template,
     TruncationStats,
@@ -187,3 +188,41 @@ def test_a_template_ending_in_a_space_tokenizes_as_one_text(tok) -> None:
         whole = tok("USER: how can i bake bread ASSISTANT: first mix the water")["input_ids"]
         assert seq.input_ids == [*whole, tok.eos_token_id], template
         assert enc.prompt_ids(["how can i bake bread"])[0] == seq.input_ids[:seq.n_prompt_tokens]
+
+
+def test_a_template_describes_itself_for_the_log() -> None:
+    assert Template("format", NAMED_TEMPLATES["safe_rlhf"]).describe() == (
+        "format safe_rlhf 'BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:'")
+    long = Template("format", "### Instruction: answer this carefully and kindly\n{prompt}\n"
+                              "### Response:")
+    text = long.describe(width=40)
+    assert text.startswith("format '### Instruction: answer this car") and text.endswith("...'")
+    assert len(text) == len("format ") + 40
+    chat = Template("chat", "{% for m in messages %}{{ m.content }}{% endfor %}")
+    assert chat.describe() == f"chat (the tokenizer's chat template, 50 chars, id {chat.id})"
+
+
+def test_truncation_warns_past_a_tenth_and_names_the_length_that_keeps_95_percent(tok) -> None:
+    rows = pku_v1_rows(40, seed=5, words=(20, 300))
+    prompts = [r["prompt"] for r in rows]
+    first, second = [r["response_0"] for r in rows], [r["response_1"] for r in rows]
+    stats = TruncationStats()
+    Encoder(tok, resolve_template("plain", tok), 128).pairs(prompts, first, second, stats)
+    assert stats.truncated > 0.1 * stats.items
+    keep = stats.length_to_keep()
+    line = stats.warning("train pairs", "train.max_length", 128)
+    assert line == (f"warning: {stats.truncated} of 40 train pairs "
+                    f"({100 * stats.truncated / 40:.1f}%) truncated at train.max_length 128 "
+                    f"({stats.prompt_tokens_cut} prompt and {stats.response_tokens_cut} "
+                    f"response tokens cut); train.max_length {keep} would keep 95% of them whole")
+    # At that length at most 5% of the pairs are cut (2 of 40), one token less cuts more.
+    at_keep, below = TruncationStats(), TruncationStats()
+    Encoder(tok, resolve_template("plain", tok), keep).pairs(prompts, first, second, at_keep)
+    Encoder(tok, resolve_template("plain", tok), keep - 1).pairs(prompts, first, second, below)
+    assert at_keep.truncated <= 2 < below.truncated
+    assert at_keep.warning("train pairs", "train.max_length", keep) is None
+    # Up to a tenth cut is no warning.
+    few = TruncationStats()
+    for i in range(10):
+        few.count(5 if i == 0 else 0, needed=300 if i == 0 else 100)
+    assert few.warning("SFT examples", "sft.max_length", 128) is None

@@ -1,14 +1,30 @@
-"""Loading hub-shaped checkpoints: bf16 weights train in fp32, dropout is switched off."""
+"""Loading hub-shaped checkpoints: bf16 weights train in fp32 and are saved back in bf16,
+dropout is switched off."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from real_models import corpus, metaspace_tokenizer, pku_v1_rows, save_hub_like, tiny_llama
+from safetensors.torch import load_file
 
-from pipeline.modeling import disable_dropout, load_pretrained
+from pipeline.config import ModelConfig, SFTConfig, TinyModelConfig, ToyConfig
+from pipeline.encoding import Template
+from pipeline.finetune import run_sft
+from pipeline.modeling import (
+    build_tiny_model,
+    disable_dropout,
+    load_pretrained,
+    save_model,
+    stored_dtype,
+    train_tiny_tokenizer,
+)
+from pipeline.normalize import normalize_splits
+from pipeline.toydata import generate
 
 
 @pytest.fixture(scope="module")
@@ -85,3 +101,58 @@ def test_load_errors_say_what_is_wrong(tmp_path: Path) -> None:
     for hub_id in ("org/model", "gpt2"):  # a legacy id without owner is still a hub id
         with pytest.raises(UserError, match=r"needs model\.revision"):
             load_pretrained(hub_id)
+
+
+def _toy_pairs() -> tuple[pd.DataFrame, pd.DataFrame]:
+    train_raw, test_raw = generate(ToyConfig(n_train=24, n_test=8, seed=1))
+    train, test, _ = normalize_splits(train_raw, test_raw)
+    return train, test
+
+
+def test_sft_saves_in_the_dtype_of_the_checkpoint_it_loaded(
+        checkpoints: tuple[Path, Path], tmp_path: Path) -> None:
+    """Trained in fp32 (master weights), saved in bf16 as loaded: half the disk; the policy
+    follows the SFT model's dtype; `model.save_dtype` overrides."""
+    bf16, _ = checkpoints
+    train, test = _toy_pairs()
+    cfg = SFTConfig(lr=1e-3, epochs=1, batch_size=8, max_length=64)
+    summary = run_sft(ModelConfig(name=str(bf16)), cfg, train, test, tmp_path / "sft")
+    assert summary["saved_dtype"] == "torch.bfloat16"
+    saved = load_file(tmp_path / "sft" / "model.safetensors")
+    start = load_file(bf16 / "model.safetensors")
+    assert {t.dtype for t in saved.values()} == {torch.bfloat16}
+    assert json.loads((tmp_path / "sft" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert stored_dtype(tmp_path / "sft") == torch.bfloat16
+    # The training steps survive the cast back to bf16.
+    assert any(not torch.equal(saved[k], start[k]) for k in saved)
+    summary = run_sft(ModelConfig(name=str(bf16), save_dtype="float32"), cfg, train, test,
+                      tmp_path / "sft32")
+    assert summary["saved_dtype"] == "torch.float32"
+    assert {t.dtype for t in load_file(tmp_path / "sft32" / "model.safetensors").values()} \
+        == {torch.float32}
+    assert stored_dtype(tmp_path / "sft32") == torch.float32
+
+
+def test_save_model_casts_a_copy_and_keeps_fp32_bytes(tmp_path: Path) -> None:
+    tok = train_tiny_tokenizer(corpus(pku_v1_rows(3, words=(20, 40))), 400)
+    model = build_tiny_model(TinyModelConfig(vocab_size=400, hidden_size=32,
+                                             intermediate_size=64, num_layers=1, num_heads=2,
+                                             num_kv_heads=2), tok)
+    template = Template("format", "User: {prompt}\nAssistant:")
+    save_model(model, tok, template, tmp_path / "plain")
+    save_model(model, tok, template, tmp_path / "fp32", dtype=torch.float32)
+    save_model(model, tok, template, tmp_path / "bf16", dtype=torch.bfloat16)
+    # `builtin:tiny` (fp32 in, fp32 out) writes exactly what it wrote before.
+    for name in ("model.safetensors", "config.json"):
+        assert (tmp_path / "plain" / name).read_bytes() == (tmp_path / "fp32" / name).read_bytes()
+    a = load_file(tmp_path / "plain" / "model.safetensors")
+    b = load_file(tmp_path / "bf16" / "model.safetensors")
+    # The tied embedding is still written once, and the model in memory is untouched.
+    assert a.keys() == b.keys()
+    assert all(b[k].dtype == torch.bfloat16 and torch.equal(b[k], a[k].to(torch.bfloat16))
+               for k in a)
+    assert next(model.parameters()).dtype == torch.float32
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert json.loads((tmp_path / "plain" / "config.json").read_text())["dtype"] == "float32"
+    assert (tmp_path / "bf16" / "model.safetensors").stat().st_size \
+        < 0.6 * (tmp_path / "plain" / "model.safetensors").stat().st_size

@@ -7,6 +7,7 @@ responses of hundreds of words). Then a forced rerun must reproduce every out by
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -70,6 +71,12 @@ def test_real_model_path_runs_every_stage_and_reruns_byte_identically(project: P
     for d in ("data/sft", "data/policy"):
         tpl = json.loads((project / d / "prompt_template.json").read_text())
         assert tpl["kind"] == "chat" and "[INST]" in tpl["text"]
+        # Trained in fp32, saved back in the checkpoint's bf16 (model.save_dtype: auto).
+        assert json.loads((project / d / "config.json").read_text())["dtype"] == "bfloat16"
+    # The log names the detected layout and the template, and the dtype each model was saved in.
+    assert "normalize train: layout pku_v1 (detected);" in log
+    assert "sft: prompt template chat (the tokenizer's chat template" in log
+    assert "-> data/sft (bfloat16)" in log and "-> data/policy (bfloat16)" in log
     # Long pairs are cut by the pair rule, and the stage says how many.
     meta = pq.read_schema(project / "data/ref_logps/train.parquet").metadata
     cut = json.loads(meta[b"safedpo.truncation"])
@@ -77,6 +84,12 @@ def test_real_model_path_runs_every_stage_and_reruns_byte_identically(project: P
     assert cut["items"] > 0 and cut["truncated"] > 0.5 * cut["items"]
     assert fp["max_length"] == MAX_LEN and fp["precision"] == "no"
     assert "pairs truncated" in log
+    # More than a tenth cut: a warning with the max_length that keeps 95% whole.
+    warn = re.search(r"ref_logps: warning: (\d+) of (\d+) train pairs \([\d.]+%\) truncated at "
+                     rf"train\.max_length {MAX_LEN} .*; train\.max_length (\d+) would keep 95% "
+                     "of them whole", log)
+    assert warn and int(warn[1]) == cut["truncated"] and int(warn[3]) > MAX_LEN, log[-3000:]
+    assert "train: warning: " in log and "sft: warning: " in log
     # Generations keep the exact token ids, and KL is reported with its length-stop share.
     gens = pd.read_parquet(project / "data/generations/policy.parquet")
     assert len(gens) == 6 + 6 and all(len(t) > 0 for t in gens["token_ids"])

@@ -8,6 +8,7 @@ runs (`--queue -S delta=0,2` + `--run-all`) show up in `dvc exp show` with their
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -82,6 +83,12 @@ def test_compare_runs_one_experiment_per_method_and_reuses_them(project: Path) -
             "-d", "0", "-d", "2"]
     out = run(args, project)
     assert out.count("compare: queued") == 3 and "3 experiment(s) run, 0 reused" in out
+    # Progress: each experiment's start and end (with its headline metrics), then the total.
+    for name in ("cmp-safedpo-d0", "cmp-safedpo-d2", "cmp-dpo-helpful"):
+        assert f"compare: {name} started (" in out
+        assert re.search(rf"compare: {name} done in (\d+m)?\d+s: harmless_rate \d\.\d{{3}}, "
+                         r"helpfulness -?\d+\.\d{3}", out), out[-3000:]
+    assert re.search(r"compare: 3 of 3 experiment\(s\) succeeded in (\d+m)?\d+s", out)
     shown = json.loads(run([str(BIN / "dvc"), "exp", "show", "--json"], project, stdout_only=True))
     deltas = {}
     for commit in shown:

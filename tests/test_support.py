@@ -10,7 +10,14 @@ import pytest
 
 from pipeline.config import EvaluateConfig
 from pipeline.evaluation import metric_supports, warnings_for
-from pipeline.support import Support, bootstrap_mean, low_support, rate_support, wilson
+from pipeline.support import (
+    Support,
+    bootstrap_mean,
+    low_support,
+    rate_support,
+    share,
+    wilson,
+)
 
 
 def test_wilson_by_hand() -> None:
@@ -75,3 +82,28 @@ def test_metric_supports_and_warnings_on_a_hand_table() -> None:
     assert len(lines) == 5
     assert lines[2].startswith("warning: pref_accuracy_helpful rests on 3 items")
     assert "0.647" in lines[-1]
+
+
+def test_share_gives_the_count_and_never_a_false_100_percent() -> None:
+    assert share(209, 210) == "209 of 210 (99.5%)"
+    assert share(210, 210) == "210 of 210 (100%)"
+    assert share(0, 7) == "0 of 7 (0%)"
+    assert share(9999, 10000) == "9999 of 10000 (99.99%)"
+    assert share(1, 3000) == "1 of 3000 (0.03%)"
+    assert share(0, 0) == "0 of 0"
+
+
+def test_warnings_round_the_judge_accuracy_and_explain_a_negative_kl() -> None:
+    cfg = EvaluateConfig(min_support=1, min_judge_balanced_accuracy=0.75)
+    metrics = {"low_support": "", "judge_below_threshold": True,
+               "judge_cost_balanced_accuracy": 0.43956043956043955, "kl_to_ref": -0.0123,
+               **Support(91, -0.031, 0.006).flat("kl_to_ref")}
+    judge, kl = warnings_for(metrics, cfg)
+    assert "accuracy is 0.440 (<" in judge and "0.4395" not in judge
+    assert kl.startswith("note: kl_to_ref -0.012 is negative: it is a Monte-Carlo estimate")
+    assert "never negative" in kl and "[-0.031, 0.006] on 91 prompts" in kl
+    # A positive estimate needs no note; an unknown judge accuracy says so.
+    metrics.update(kl_to_ref=0.2, judge_cost_balanced_accuracy=None)
+    assert warnings_for(metrics, cfg) == [
+        "warning: the judge's held-out balanced cost accuracy is unknown (< "
+        "evaluate.min_judge_balanced_accuracy 0.75): its harmless rates say little"]
