@@ -75,34 +75,40 @@ def _dvc_project(root: Path) -> bool:
 
 
 @contextmanager
-def stage_lock(root: Path = Path()) -> Iterator[None]:
-    """Held (shared) by a stage command while it runs, in a DVC project; waits while
-    `exclusive` holds it."""
+def _lock_fd(root: Path) -> Iterator[int | None]:
+    """The stage lock file, open, in a DVC project; None elsewhere (nothing to hold, and no
+    `.dvc` folder is made: dvc would take it for a project)."""
     if not _dvc_project(root):
-        yield
+        yield None
         return
     path = root / paths.STAGE_LOCK
     path.parent.mkdir(exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH)
-        yield
+        yield fd
     finally:
         os.close(fd)
 
 
 @contextmanager
+def stage_lock(root: Path = Path()) -> Iterator[None]:
+    """Held (shared) by a stage command while it runs, in a DVC project; waits while
+    `exclusive` holds it."""
+    with _lock_fd(root) as fd:
+        if fd is not None:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        yield
+
+
+@contextmanager
 def exclusive(what: str, root: Path = Path()) -> Iterator[None]:
     """Hold the project for `what` (a command that edits params.yaml), or refuse in one line
-    while DVC or a stage holds it. Outside a DVC project there is nothing to hold (and no
-    `.dvc` folder is made: dvc would take it for a project); dvc itself then says so."""
-    if not _dvc_project(root):
-        yield
-        return
-    path = root / paths.STAGE_LOCK
-    path.parent.mkdir(exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
+    while DVC or a stage holds it. Outside a DVC project there is nothing to hold; dvc itself
+    then says so."""
+    with _lock_fd(root) as fd:
+        if fd is None:
+            yield
+            return
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -116,5 +122,3 @@ def exclusive(what: str, root: Path = Path()) -> Iterator[None]:
             raise UserError(f"{what} edits params.yaml, and a dvc command holds this "
                             f"project's lock ({paths.DVC_LOCK}); wait for it to end")
         yield
-    finally:
-        os.close(fd)
