@@ -11,6 +11,7 @@ runs one experiment at a time (`run_queue`), with a line as each starts and ends
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -18,7 +19,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -205,6 +206,46 @@ def experiment_metrics(shown: list[dict[str, Any]]
     return ok, failed
 
 
+def _git(args: list[str], cwd: Path) -> str:
+    proc = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise UserError(f"`git {' '.join(args)}` failed: "
+                        f"{(proc.stderr.strip().splitlines() or ['(no output)'])[-1]}; compare "
+                        "runs DVC experiments, which need a git repository with a commit")
+    return proc.stdout
+
+
+def baseline_commit(cwd: Path = Path()) -> str:
+    return _git(["rev-parse", "--short", "HEAD"], Path(cwd)).strip()
+
+
+def committed_params_text(cwd: Path = Path()) -> str:
+    """params.yaml as committed at HEAD: what every experiment of a comparison starts from."""
+    return _git(["show", f"HEAD:{paths.PARAMS.as_posix()}"], Path(cwd))
+
+
+@contextlib.contextmanager
+def committed_params(cwd: Path) -> Iterator[None]:
+    """params.yaml as committed while experiments are queued, the user's own put back after.
+    `dvc exp run --queue` takes the workspace's params.yaml as it is, so a value an earlier `dvc
+    exp run -S delta=5` left there would otherwise run as every method's Δ; each method is to
+    run at the values it names over the committed ones."""
+    path = Path(cwd) / paths.PARAMS
+    mine, committed = path.read_text(encoding="utf-8"), committed_params_text(cwd)
+    if mine == committed:
+        yield
+        return
+    print(f"compare: {paths.PARAMS} differs from the commit; the experiments start from the "
+          "committed one, and yours is left as it is")
+    try:
+        with atomic_path(path) as tmp:
+            tmp.write_text(committed, encoding="utf-8")
+        yield
+    finally:
+        with atomic_path(path) as tmp:
+            tmp.write_text(mine, encoding="utf-8")
+
+
 def run_comparison(chosen: Sequence[Method], cwd: Path = Path()) -> pd.DataFrame:
     """Queue the methods that have no experiment yet, run them, and tabulate every method.
 
@@ -217,9 +258,12 @@ def run_comparison(chosen: Sequence[Method], cwd: Path = Path()) -> pd.DataFrame
         stale = [m.experiment for m in todo if m.experiment in failed]
         if stale:  # a failed run of an earlier call: run it again
             _dvc(["exp", "remove", *stale], cwd)
-        for m in todo:
-            _dvc(["exp", "run", "--queue", "-n", m.experiment, *m.set_params()], cwd)
-            print(f"compare: queued {m.experiment} ({m.label})")
+        print(f"compare: baseline commit {baseline_commit(cwd)} (its params.yaml, each method's "
+              "values on top)")
+        with committed_params(Path(cwd)):
+            for m in todo:
+                _dvc(["exp", "run", "--queue", "-n", m.experiment, *m.set_params()], cwd)
+                print(f"compare: queued {m.experiment} ({m.label})")
     if todo:
         # Which ones failed is read from `exp show` below.
         run_queue([m.experiment for m in todo], cwd)

@@ -85,18 +85,31 @@ def compare(
     objective: list[str] = typer.Option(None, "--objective", "-o",
                                         help="Objectives to compare (default: all)."),
     delta: list[float] = typer.Option(None, "--delta", "-d",
-                                      help="Δ values for SafeDPO (default: 0 and params' delta)."),
+                                      help="Δ values for SafeDPO (default: 0 and the committed delta)."),
     profile: str = typer.Option(None, "--profile",
                                 help="A params overlay for every experiment: a name in "
                                      "pipeline/profiles/ (gemma3-270m) or a YAML file; results "
                                      "go to data/results/<profile>/."),
     params: Path = PARAMS_OPT,
 ) -> None:
+    import yaml
+
     from pipeline import objectives
-    from pipeline.compare import load_profile, methods, run_comparison, to_markdown, write_results
+    from pipeline.compare import (
+        committed_params_text,
+        load_profile,
+        methods,
+        run_comparison,
+        to_markdown,
+        write_results,
+    )
     from pipeline.config import load_params
 
-    deltas = delta or sorted({0.0, load_params(params).delta})
+    if delta:
+        deltas = delta
+    else:  # the committed Δ (and 0): a `dvc exp run -S delta=5` leaves its value in the file
+        committed = yaml.safe_load(committed_params_text()) or {}
+        deltas = sorted({0.0, float(committed.get("delta", load_params(params).delta))})
     prof = load_profile(profile, params) if profile else None
     table = run_comparison(methods(objective or list(objectives.OBJECTIVES), deltas, prof))
     if prof is None:

@@ -122,3 +122,35 @@ def test_a_profile_overlays_every_experiment_and_is_validated_first(tmp_path) ->
         load_profile(str(bad), params)
     with pytest.raises(UserError, match="gemma3-270m"):
         load_profile("no-such-profile", params)
+
+
+def test_experiments_start_from_the_committed_params_whatever_the_workspace_holds(
+        tmp_path) -> None:
+    """A `dvc exp run -S delta=5` leaves `delta: 5` in params.yaml; compare queues from the
+    committed file (each method's values on top) and puts the user's file back after."""
+    import subprocess
+    from pathlib import Path
+
+    from pipeline.compare import baseline_commit, committed_params, committed_params_text
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True,
+                              text=True, env={"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+                                              "GIT_COMMITTER_NAME": "t",
+                                              "GIT_COMMITTER_EMAIL": "t@t", "HOME": "/tmp",
+                                              "PATH": "/usr/bin:/bin"}).stdout
+
+    git("init", "-q")
+    params = Path(tmp_path) / "params.yaml"
+    params.write_text("delta: 10.0\nbeta: 0.1\n")
+    git("add", "params.yaml")
+    git("commit", "-qm", "baseline")
+    assert baseline_commit(tmp_path) == git("rev-parse", "--short", "HEAD").strip()
+    params.write_text("delta: 5\nbeta: 0.1\n")
+    assert committed_params_text(tmp_path) == "delta: 10.0\nbeta: 0.1\n"
+    with committed_params(tmp_path):
+        assert params.read_text() == "delta: 10.0\nbeta: 0.1\n"
+    assert params.read_text() == "delta: 5\nbeta: 0.1\n"
+    with pytest.raises(RuntimeError), committed_params(tmp_path):  # put back on any exit
+        raise RuntimeError
+    assert params.read_text() == "delta: 5\nbeta: 0.1\n"
