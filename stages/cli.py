@@ -85,7 +85,8 @@ def compare(
     objective: list[str] = typer.Option(None, "--objective", "-o",
                                         help="Objectives to compare (default: all)."),
     delta: list[float] = typer.Option(None, "--delta", "-d",
-                                      help="Δ values for SafeDPO (default: 0 and the committed delta)."),
+                                      help="Δ values for SafeDPO (default: 0 and the "
+                                           "committed delta)."),
     profile: str = typer.Option(None, "--profile",
                                 help="A params overlay for every experiment: a name in "
                                      "pipeline/profiles/ (gemma3-270m) or a YAML file; results "
