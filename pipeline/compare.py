@@ -246,6 +246,32 @@ def committed_params(cwd: Path) -> Iterator[None]:
             tmp.write_text(mine, encoding="utf-8")
 
 
+def local_inputs(params: Params) -> list[str]:
+    """The params that name a file or directory: data set, model, suites, judge models."""
+    names = [params.dataset.name, params.model.name, *(s.source for s in params.suites),
+             params.judge.reward_model, params.judge.cost_model, params.judge.guard.model]
+    return [n for n in names if n and not n.startswith("builtin:")]
+
+
+def check_inputs_tracked(cwd: Path = Path()) -> None:
+    """Refuse, before anything is queued, a local input that neither git nor DVC tracks: a
+    queued experiment runs in a copy of the commit, where it is missing (and a missing model
+    directory would be read as a hub id)."""
+    cwd = Path(cwd)
+    params = from_dict(Params, yaml.safe_load(committed_params_text(cwd)) or {})
+    for name in local_inputs(params):
+        if not (cwd / name).exists():
+            continue  # a hub id, or a path the stages refuse with their own line
+        dvc_file = f"{name.rstrip('/')}.dvc"
+        tracked = _git(["ls-files", "--", name, dvc_file], cwd).split()
+        if not tracked:
+            raise UserError(
+                f"{name} is neither in git nor tracked by DVC, and the queued experiments run in "
+                f"a copy of the commit, without it; track it first: `dvc add {name} && git add "
+                f"{dvc_file} .gitignore && git commit -m 'track {name}'` (or `git add` a small "
+                "file)")
+
+
 def run_comparison(chosen: Sequence[Method], cwd: Path = Path()) -> pd.DataFrame:
     """Queue the methods that have no experiment yet, run them, and tabulate every method.
 
@@ -258,6 +284,7 @@ def run_comparison(chosen: Sequence[Method], cwd: Path = Path()) -> pd.DataFrame
         stale = [m.experiment for m in todo if m.experiment in failed]
         if stale:  # a failed run of an earlier call: run it again
             _dvc(["exp", "remove", *stale], cwd)
+        check_inputs_tracked(Path(cwd))
         print(f"compare: baseline commit {baseline_commit(cwd)} (its params.yaml, each method's "
               "values on top)")
         with committed_params(Path(cwd)):

@@ -154,3 +154,43 @@ def test_experiments_start_from_the_committed_params_whatever_the_workspace_hold
     with pytest.raises(RuntimeError), committed_params(tmp_path):  # put back on any exit
         raise RuntimeError
     assert params.read_text() == "delta: 5\nbeta: 0.1\n"
+
+
+def test_an_untracked_local_input_is_refused_before_anything_is_queued(tmp_path) -> None:
+    """A local data file or model directory that neither git nor DVC tracks is missing from
+    the copies queued experiments run in: compare says so, with the command that fixes it."""
+    import subprocess
+    from pathlib import Path
+
+    import yaml
+
+    from pipeline.compare import check_inputs_tracked
+    from pipeline.errors import UserError
+
+    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t", "HOME": "/tmp", "PATH": "/usr/bin:/bin"}
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True, env=env)
+
+    root = Path(tmp_path)
+    git("init", "-q")
+    (root / "inputs").mkdir()
+    (root / "inputs" / "pku.jsonl").write_text('{"prompt": "x"}\n')
+    (root / "models" / "llama").mkdir(parents=True)
+    (root / "models" / "llama" / "config.json").write_text("{}")
+    (root / "params.yaml").write_text(yaml.safe_dump({
+        "dataset": {"name": "inputs/pku.jsonl"}, "model": {"name": "models/llama"},
+        "judge": {"reward_model": "Owner/hub-model"}}))
+    git("add", "params.yaml")
+    git("commit", "-qm", "baseline")
+    with pytest.raises(UserError, match=r"inputs/pku.jsonl is neither in git nor tracked by "
+                                        r"DVC.*`dvc add inputs/pku.jsonl && git add "
+                                        r"inputs/pku.jsonl.dvc"):
+        check_inputs_tracked(root)
+    git("add", "inputs/pku.jsonl")  # a small file: git is enough
+    with pytest.raises(UserError, match="models/llama is neither"):
+        check_inputs_tracked(root)
+    (root / "models" / "llama.dvc").write_text("outs:\n- path: llama\n")
+    git("add", "models/llama.dvc")  # as `dvc add models/llama` leaves it
+    check_inputs_tracked(root)  # the hub id is not a local path: nothing to track
