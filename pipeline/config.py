@@ -216,6 +216,10 @@ class TrainConfig(OptimConfig):
         # Merging LoRA on save needs the whole model in one process.
         _check(not (self.lora.enabled and self.sharding != "none"), "train.sharding",
                "LoRA (train.lora.enabled) trains unsharded; set sharding: none")
+        # peft builds its adapters' dropout after dropout was disabled: it would be on again.
+        _check(not (self.lora.enabled and self.lora.dropout > 0 and self.disable_dropout),
+               "train.lora.dropout", "must be 0 with train.disable_dropout: true (the policy is "
+               "scored like its eval-mode reference); set one or the other")
 
 
 @dataclass(frozen=True)

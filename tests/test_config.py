@@ -94,3 +94,15 @@ def test_fp16_is_refused_with_what_to_use() -> None:
 
     with pytest.raises(UserError, match=r"train\.mixed_precision.*fp16 is not supported.*bf16"):
         TrainConfig(mixed_precision="fp16")
+
+
+def test_lora_dropout_contradicting_disable_dropout_is_refused() -> None:
+    """peft adds its adapters' dropout after `disable_dropout` ran: dropout > 0 would switch
+    dropout back on in a policy meant to be scored like its eval-mode reference."""
+    from pipeline.config import LoraConfig, TrainConfig
+
+    with pytest.raises(UserError, match=r"train\.lora\.dropout.*disable_dropout"):
+        TrainConfig(lora=LoraConfig(enabled=True, dropout=0.1))
+    TrainConfig(lora=LoraConfig(enabled=True, dropout=0.1), disable_dropout=False)
+    TrainConfig(lora=LoraConfig(enabled=True, dropout=0.0))
+    TrainConfig(lora=LoraConfig(enabled=False, dropout=0.1))
