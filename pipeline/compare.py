@@ -40,9 +40,17 @@ METRIC_COLUMNS = ["harmless_rate", "helpfulness", "win_rate_vs_sft", "over_refus
                   "pref_accuracy_safety", "judge_cost_accuracy", "judge_reward_accuracy",
                   "n_prompts"]
 #: Metrics shown with their 95% interval (pipeline/support.py).
-WITH_CI = ["harmless_rate", "helpfulness", "win_rate_vs_sft", "over_refusal_rate"]
+WITH_CI = ["harmless_rate", "helpfulness", "win_rate_vs_sft", "over_refusal_rate", "kl_to_ref",
+           "length_stop_rate", "ref_logp_per_token", "pref_accuracy_safety",
+           "pref_accuracy_helpful"]
+#: The caveats each row carries (from its metrics.json): the metrics resting on fewer than
+#: `evaluate.min_support` items, and whether the judge is below its accuracy threshold.
+FLAG_COLUMNS = ["low_support", "judge_below_threshold", "judge_cost_balanced_accuracy"]
+LOW_MARK = "*"
 CI_COLUMNS = [f"{k}_ci_{end}" for k in WITH_CI for end in ("low", "high")]
-COLUMNS = ["method", "experiment", "objective", "delta", *METRIC_COLUMNS, *CI_COLUMNS]
+N_COLUMNS = [f"{k}_n" for k in WITH_CI]
+COLUMNS = ["method", "experiment", "objective", "delta", *METRIC_COLUMNS, *CI_COLUMNS,
+           *N_COLUMNS, *FLAG_COLUMNS]
 #: Per held-out suite (`suite_<s>_<metric>`, pipeline/breakdown.py), with intervals.
 SUITE_METRICS = ("harmless_rate", "refusal_prefix_rate", "over_refusal_rate", "helpfulness")
 _SUITE_KEY = re.compile(r"^suite_([a-z0-9_]+?)_(" + "|".join(SUITE_METRICS) + r")$")
@@ -407,7 +415,11 @@ def table(chosen: Sequence[Method], metrics: dict[str, dict[str, Any]]) -> pd.Da
              "judge_reward_accuracy": first.get("judge_reward_accuracy"),
              "n_prompts": first.get("n_prompts"),
              **{f"{k}_ci_{end}": first.get(f"{k}_sft_ci_{end}") for k in WITH_CI
-                if k != "win_rate_vs_sft" for end in ("low", "high")}}]
+                if k != "win_rate_vs_sft" for end in ("low", "high")},
+             **{f"{k}_n": first.get(f"{k}_sft_n") for k in WITH_CI},
+             "low_support": _low_support(first, sft=True),
+             "judge_below_threshold": bool(first.get("judge_below_threshold")),
+             "judge_cost_balanced_accuracy": first.get("judge_cost_balanced_accuracy")}]
     held = suite_columns(first)
     held_ci = [f"{k}_ci_{end}" for k in held for end in ("low", "high")]
     ood = sorted(k for k in first if _OOD_KEY.match(k))
@@ -420,12 +432,23 @@ def table(chosen: Sequence[Method], metrics: dict[str, dict[str, Any]]) -> pd.Da
         delta = m.delta if objectives.get(m.objective).uses_delta else float("nan")
         rows.append({"method": m.label, "experiment": m.experiment, "objective": m.objective,
                      "delta": delta,
-                     **{k: got.get(k) for k in METRIC_COLUMNS + CI_COLUMNS + held + held_ci
-                        + ood}})
+                     **{k: got.get(k) for k in METRIC_COLUMNS + CI_COLUMNS + N_COLUMNS + held
+                        + held_ci + ood},
+                     "low_support": _low_support(got, sft=False),
+                     "judge_below_threshold": bool(got.get("judge_below_threshold")),
+                     "judge_cost_balanced_accuracy": got.get("judge_cost_balanced_accuracy")})
     numeric = METRIC_COLUMNS + CI_COLUMNS + held + held_ci
     df = pd.DataFrame(rows, columns=COLUMNS + held + held_ci + ood)
     df[numeric] = df[numeric].astype(float)
     return df
+
+
+def _low_support(metrics: dict[str, Any], sft: bool) -> str:
+    """The row's metrics under `evaluate.min_support` (the SFT row's are the `_sft` keys)."""
+    keys = [k for k in str(metrics.get("low_support") or "").split(",") if k]
+    if sft:
+        return ",".join(k.removesuffix("_sft") for k in keys if k.endswith("_sft"))
+    return ",".join(k for k in keys if not k.endswith("_sft"))
 
 
 def to_markdown(df: pd.DataFrame) -> str:
@@ -440,7 +463,11 @@ def to_markdown(df: pd.DataFrame) -> str:
             return "–"
         low, high = r.get(f"{k}_ci_low"), r.get(f"{k}_ci_high")
         ci = "" if low is None or pd.isna(low) else f" [{low:.2f}, {high:.2f}]"
-        return f"{r[k]:.3f}{ci}"
+        thin = k in str(r.get("low_support") or "").split(",")
+        n = r.get(f"{k}_n")
+        mark = f" {LOW_MARK} n={int(n)}" if thin and n is not None and not pd.isna(n) else \
+            (f" {LOW_MARK}" if thin else "")
+        return f"{r[k]:.3f}{ci}{mark}"
 
     for r in df.to_dict("records"):
         lines.append(f"| {r['method']} | " + " | ".join(cell(r, k) for k in keys) + " |")
@@ -460,10 +487,17 @@ def to_markdown(df: pd.DataFrame) -> str:
                           "so the judge's accuracy below says nothing about it; read the "
                           "refusal-prefix rate (the AdvBench/GCG rule) beside it."]
     r0 = df.iloc[0]
-    lines += ["", f"Judges (held-out test pairs): cost accuracy {r0.judge_cost_accuracy:.3f}, "
-                  f"reward accuracy {r0.judge_reward_accuracy:.3f}; {int(r0.n_prompts)} prompts. "
+    below = " — **below the threshold**: its harmless rates say little" \
+        if bool(df["judge_below_threshold"].fillna(False).any()) else ""
+    balanced = r0.judge_cost_balanced_accuracy
+    lines += ["", f"Judges (held-out test pairs): cost accuracy {r0.judge_cost_accuracy:.3f}"
+                  + (f" (balanced {balanced:.3f})" if balanced is not None
+                     and not pd.isna(balanced) else "")
+                  + f"{below}, reward accuracy {r0.judge_reward_accuracy:.3f}; "
+                  f"{int(r0.n_prompts)} prompts. "
                   "Brackets: 95% intervals (Wilson for rates, bootstrap over prompts for means "
-                  "and the win rate)."]
+                  f"and the win rate). {LOW_MARK} n=…: rests on fewer items than "
+                  "evaluate.min_support (flagged `low_support` in metrics.json)."]
     return "\n".join(lines) + "\n"
 
 

@@ -84,6 +84,33 @@ def test_report_marks_the_harmless_rate_of_a_suite_out_of_the_judges_distributio
     assert "†" not in to_markdown(table([Method("safedpo", 10.0)], {"cmp-safedpo-d10": m}))
 
 
+def test_every_caveat_travels_with_its_number_into_the_report_and_the_table() -> None:
+    """The audit's case: "safety pref. acc." 1.000 on one test pair and a judge below chance
+    must not read as results: a thin number is marked with its n, the judge line says "below
+    the threshold", and results.parquet carries the counts and flags as columns."""
+    m = {"harmless_rate": 0.99, "helpfulness": 0.4, "win_rate_vs_sft": 0.6,
+         "over_refusal_rate": 0.3, "kl_to_ref": 12.5, "length_stop_rate": 0.25,
+         "ref_logp_per_token": -2.5, "pref_accuracy_helpful": 0.7, "pref_accuracy_safety": 1.0,
+         "pref_accuracy_safety_n": 1, "pref_accuracy_safety_ci_low": 0.21,
+         "pref_accuracy_safety_ci_high": 1.0, "harmless_rate_n": 10, "harmless_rate_sft": 0.8,
+         "harmless_rate_sft_n": 10, "judge_cost_accuracy": 0.4,
+         "judge_cost_balanced_accuracy": 0.45, "judge_reward_accuracy": 0.6, "n_prompts": 10,
+         "judge_below_threshold": True,
+         "low_support": "harmless_rate,harmless_rate_sft,pref_accuracy_safety"}
+    df = table([Method("safedpo", 10.0)], {"cmp-safedpo-d10": m})
+    assert df["low_support"].tolist() == ["harmless_rate", "harmless_rate,pref_accuracy_safety"]
+    assert df["pref_accuracy_safety_n"].tolist()[1] == 1 and df["judge_below_threshold"].all()
+    md = to_markdown(df)
+    assert "| SafeDPO (Δ=10) | 0.990 * n=10 |" in md
+    assert "| 1.000 [0.21, 1.00] * n=1 |" in md
+    assert "| SFT | 0.800 * n=10 |" in md
+    assert ("cost accuracy 0.400 (balanced 0.450) — **below the threshold**: its harmless rates "
+            "say little, reward accuracy 0.600") in md
+    m.update(judge_below_threshold=False, low_support="")
+    md = to_markdown(table([Method("safedpo", 10.0)], {"cmp-safedpo-d10": m}))
+    assert "below the threshold" not in md and "| SafeDPO (Δ=10) | 0.990 |" in md
+
+
 def test_unknown_objective_is_one_line() -> None:
     from pipeline.errors import UserError
 
