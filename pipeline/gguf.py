@@ -137,7 +137,7 @@ def _lock(path: Path) -> Iterator[None]:
 
 def _convert(src: GgufFile, out: Path) -> None:
     try:
-        import gguf  # noqa: F401 - transformers' reader needs it
+        import gguf  # transformers' GGUF reader needs it
     except ImportError:
         raise UserError(f"reading a GGUF file needs the `gguf` package: {EXTRA_HINT}") from None
     import torch
@@ -171,13 +171,11 @@ def _convert(src: GgufFile, out: Path) -> None:
     model.tie_weights()
     if not tokenizer.chat_template and config.model_type.startswith("gemma3"):
         tokenizer.chat_template = GEMMA_TURNS
-    import gguf as gguf_pkg
-
     record = {"gguf": str(src.path.name), "sha256": src.sha256,
               "model_type": config.model_type,
               "parameters": sum(p.numel() for p in model.parameters()),
               "transformers": transformers_version(),
-              "gguf_package": importlib.metadata.version(gguf_pkg.__name__)}
+              "gguf_package": importlib.metadata.version(gguf.__name__)}
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
