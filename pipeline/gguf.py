@@ -108,12 +108,14 @@ def locate(name: str) -> GgufFile:
 
 def converted(name: str, log: bool = True) -> Path:
     """The safetensors directory of GGUF model `name`, converting it on first use."""
-    src = locate(name)
-    out = model_cache() / "hf" / f"{src.sha256[:16]}-transformers{transformers_version()}"
+    # The pinned hash (or the file's cached one) finds a conversion without reading the GGUF.
+    sha = _package().EXPECTED_SHA256 if name == GEMMA_270M else cached_sha256(_local(name))
+    out = model_cache() / "hf" / f"{sha[:16]}-transformers{transformers_version()}"
     if (out / RECORD).exists():
         return out
     with _lock(out.with_name(out.name + ".lock")):
         if not (out / RECORD).exists():  # another process may have converted it meanwhile
+            src = locate(name)
             start = time.perf_counter()
             if log:
                 print(f"gguf: converting {src.path} (sha256 {src.sha256[:12]}...) into "
