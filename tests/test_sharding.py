@@ -200,7 +200,9 @@ def test_sharded_loading_memory_label_logps_and_sft(project: Path,  # noqa: F811
     print(f"model {model_mb:.0f} MB; peak RSS growth rank 0 {grew[0]:.0f} MB, rank 1 "
           f"{grew[1]:.0f} MB")
     assert grew[0] > 0.9 * model_mb  # rank 0 read the whole model
-    assert grew[1] < 0.75 * model_mb  # rank 1: its half and one tensor in flight
+    # Rank 1: its half and one tensor in flight, never the whole model (whose weights alone
+    # are 1.0x; loading it whole measured 2.1x). Measured 0.65-0.76x: allocator noise moves it.
+    assert grew[1] < 0.9 * model_mb
 
     for r in ranks:
         assert r["sharded"] and r["label_head"]
