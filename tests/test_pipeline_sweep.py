@@ -32,7 +32,8 @@ TINY_PARAMS = {
     "generate": {"n_prompts": 8, "max_new_tokens": 12, "batch_size": 8},
     "judge": {"offline": {"epochs": 2, "n_features": 4096}},
     "suites": [{"name": "redteam", "source": "builtin:redteam", "max_prompts": 12},
-               {"name": "overrefusal", "source": "builtin:overrefusal", "max_prompts": 6}],
+               {"name": "overrefusal", "source": "builtin:overrefusal", "max_prompts": 6},
+               {"name": "harmbench", "source": "builtin:harmbench", "max_prompts": 6}],
     "theory": {"n_prompts": 3, "n_responses": 4, "n_pairs": 600, "steps": 300,
                "deltas": [0.0, 10.0]},
 }
@@ -60,6 +61,12 @@ def test_repro_runs_every_stage_then_a_delta_change_reruns_only_downstream(
     assert metrics["suite_overrefusal_over_refusal_rate_n"] == 6
     assert 0.0 <= metrics["suite_overrefusal_over_refusal_rate_sft"] <= 1.0
     assert "suite_redteam_harmless_rate" in metrics["low_support"]
+    # A shipped standard suite: the literature's refusal rule beside the judge, whose harmless
+    # rate there is flagged out of its distribution (the judge knows the toy data only).
+    assert metrics["suite_harmbench_refusal_prefix_rate_n"] == 6
+    assert metrics["suite_harmbench_judge_out_of_distribution"] is True
+    assert metrics["suite_redteam_judge_out_of_distribution"] is False
+    assert metrics["judge_out_of_distribution"] == "harmbench"
     run(["git", "add", "-A"], project)
     run(["git", "commit", "-qm", "baseline"], project)
 
