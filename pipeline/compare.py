@@ -214,9 +214,12 @@ def experiment_metrics(shown: list[dict[str, Any]]
     return ok, failed
 
 
-def _git(args: list[str], cwd: Path) -> str:
+def _git(args: list[str], cwd: Path, check: bool = True) -> str | None:
+    """`git args` in `cwd`: its stdout; on failure a one-line error, or None if not `check`."""
     proc = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True)
     if proc.returncode != 0:
+        if not check:
+            return None
         raise UserError(f"`git {' '.join(args)}` failed: "
                         f"{(proc.stderr.strip().splitlines() or ['(no output)'])[-1]}; compare "
                         "runs DVC experiments, which need a git repository with a commit")
@@ -337,15 +340,13 @@ def _result_metrics(name: str, cwd: Path) -> dict[str, Any] | None:
     """The evaluate metrics a finished experiment committed (its DVC ref on this commit's
     baseline, `refs/exps/<sha[:2]>/<sha[2:]>/<name>`), or None if it left none. Read with git,
     which takes no DVC lock while the queue runs."""
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True,
-                          text=True).stdout.strip()
-    ref = f"refs/exps/{head[:2]}/{head[2:]}/{name}"
-    shown = subprocess.run(["git", "show", f"{ref}:{paths.EVAL_METRICS}"], cwd=cwd,
-                           capture_output=True, text=True)
-    if not head or shown.returncode != 0:
+    head = (_git(["rev-parse", "HEAD"], cwd, check=False) or "").strip()
+    shown = _git(["show", f"refs/exps/{head[:2]}/{head[2:]}/{name}:{paths.EVAL_METRICS}"],
+                 cwd, check=False) if head else None
+    if shown is None:
         return None
     try:
-        return json.loads(shown.stdout)
+        return json.loads(shown)
     except json.JSONDecodeError:
         return None
 
