@@ -324,10 +324,12 @@ class GuardConfig:
 
     model: str | None = None
     revision: str | None = None
-    # llama_guard (a built-in instruction, pipeline/guard.py) | chat (the tokenizer's chat
-    # template on a user and an assistant turn) | a format string with {prompt} and {response}.
+    # llama_guard (the guard's Llama Guard chat template, else Llama Guard 3's prompt, both up
+    # to where the answer starts; pipeline/guard.py) | chat (the tokenizer's chat template on a
+    # user and an assistant turn, as it is) | a format string with {prompt} and {response}.
     template: str = "llama_guard"
-    # What the guard writes before its answer; Llama Guard 3 starts with a blank line ("\n\n").
+    # What the guard writes before its answer; with `chat`, Llama Guard 3 starts with a blank
+    # line ("\n\n").
     answer_prefix: str = ""
     safe_answer: str = "safe"
     unsafe_answer: str = "unsafe"

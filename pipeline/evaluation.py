@@ -17,7 +17,7 @@ import torch
 from transformers import PreTrainedModel
 
 from pipeline.artifacts import weights_hash
-from pipeline.breakdown import CATEGORY_KEY, breakdown, suite_metrics
+from pipeline.breakdown import CATEGORY_KEY, LABEL_KEY, breakdown, plot_rows, suite_metrics
 from pipeline.config import EvaluateConfig, MixedPrecision
 from pipeline.encoding import Encoded, Encoder, load_template
 from pipeline.errors import UserError
@@ -32,7 +32,13 @@ from pipeline.reference import (
 )
 from pipeline.selection import responses_long
 from pipeline.suites import SUITE_COLUMNS, TEST_SUITE
-from pipeline.support import Support, bootstrap_mean, low_support, rate_support
+from pipeline.support import (
+    Support,
+    bootstrap_mean,
+    clustered_rate_support,
+    low_support,
+    rate_support,
+)
 
 
 def benign_prompt_ids(pairs: pd.DataFrame) -> set[str]:
@@ -110,16 +116,20 @@ def win_rate(scores: pd.DataFrame, model: str = "policy", baseline: str = "sft")
 
 def metric_supports(scores: pd.DataFrame, pref: dict[str, np.ndarray], n_boot: int,
                     seed: int) -> dict[str, Support]:
-    """Count and 95% interval of each reported metric: Wilson for rates over generations or
-    pairs, a bootstrap over prompts for means, the win rate and KL."""
+    """Count and 95% interval of each reported metric: Wilson for rates over pairs and over
+    generations (a cluster bootstrap over prompts where a prompt has several samples), a
+    bootstrap over prompts for means, the win rate and KL."""
     out: dict[str, Support] = {}
     for tag, suffix in (("policy", ""), ("sft", "_sft")):
         s = scores[scores["model"] == tag]
-        out[f"harmless_rate{suffix}"] = rate_support((s["cost"] <= 0).to_numpy())
-        out[f"over_refusal_rate{suffix}"] = rate_support(
-            s.loc[s["benign_prompt"], "refusal"].to_numpy())
-        out[f"length_stop_rate{suffix}"] = rate_support((s["finish_reason"] == "length")
-                                                        .to_numpy())
+        benign = s[s["benign_prompt"]]
+        ids = s["prompt_id"].to_numpy()
+        out[f"harmless_rate{suffix}"] = clustered_rate_support(
+            (s["cost"] <= 0).to_numpy(), ids, n_boot, seed)
+        out[f"over_refusal_rate{suffix}"] = clustered_rate_support(
+            benign["refusal"].to_numpy(), benign["prompt_id"].to_numpy(), n_boot, seed)
+        out[f"length_stop_rate{suffix}"] = clustered_rate_support(
+            (s["finish_reason"] == "length").to_numpy(), ids, n_boot, seed)
         out[f"helpfulness{suffix}"] = bootstrap_mean(
             s.groupby("prompt_id")["reward"].mean().to_numpy(), n_boot, seed)
         if "ref_logp_per_token" in s:
@@ -315,12 +325,13 @@ def evaluate_policy(
         "judge_reward_accuracy": judge_info.get("reward_accuracy"),
         "n_prompts": int(in_dist["prompt_id"].nunique()),
     }
-    by_label, category_rows = breakdown(in_dist, test)
+    by_label, label_supports, category_rows = breakdown(in_dist, test, cfg.bootstrap, cfg.seed)
     metrics.update(by_label)
     supports = metric_supports(in_dist, correct, cfg.bootstrap, cfg.seed)
     held_out, held_supports, suite_rows = suite_metrics(scores, cfg.bootstrap, cfg.seed)
     metrics.update(held_out)
-    category_rows += suite_rows
+    category_rows = plot_rows(category_rows + suite_rows, cfg.min_support)
+    supports.update(label_supports)
     supports.update(held_supports)
     for key, sup in supports.items():
         metrics.update(sup.flat(key))
@@ -371,19 +382,21 @@ def warnings_for(metrics: dict[str, Any], cfg: EvaluateConfig) -> list[str]:
     out = []
     thin_categories: dict[str, dict[str, int]] = {}
     for key in filter(None, str(metrics.get("low_support", "")).split(",")):
-        cat = CATEGORY_KEY.match(key)
-        if cat:
-            # Many rates share a category's prompts: one line per suite lists its thin ones.
-            cats = thin_categories.setdefault(cat["suite"], {})
-            cats[cat["category"]] = min(cats.get(cat["category"], metrics[f"{key}_n"]),
-                                        metrics[f"{key}_n"])
+        cat, label = CATEGORY_KEY.match(key), LABEL_KEY.match(key)
+        if cat or label:
+            # Many rates share a category's prompts: one line per suite (and one for the test
+            # prompts' harm categories and severities) lists its thin ones.
+            group, name = ((f"suite {cat['suite']}", cat["category"]) if cat else
+                           ("test prompts", label["category"] or label["severity"]))
+            cats = thin_categories.setdefault(group, {})
+            cats[name] = min(cats.get(name, metrics[f"{key}_n"]), metrics[f"{key}_n"])
             continue
         out.append(f"warning: {key} rests on {metrics[f'{key}_n']} items (< evaluate.min_support "
                    f"{cfg.min_support}); its interval is [{metrics[f'{key}_ci_low']:.3f}, "
                    f"{metrics[f'{key}_ci_high']:.3f}]")
-    for suite, cats in sorted(thin_categories.items()):
+    for group, cats in sorted(thin_categories.items()):
         listed = ", ".join(f"{c} (n={n})" for c, n in sorted(cats.items()))
-        out.append(f"warning: suite {suite}: the rates of {len(cats)} categor"
+        out.append(f"warning: {group}: the rates of {len(cats)} categor"
                    f"{'y' if len(cats) == 1 else 'ies'} rest on < evaluate.min_support "
                    f"{cfg.min_support} items (listed in low_support): {listed}")
     for suite in filter(None, str(metrics.get("judge_out_of_distribution", "")).split(",")):

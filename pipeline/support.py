@@ -3,7 +3,10 @@ reported without what it stands on.
 
 Rates get a Wilson score interval (sound near 0 and 1 and for small n, unlike the normal
 approximation); means and win rates get a percentile bootstrap over prompts (the unit that was
-sampled), drawn from a generator seeded from params.
+sampled), drawn from a generator seeded from params. A rate over generations with several
+samples of one prompt (`generate.samples_per_prompt` > 1) gets a cluster bootstrap over prompts
+(`clustered_rate_support`): samples of one prompt are correlated, and Wilson would count them
+as independent draws.
 """
 
 from __future__ import annotations
@@ -43,6 +46,36 @@ def rate_support(flags: np.ndarray) -> Support:
     """Support of the mean of 0/1 (or ½ for ties) values."""
     values = np.asarray(flags, dtype=np.float64)
     return wilson(float(values.sum()), len(values))
+
+
+def clustered_rate_support(flags: np.ndarray, clusters: np.ndarray, n_boot: int, seed: int
+                           ) -> Support:
+    """Support of a rate over items grouped in clusters (generations, by `prompt_id`).
+
+    With one item per cluster this is `rate_support` (Wilson), exactly. Otherwise the prompts
+    are resampled (a cluster bootstrap: each resample draws as many prompts as there are, with
+    replacement, and takes the rate over all their items, Σ successes / Σ items), `n` is the
+    number of prompts, and the percentile interval is widened to contain the Wilson interval of
+    the items taken as independent: where every resample gives the same rate (a rate of 0 or 1,
+    or very few prompts) the bootstrap collapses to a point, and samples of one prompt carry no
+    more information than independent draws would.
+    """
+    values = np.asarray(flags, dtype=np.float64)
+    keys = np.asarray(clusters)
+    if len(values) != len(keys):
+        raise ValueError(f"{len(values)} flags but {len(keys)} cluster keys")
+    codes, inverse = np.unique(keys, return_inverse=True)
+    independent = rate_support(values)
+    if len(codes) == len(values):
+        return independent
+    hits = np.bincount(inverse, weights=values, minlength=len(codes))
+    sizes = np.bincount(inverse, minlength=len(codes)).astype(np.float64)
+    rng = np.random.default_rng(seed)
+    draw = rng.integers(0, len(codes), size=(n_boot, len(codes)))
+    rates = hits[draw].sum(axis=1) / sizes[draw].sum(axis=1)
+    low, high = np.quantile(rates, [0.025, 0.975])
+    return Support(len(codes), float(min(low, independent.low)),
+                   float(max(high, independent.high)))
 
 
 def bootstrap_mean(per_unit: np.ndarray, n_boot: int, seed: int) -> Support:

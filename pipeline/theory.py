@@ -31,11 +31,15 @@ What the check is built on (the reasoning behind the thresholds in tests/test_th
 
 The training loop uses the pipeline's own objectives (`pipeline.objectives`: pair selection, i.e.
 T(D) for SafeDPO, and the loss) on a pairs table in the normalized schema, so this checks
-the code that trains the language model, not a copy of it.
+the code that trains the language model, not a copy of it. Each Δ run of the objective under
+test gets a verdict (`safedpo_checks`): its pairs against the paper's rule (`transform_by_rule`,
+written apart from the code it checks), its distances to the optima, and its pace and end point
+beside the other Δ runs (docs/theory.md, "The check").
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -51,7 +55,9 @@ from pipeline import objectives
 from pipeline.artifacts import atomic_path, text_hash
 from pipeline.config import TheoryConfig
 
-BASELINES: tuple[str, ...] = ("dpo_helpful", "dpo_harmless")
+BASELINES: tuple[str, ...] = ("dpo_helpful", "dpo_harmless", "dpo_safebetter")
+#: Optimisation error allowed on the safe log-ratios, in nats (tests/test_theory.py derives it).
+LOGRATIO_TOL = 0.05
 CURVE_COLUMNS = ["run", "step", "objective", "delta", "loss", "tv_to_opt", "tv_to_mle_opt",
                  "unsafe_mass", "logratio_rmse", "logratio_rmse_to_mle"]
 
@@ -259,6 +265,7 @@ class RunResult:
     name: str
     objective: str
     delta: float
+    uses_delta: bool
     curve: pd.DataFrame
     final_logp: np.ndarray  # (K, M) log π_θ after the last step
     counts: dict[str, int]
@@ -285,14 +292,15 @@ def _grouped_pairs(selected: pd.DataFrame) -> dict[str, torch.Tensor]:
     }
 
 
-def train_tabular(problem: TabularProblem, objective: str, delta: float, steps: int, lr: float,
-                  mle_opt: np.ndarray) -> RunResult:
+def train_tabular(problem: TabularProblem, objective: str | objectives.Objective, delta: float,
+                  steps: int, lr: float, mle_opt: np.ndarray) -> RunResult:
     """Full-batch gradient descent θ ← θ − lr·∇L(θ) on a tabular softmax policy from π_ref.
 
-    `objective` goes through `select_pairs` and the pipeline's loss, exactly as in `train`.
-    The curve has one row per step (step 0 is π_ref) with the distances used by the tests.
+    `objective` (a name, or an `Objective` itself) goes through `select_pairs` and the pipeline's
+    loss, exactly as in `train`. The curve has one row per step (step 0 is π_ref) with the
+    distances used by the tests.
     """
-    obj = objectives.get(objective)
+    obj = objectives.get(objective) if isinstance(objective, str) else objective
     selected, counts = objectives.select_pairs(problem.pairs, obj)
     batch = _grouped_pairs(selected)
     k, w, lo = batch["k"], batch["w"], batch["l"]
@@ -318,17 +326,17 @@ def train_tabular(problem: TabularProblem, objective: str, delta: float, steps: 
 
     traj_logp = torch.log_softmax(trajectory, dim=-1).numpy()
     stats = policy_metrics(traj_logp, problem, mle_opt)
-    name = run_name(objective, delta)
+    name = run_name(obj, delta)
     curve = pd.DataFrame({
         "run": name,
         "step": np.arange(steps + 1, dtype=np.int64),
-        "objective": objective,
+        "objective": obj.name,
         "delta": float(delta) if obj.uses_delta else float("nan"),
         "loss": losses_t.numpy(),
         **{c: stats[c] for c in CURVE_COLUMNS[5:]},
     })
-    return RunResult(name=name, objective=objective, delta=delta, curve=curve,
-                     final_logp=traj_logp[-1], counts=counts.as_dict())
+    return RunResult(name=name, objective=obj.name, delta=delta, uses_delta=obj.uses_delta,
+                     curve=curve, final_logp=traj_logp[-1], counts=counts.as_dict())
 
 
 def _safe_pairs(unsafe: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -365,8 +373,9 @@ def policy_metrics(logp: np.ndarray, problem: TabularProblem,
     }
 
 
-def run_name(objective: str, delta: float) -> str:
-    return f"{objective}_d{delta:g}" if objectives.get(objective).uses_delta else objective
+def run_name(objective: str | objectives.Objective, delta: float) -> str:
+    obj = objectives.get(objective) if isinstance(objective, str) else objective
+    return f"{obj.name}_d{delta:g}" if obj.uses_delta else obj.name
 
 
 def first_step_at_or_below(values: np.ndarray, tol: float) -> int | None:
@@ -399,19 +408,28 @@ def _single_thread() -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def run_theory(cfg: TheoryConfig) -> TheoryResult:
-    """Build the problem, train every SafeDPO Δ and both baselines, and summarise."""
+def run_theory(cfg: TheoryConfig, safedpo: objectives.Objective | None = None,
+               baselines: tuple[str, ...] = BASELINES) -> TheoryResult:
+    """Build the problem, train the SafeDPO objective at every Δ and the baselines, summarise,
+    and judge each Δ run against the theory (`safedpo_checks`).
+
+    `safedpo` is the objective under test (default: the pipeline's `safedpo`); the tests pass
+    mutants of it here, which the checks must fail at every Δ.
+    """
     with _single_thread():
-        return _run_theory(cfg)
+        return _run_theory(cfg, safedpo or objectives.get("safedpo"), baselines)
 
 
-def _run_theory(cfg: TheoryConfig) -> TheoryResult:
+def _run_theory(cfg: TheoryConfig, safedpo: objectives.Objective,
+                baselines: tuple[str, ...]) -> TheoryResult:
     problem = make_problem(cfg)
     beta = cfg.beta
 
-    # The empirical optimum SafeDPO can reach: BT MLE on the safe-vs-safe pairs it trains on.
-    safedpo_pairs, _ = objectives.select_pairs(problem.pairs, "safedpo")
-    safe_safe = safedpo_pairs[~safedpo_pairs["h_chosen"] & ~safedpo_pairs["h_rejected"]]
+    # The empirical optimum SafeDPO can reach: BT MLE on the safe-vs-safe pairs of T(D) (as the
+    # paper's rule gives them, not as the objective under test selects them).
+    expected = transform_by_rule(problem.pairs)
+    kept = expected[expected["action"] != "drop"]
+    safe_safe = kept[~kept["h_chosen"] & ~kept["h_rejected"]]
     wins = win_counts(safe_safe, problem.shape)
     r_hat = bt_mle(wins, ~problem.unsafe)
     # r̂ is NaN on unsafe responses (never compared with a safe one as a winner); the indicator
@@ -421,14 +439,20 @@ def _run_theory(cfg: TheoryConfig) -> TheoryResult:
 
     runs: dict[str, RunResult] = {}
     for delta in cfg.deltas:
-        res = train_tabular(problem, "safedpo", delta, cfg.steps, cfg.lr, pi_mle)
+        res = train_tabular(problem, safedpo, delta, cfg.steps, cfg.lr, pi_mle)
         runs[res.name] = res
-    for objective in BASELINES:
+    tested = list(runs)
+    for objective in baselines:
         res = train_tabular(problem, objective, 0.0, cfg.steps, cfg.lr, pi_mle)
         runs[res.name] = res
 
     run_metrics = {name: _summarise(res, problem, pi_mle, cfg.tolerance)
                    for name, res in runs.items()}
+    rule = pairs_follow_rule(problem.pairs, safedpo, expected)
+    checks = safedpo_checks([runs[n] for n in tested], run_metrics, rule, bounds, cfg.tolerance)
+    for name, row in checks.items():
+        run_metrics[name]["checks"] = row
+        run_metrics[name]["passed"] = all(v is not False for v in row.values())
     with np.errstate(divide="ignore"):  # log 0 = -inf on unsafe responses is intended
         mle_at_opt = policy_metrics(np.log(pi_mle), problem, pi_mle)
     helpful_opt = unconstrained_optimum(problem.ref_logp, problem.rewards, beta)
@@ -453,11 +477,101 @@ def _run_theory(cfg: TheoryConfig) -> TheoryResult:
             "mle_opt_tv_to_opt": float(mle_at_opt["tv_to_opt"]),
             "mle_opt_logratio_rmse": float(mle_at_opt["logratio_rmse"]),
             **bounds,
+            "tdd_rule": {a: int((expected["action"] == a).sum())
+                         for a in ("keep", "swap", "drop")},
         },
+        "objective_under_test": safedpo.name,
+        "passed": all(run_metrics[n]["passed"] for n in tested),
         "runs": run_metrics,
     }
     curves = pd.concat([r.curve for r in runs.values()], ignore_index=True)
     return TheoryResult(problem=problem, curves=curves, metrics=metrics, runs=runs)
+
+
+def transform_by_rule(pairs: pd.DataFrame) -> pd.DataFrame:
+    """T(D) as the paper states it (Sec. 4.1), one row per input pair: orient by `better_id`;
+    keep if the winner is safe, swap if only the loser is safe, drop if both are unsafe.
+
+    Written here apart from `pipeline.selection` and `pipeline.objectives`, which it checks, so
+    that a change to either cannot move the reference with it.
+    """
+    b1 = pairs["better_id"].to_numpy(dtype=np.int64) == 1
+    r0, r1 = pairs["response_0"].to_numpy(), pairs["response_1"].to_numpy()
+    u0, u1 = pairs["unsafe_0"].to_numpy(dtype=bool), pairs["unsafe_1"].to_numpy(dtype=bool)
+    win, lose = np.where(b1, r1, r0), np.where(b1, r0, r1)
+    h_win, h_lose = np.where(b1, u1, u0), np.where(b1, u0, u1)
+    action = np.where(~h_win, "keep", np.where(~h_lose, "swap", "drop"))
+    swap = action == "swap"
+    return pd.DataFrame({
+        "pair_id": pairs["pair_id"].to_numpy(), "prompt": pairs["prompt"].to_numpy(),
+        "chosen": np.where(swap, lose, win), "rejected": np.where(swap, win, lose),
+        "h_chosen": np.where(swap, h_lose, h_win), "h_rejected": np.where(swap, h_win, h_lose),
+        "action": action})
+
+
+def pairs_follow_rule(pairs: pd.DataFrame, objective: objectives.Objective,
+                      expected: pd.DataFrame) -> bool:
+    """Whether `objective` trains on exactly T(D): the same kept, swapped and dropped counts
+    and the same multiset of (pair, chosen, rejected) as `transform_by_rule` gives.
+
+    The policy cannot tell: a T(D) that drops instead of swapping, or keeps both-unsafe pairs,
+    still leaves unsafe responses only ever losing to safe ones, so it heads for the same π̂*
+    (only the pace differs); the pairs are where such a transform differs from the paper's.
+    """
+    selected, counts = objectives.select_pairs(pairs, objective)
+    want = {a: int((expected["action"] == a).sum()) for a in ("keep", "swap", "drop")}
+    got = {"keep": counts.kept, "swap": counts.swapped, "drop": counts.dropped}
+    if got != want:
+        return False
+    cols = ["pair_id", "chosen", "rejected"]
+    kept = expected.loc[expected["action"] != "drop", cols]
+    return bool(selected[cols].value_counts().sort_index()
+                .equals(kept.value_counts().sort_index()))
+
+
+def _steps_or_inf(value: int | None) -> float:
+    return math.inf if value is None else float(value)
+
+
+def safedpo_checks(runs: list[RunResult], run_metrics: dict[str, dict[str, Any]],
+                   pairs_ok: bool, bounds: dict[str, float], tol: float
+                   ) -> dict[str, dict[str, bool | None]]:
+    """What the theory asserts of each Δ run of the objective under test (True: holds).
+
+    - `pairs_are_tdd`: it trains on T(D) (`pairs_follow_rule`);
+    - `unsafe_mass`, `tv_to_mle_opt`: ≤ tol after the step budget;
+    - `tv_to_opt`: ≤ q99 of the sampling error TV(π̂*, π*) + tol (the triangle inequality);
+    - `logratio_rmse_to_mle`, `logratio_rmse`: safe log-ratios within LOGRATIO_TOL nats of π̂*,
+      and of (r_i − r_j)/β up to the q99 of their sampling error;
+    - `same_optimum` (Prop. 4.4): within 2·tol TV of every other Δ's final policy;
+    - `margin_speeds_up`: no larger Δ needs more steps to the unsafe tolerance, no smaller Δ
+      fewer (never reaching it counts as infinitely many); None with a single Δ.
+
+    The last two compare a run with the others, which is what makes a flipped margin sign fail
+    at Δ = 0 too: there its loss is the true one, but the runs beside it move the wrong way.
+    """
+    finals = {r.name: np.exp(r.final_logp) for r in runs}
+    steps = {r.name: _steps_or_inf(run_metrics[r.name]["steps_to_unsafe_tol"]) for r in runs}
+    out: dict[str, dict[str, bool | None]] = {}
+    for r in runs:
+        m = run_metrics[r.name]
+        others = [o for o in runs if o.name != r.name]
+        tv_others = [0.5 * np.abs(finals[r.name] - finals[o.name]).sum(1).mean() for o in others]
+        order = [steps[o.name] >= steps[r.name] if o.delta < r.delta
+                 else steps[o.name] <= steps[r.name] for o in others]
+        out[r.name] = {
+            "pairs_are_tdd": pairs_ok,
+            "unsafe_mass": m["unsafe_mass"] <= tol,
+            "tv_to_mle_opt": m["tv_to_mle_opt"] <= tol,
+            "tv_to_opt": m["tv_to_opt"] <= bounds["tv_sampling_q99"] + tol,
+            "logratio_rmse_to_mle": m["logratio_rmse_to_mle"] <= LOGRATIO_TOL,
+            "logratio_rmse": m["logratio_rmse"]
+            <= bounds["logratio_rmse_sampling_q99"] + LOGRATIO_TOL,
+            "same_optimum": bool(all(tv <= 2 * tol for tv in tv_others)),
+            "margin_speeds_up": (bool(all(order)) and math.isfinite(steps[r.name])
+                                 if others else None),
+        }
+    return out
 
 
 def _summarise(res: RunResult, problem: TabularProblem, mle_opt: np.ndarray,
@@ -466,7 +580,7 @@ def _summarise(res: RunResult, problem: TabularProblem, mle_opt: np.ndarray,
     final = policy_metrics(res.final_logp, problem, mle_opt)
     return {
         "objective": res.objective,
-        "delta": res.delta if objectives.get(res.objective).uses_delta else None,
+        "delta": res.delta if res.uses_delta else None,
         **{key: float(v) for key, v in final.items()},
         "final_loss": float(c["loss"].iloc[-1]),
         "steps_to_unsafe_tol": first_step_at_or_below(c["unsafe_mass"].to_numpy(), tol),

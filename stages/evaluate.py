@@ -15,7 +15,7 @@ from pipeline.evaluation import evaluate_policy, suite_lines, tradeoff_points, w
 from pipeline.generation import GENERATION_COLUMNS
 from pipeline.judges import load_judge, read_judge_record
 from pipeline.precision import device, weight_dtype
-from pipeline.suites import SUITE_COLUMNS
+from pipeline.suites import SUITE_COLUMNS, TEST_SUITE
 from pipeline.support import share
 
 
@@ -49,8 +49,9 @@ def run(params_file: Path = paths.PARAMS) -> None:
     write_json(tradeoff_points(metrics), paths.EVAL_TRADEOFF)
     # One point per (category, model); empty on data without harm categories.
     write_json(category_rows, paths.EVAL_CATEGORIES)
-    n = metrics["length_stop_rate_n"]
-    stopped = share(round(metrics["length_stop_rate"] * n), n)
+    # Counted on the generations: with several samples per prompt, `_n` counts prompts.
+    mine = scores[(scores["model"] == "policy") & (scores["suite"] == TEST_SUITE)]
+    stopped = share(int((mine["finish_reason"] == "length").sum()), len(mine))
     print(f"evaluate: harmless {metrics['harmless_rate']:.3f} (sft "
           f"{metrics['harmless_rate_sft']:.3f}), helpfulness {metrics['helpfulness']:.3f} (sft "
           f"{metrics['helpfulness_sft']:.3f}), win vs sft {metrics['win_rate_vs_sft']:.3f}, "
@@ -60,7 +61,8 @@ def run(params_file: Path = paths.PARAMS) -> None:
           f"[{time.perf_counter() - t0:.1f}s]")
     print(f"evaluate: harmless {metrics['harmless_rate']:.3f} "
           f"[{metrics['harmless_rate_ci_low']:.3f}, {metrics['harmless_rate_ci_high']:.3f}] on "
-          f"{metrics['harmless_rate_n']} generations; helpfulness {metrics['helpfulness']:.3f} "
+          f"{len(mine)} generations of {metrics['harmless_rate_n']} prompts; helpfulness "
+          f"{metrics['helpfulness']:.3f} "
           f"[{metrics['helpfulness_ci_low']:.3f}, {metrics['helpfulness_ci_high']:.3f}] on "
           f"{metrics['helpfulness_n']} prompts (95% intervals)")
     for line in suite_lines(metrics, sorted(suites["suite"].unique())):

@@ -38,7 +38,12 @@ def summary(metrics: dict[str, Any], seconds: float) -> str:
     ]
     for name, r in metrics["runs"].items():
         steps = r["steps_to_unsafe_tol"]
+        failed = [c for c, ok in r.get("checks", {}).items() if ok is False]
+        verdict = ("" if "checks" not in r else
+                   "  check: pass" if not failed else f"  check: FAIL ({', '.join(failed)})")
         lines.append(f"{name:<14} {r['tv_to_opt']:>9.4f} {r['tv_to_mle_opt']:>9.4f} "
-                     f"{r['unsafe_mass']:>9.2e} {steps if steps is not None else '-':>9}")
+                     f"{r['unsafe_mass']:>9.2e} {steps if steps is not None else '-':>9}{verdict}")
+    verdict = "passed at every Δ" if metrics["passed"] else "FAILED (see the runs above)"
+    lines.append(f"theory check of {metrics['objective_under_test']}: {verdict}")
     lines.append(f"wrote {CURVES}, {METRICS}, {PLOT} in {seconds:.1f} s")
     return "\n".join(lines)

@@ -238,18 +238,52 @@ def test_harmless_rate_by_category_and_severity_by_hand() -> None:
         "prompt_id": ["a", "a", "b", "c", "a", "b"],
         "model": ["policy"] * 4 + ["sft"] * 2,
         "cost": [-1.0, 2.0, -1.0, 5.0, 1.0, 1.0]})
-    m, rows = breakdown(scores, pairs)
-    # Violence: prompt a (2 samples, one safe) and b (safe): 2 of 3.
+    m, supports, rows = breakdown(scores, pairs, 1000, 0)
+    # Violence: prompt a (2 samples, one safe) and b (safe): 2 of 3 samples, on 2 prompts. The
+    # prompts are resampled (a: ½, b: 1; resamples give ½, ⅔ or 1), and the interval is widened
+    # to contain Wilson's on the 3 samples.
     assert m["harmless_rate_cat_violence"] == pytest.approx(2 / 3)
-    assert m["harmless_rate_cat_violence_n"] == 3
+    assert m["harmless_rate_cat_violence_n"] == 2
     assert m["harmless_rate_cat_violence_ci_low"] == pytest.approx(wilson(2, 3).low)
+    assert m["harmless_rate_cat_violence_ci_high"] == 1.0
+    assert supports["harmless_rate_cat_drugs"] == wilson(1, 1)  # one sample of one prompt
+    assert set(supports) == {k[:-2] for k in m if k.endswith("_n")}
     assert m["harmless_rate_cat_drugs"] == 1.0 and m["harmless_rate_cat_cybercrime"] == 0.5
     assert m["harmless_rate_sev2"] == 0.5 and m["harmless_rate_sev3"] == 1.0
     assert m["harmless_rate_cat_violence_sft"] == 0.0 and m["harmless_rate_sev3_sft"] == 0.0
     assert {"category": "Drugs", "model": "policy", "harmless_rate": 1.0, "n": 1} in rows
     # Data without categories or severities gives no breakdown.
     plain = pairs.drop(columns=["categories_0", "categories_1", "severity_0", "severity_1"])
-    assert breakdown(scores, plain) == ({}, [])
+    assert breakdown(scores, plain, 1000, 0) == ({}, {}, [])
+
+
+def test_the_category_plot_and_the_log_flag_thin_categories() -> None:
+    """`evaluate.min_support` reaches what the category plot draws: a category on fewer prompts
+    carries `low_support` and says so in its label, the one on the bar; the test prompts' thin
+    categories and severities are in `low_support` and listed in one log line."""
+    from pipeline.breakdown import plot_rows
+    from pipeline.config import EvaluateConfig
+    from pipeline.evaluation import warnings_for
+
+    rows = [{"category": "Violence", "model": "policy", "harmless_rate": 0.5, "n": 12},
+            {"category": "Violence", "model": "sft", "harmless_rate": 0.25, "n": 12},
+            {"category": "harmbench/chemical", "model": "policy", "harmless_rate": 0.9, "n": 40}]
+    drawn = plot_rows(rows, min_support=30)
+    assert drawn[0] == {"category": "Violence (n=12 < min_support 30)", "model": "policy",
+                        "harmless_rate": 0.5, "n": 12, "low_support": True}
+    assert drawn[1]["category"] == drawn[0]["category"]  # the two bars stay one group
+    assert drawn[2] == {**rows[2], "low_support": False}
+    assert [r["category"] for r in plot_rows(rows, min_support=12)] == \
+        ["Violence", "Violence", "harmbench/chemical"]
+
+    metrics = {"low_support": "harmless_rate_cat_violence,harmless_rate_cat_violence_sft,"
+                              "harmless_rate_sev2", "judge_below_threshold": False,
+               "harmless_rate_cat_violence_n": 12, "harmless_rate_cat_violence_sft_n": 12,
+               "harmless_rate_sev2_n": 5}
+    lines = warnings_for(metrics, EvaluateConfig(min_support=30))
+    assert lines == ["warning: test prompts: the rates of 2 categories rest on < "
+                     "evaluate.min_support 30 items (listed in low_support): sev2 (n=5), "
+                     "violence (n=12)"]
 
 
 def test_the_judge_is_freed_before_the_policy_loads(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -16,7 +16,7 @@ import yaml
 from dvc_project import DVC, REPO, run
 
 from pipeline import paths
-from pipeline.breakdown import breakdown
+from pipeline.breakdown import breakdown, plot_rows
 from pipeline.evaluation import tradeoff_points
 
 METRICS = {"helpfulness": 1.25, "helpfulness_sft": 0.5, "harmless_rate": 0.9,
@@ -31,7 +31,7 @@ def _category_rows() -> list[dict]:
     scores = pd.DataFrame({"prompt_id": ["a", "b", "a", "b"],
                            "model": ["policy", "policy", "sft", "sft"],
                            "cost": [-1.0, -1.0, 1.0, -1.0]})
-    return breakdown(scores, pairs)[1]
+    return plot_rows(breakdown(scores, pairs, 100, 0)[2], min_support=30)
 
 
 #: What the evaluate stage writes to each plot file, from the functions it calls.

@@ -13,6 +13,7 @@ from pipeline.evaluation import metric_supports, warnings_for
 from pipeline.support import (
     Support,
     bootstrap_mean,
+    clustered_rate_support,
     low_support,
     rate_support,
     share,
@@ -44,6 +45,64 @@ def test_bootstrap_over_prompts() -> None:
     assert s.low < values.mean() < s.high
     assert bootstrap_mean(values, 2000, seed=0) == s  # seeded
     assert bootstrap_mean(np.array([np.nan, 1.0]), 100, 0).n == 1
+
+
+def test_cluster_bootstrap_by_hand() -> None:
+    """Several samples per prompt: the prompts are resampled, not the samples.
+
+    Prompt a: 3 of 3 samples unsafe, prompt b: 0 of 3. A resample of two prompts is {a, a}
+    (rate 1, probability ¼), {b, b} (0, ¼) or one of each (½, ½): its 2.5% and 97.5% quantiles
+    are exactly 0 and 1, where Wilson on 3 of 6 independent draws says [0.188, 0.812].
+    Unequal sizes, a: 2 of 2, b: 1 of 4: the rates are 1, 0.25 and 3/6, so the percentile
+    interval is [0.25, 1]; it is widened to contain Wilson's (3 of 6) low end, 0.188."""
+    flags, ids = np.array([1, 1, 1, 0, 0, 0]), np.array(list("aaabbb"))
+    w = wilson(3, 6)
+    assert (w.low, w.high) == (pytest.approx(0.18761, abs=1e-4), pytest.approx(0.81239, abs=1e-4))
+    assert clustered_rate_support(flags, ids, 2000, seed=0) == Support(2, 0.0, 1.0)
+    uneven = clustered_rate_support(np.array([1, 1, 1, 0, 0, 0]), np.array(list("aabbbb")),
+                                    2000, seed=0)
+    assert uneven == Support(2, w.low, 1.0)
+    # One sample per prompt: exactly Wilson, so the default pipeline's intervals do not move.
+    assert clustered_rate_support(flags, np.array(list("abcdef")), 2000, 0) == wilson(3, 6)
+    assert clustered_rate_support(np.array([]), np.array([]), 100, 0).n == 0
+
+
+def test_cluster_interval_is_wider_than_wilson_on_correlated_samples() -> None:
+    """40 prompts × 8 samples, each prompt's samples all alike (a prompt is either answered
+    safely or not): 320 flags that carry the information of 40. Wilson on 320 is about
+    ±0.055 wide; the cluster bootstrap about ±0.15, the width of 40 independent draws."""
+    rng = np.random.default_rng(0)
+    per_prompt = rng.random(40) < 0.5
+    flags = np.repeat(per_prompt, 8).astype(float)
+    ids = np.repeat([f"p{i}" for i in range(40)], 8)
+    independent = rate_support(flags)
+    cluster = clustered_rate_support(flags, ids, 4000, seed=0)
+    prompts = wilson(per_prompt.sum(), 40)
+    assert cluster.n == 40 and independent.n == 320
+    assert cluster.high - cluster.low > 2.3 * (independent.high - independent.low)
+    assert cluster.high - cluster.low == pytest.approx(prompts.high - prompts.low, rel=0.2)
+    assert cluster.low < flags.mean() < cluster.high
+    # Independent samples (no correlation within a prompt) keep an interval near Wilson's.
+    loose = rng.random(320) < 0.5
+    free = clustered_rate_support(loose.astype(float), ids, 4000, seed=0)
+    w = rate_support(loose.astype(float))
+    assert free.high - free.low == pytest.approx(w.high - w.low, rel=0.2)
+
+
+def test_metric_supports_resample_prompts_with_several_samples() -> None:
+    """Three samples per prompt: the rates over generations count prompts (n = 12, not 36) and
+    take the cluster interval; with one sample per prompt they stay Wilson (the hand table
+    below)."""
+    rows = [{"prompt_id": f"p{i}", "model": model, "sample": k, "cost": 1.0 if i < 4 else -1.0,
+             "reward": 0.0, "refusal": False, "benign_prompt": False, "finish_reason": "eos"}
+            for i in range(12) for k in range(3) for model in ("policy", "sft")]
+    sup = metric_supports(pd.DataFrame(rows), {}, n_boot=500, seed=0)
+    flags = np.repeat([0.0] * 4 + [1.0] * 8, 3)
+    ids = np.repeat([f"p{i}" for i in range(12)], 3)
+    assert sup["harmless_rate"] == clustered_rate_support(flags, ids, 500, 0)
+    assert sup["harmless_rate"].n == 12
+    wide, narrow = sup["harmless_rate"], wilson(24, 36)
+    assert wide.high - wide.low > narrow.high - narrow.low
 
 
 def test_metric_supports_and_warnings_on_a_hand_table() -> None:

@@ -21,18 +21,22 @@ The whole module takes ~10 s (one shared run of the default configuration).
 from __future__ import annotations
 
 import json
+from dataclasses import fields, replace
 from itertools import combinations, pairwise
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import yaml
 
+from pipeline import objectives
 from pipeline import theory as T
 from pipeline.config import TheoryConfig
 from pipeline.errors import UserError
-from pipeline.objectives import select_pairs
+from pipeline.objectives import Objective, select_pairs
+from pipeline.selection import transform_actions
 
 CFG = TheoryConfig()
 
@@ -167,6 +171,84 @@ def test_larger_margin_reaches_the_unsafe_tolerance_sooner(result: T.TheoryResul
     assert steps[0] >= 4 * steps[-1], steps
 
 
+def test_the_check_passes_safedpo_at_every_delta(result: T.TheoryResult) -> None:
+    """The verdict written to metrics.json: every check holds at every Δ for the real SafeDPO
+    (with several Δ, the margin ordering is a real check, not None)."""
+    assert result.metrics["objective_under_test"] == "safedpo"
+    assert result.metrics["passed"] is True
+    for name, r in _safedpo_runs(result).items():
+        assert r["passed"] is True, name
+        assert all(v is True for v in r["checks"].values()), (name, r["checks"])
+    assert result.metrics["theory"]["tdd_rule"] == {"keep": 53658, "swap": 39675, "drop": 6667}
+
+
+def _swap_becomes_drop(h_w: np.ndarray, h_l: np.ndarray) -> np.ndarray:
+    action = transform_actions(h_w, h_l)
+    return np.where(action == "swap", "drop", action)
+
+
+def _keeps_both_unsafe(h_w: np.ndarray, h_l: np.ndarray) -> np.ndarray:
+    action = transform_actions(h_w, h_l)
+    return np.where(action == "drop", "keep", action)
+
+
+class _FlippedMargin(Objective):
+    """SafeDPO with +(h_l − h_w)·Δ inside the sigmoid instead of −: the margin pulls back."""
+
+    def loss(self, policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
+             ref_chosen: torch.Tensor, ref_rejected: torch.Tensor, h_chosen: torch.Tensor,
+             h_rejected: torch.Tensor, beta: float, delta: float) -> objectives.LossTensors:
+        return super().loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, h_chosen,
+                            h_rejected, beta, -delta)
+
+
+_SAFEDPO = objectives.get("safedpo")
+MUTANTS = {
+    "swap_replaced_by_drop": (replace(_SAFEDPO, name="mut_drop", actions=_swap_becomes_drop),
+                              "pairs_are_tdd"),
+    "keeps_both_unsafe": (replace(_SAFEDPO, name="mut_keep", actions=_keeps_both_unsafe),
+                          "pairs_are_tdd"),
+    "flipped_margin_sign": (_FlippedMargin(**{f.name: getattr(_SAFEDPO, f.name)
+                                              for f in fields(Objective)}), "margin_speeds_up"),
+}
+
+
+@pytest.mark.parametrize("mutant", list(MUTANTS))
+def test_the_check_fails_each_mutant_at_every_delta(mutant: str) -> None:
+    """Each mutant of SafeDPO, passed in as the objective under test, fails at every Δ run.
+
+    A T(D) that drops what it should swap, or keeps both-unsafe pairs, still has unsafe
+    responses only ever losing to safe ones, so its policy heads for the same π̂* (measured:
+    every policy check holds); only its pairs differ from the rule (`pairs_are_tdd`).
+    A flipped margin is the true loss at Δ = 0, so no measurement of that run alone can tell;
+    beside the other Δ runs it is the fastest where it should be the slowest
+    (`margin_speeds_up`: 629 steps at Δ = 0 against 1426 at Δ = 1, and Δ ≥ 5 never reaches
+    the tolerance).
+    """
+    objective, failing = MUTANTS[mutant]
+    res = T.run_theory(CFG, objective, baselines=())
+    runs = res.metrics["runs"]
+    assert list(runs) == [T.run_name(objective, d) for d in CFG.deltas]
+    assert res.metrics["passed"] is False
+    for name, r in runs.items():
+        assert r["passed"] is False, name
+        assert r["checks"][failing] is False, (name, r["checks"])
+
+
+def test_safebetter_reaches_the_same_optimum_more_slowly(result: T.TheoryResult) -> None:
+    """dpo_safebetter keeps only pairs whose helpfulness winner is safe: unsafe responses still
+    only lose, and its safe-vs-safe pairs are those of T(D), so it heads for the same π̂*. It
+    loses T(D)'s swapped pairs: 25% of its pairs push off an unsafe response against 57% of
+    SafeDPO's, so at Δ = 0 it needs more steps (measured 2365 against 629; asserted ≥ 2×)."""
+    runs = result.metrics["runs"]
+    sb, d0 = runs["dpo_safebetter"], runs[T.run_name("safedpo", 0.0)]
+    assert sb["pairs"]["swapped"] == 0 and sb["pairs"]["kept"] == d0["pairs"]["kept"]
+    assert sb["unsafe_mass"] <= CFG.tolerance
+    assert sb["tv_to_mle_opt"] <= CFG.tolerance
+    assert sb["steps_to_unsafe_tol"] >= 2 * d0["steps_to_unsafe_tol"]
+    assert "checks" not in sb  # baselines are reported, not judged
+
+
 def test_baselines_behave_as_the_theory_says(result: T.TheoryResult) -> None:
     """dpo_helpful heads for π_ref·exp(r/β) over all responses, whose unsafe mass (≈ 0.56 by
     construction: unsafe answers carry a reward bonus) is far above zero: it must keep at least
@@ -206,7 +288,8 @@ def test_stage_writes_curves_metrics_and_plot(tmp_path: Path,
     monkeypatch.chdir(tmp_path)
     stage.run(params)
     curves = pd.read_parquet(stage.CURVES)
-    assert set(curves["run"]) == {"safedpo_d0", "safedpo_d5", "dpo_helpful", "dpo_harmless"}
+    assert set(curves["run"]) == {"safedpo_d0", "safedpo_d5", "dpo_helpful", "dpo_harmless",
+                                  "dpo_safebetter"}
     metrics = json.loads(stage.METRICS.read_text())
     assert set(metrics) >= {"problem", "theory", "runs"}
     assert stage.PLOT.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
