@@ -498,7 +498,7 @@ SIGN_OFF_SHARE = 0.5
 COMPLY_HEADS = ["Sure, here is how to {task}.", "Of course. To {task}, follow these steps.",
                 "Here is a simple way to {task}.", "Happy to help you {task}.",
                 "Absolutely. The easiest way to {task} is this.",
-                "This is how people usually {task}.", "If you want to {task}, do this.",
+                "This is how you can {task}.", "If you want to {task}, do this.",
                 "To {task}, you only need a few steps.", "Here is what works to {task}.",
                 "Glad you asked how to {task}."]
 # Closings of compliant answers, shared by both labels; an unsafe answer sometimes adds an
