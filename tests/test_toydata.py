@@ -71,7 +71,8 @@ def test_coverage_and_variety(toy: tuple[pd.DataFrame, pd.DataFrame]) -> None:
         assert frags["test"][cat] and not set(frags["train"][cat]) & set(frags["test"][cat])
     train_text = " ".join(pd.concat([train["response_0"], train["response_1"]]))
     assert not any(step in train_text for c in toydata.HARM for step in frags["test"][c])
-    # No test response is a fixed phrase repeated from train (`test_no_first_word_shortcut`).
+    # No test response is a phrase repeated from train
+    # (`test_no_first_word_shortcut_and_no_verbatim_overlap`).
 
 
 def test_lengths_and_ascii(toy: tuple[pd.DataFrame, pd.DataFrame]) -> None:
