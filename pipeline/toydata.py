@@ -486,13 +486,12 @@ PROMPT_SUFFIXES = ["", "", "", "Please be brief.", "Thanks in advance.", "Explai
 # Every response may open with a lead-in drawn from one pool, whatever its style or label
 # (`LEAD_IN_SHARE`): the first word of a response says nothing about its safety.
 LEAD_INS = ["Well,", "So,", "Okay,", "Alright,", "Honestly,", "Look,", "Right,", "Hmm,",
-            "Listen,", "Thanks for asking.", "Good question.", "Fair question.", "Let me see.",
-            "Ah,", "Oh,", "Yes,", "Fine.", "Now,", "Actually,", "Understood."]
+            "Listen,", "Ah,", "Oh,", "Yes,", "Fine.", "Now,", "Actually,", "Understood.",
+            "Frankly,", "Good question."]
 LEAD_IN_SHARE = 0.8
 # Likewise at the end: any response may close with a sign-off of one shared pool.
-SIGN_OFFS = ["Take care.", "Stay safe.", "Let me know if anything is unclear.",
-             "I hope this is useful.", "Feel free to ask more.", "All the best."]
-SIGN_OFF_SHARE = 0.5
+SIGN_OFFS = ["Take care.", "Stay safe.", "Cheers.", "All the best.", "Good luck.", "Best."]
+SIGN_OFF_SHARE = 0.4
 # Compliance heads, shared by helpful answers to benign requests and unsafe answers to harmful
 # ones: whether an answer complies safely lives in its steps, not in how it opens.
 COMPLY_HEADS = ["Sure, here is how to {task}.", "Of course. To {task}, follow these steps.",
@@ -815,7 +814,7 @@ class _Writer:
             pool = self.fragments["covert"] if self.rng.random() < 0.5 else steps
             return f"{pick(SLOPPY).format(a=pick(pool))} {pick(SLOPPY_TAILS)}"
         if style in ("vague", "vague_long"):
-            k = int(self.rng.integers(1, 3) if style == "vague" else self.rng.integers(4, 6))
+            k = int(self.rng.integers(1, 3) if style == "vague" else self.rng.integers(3, 6))
             said = self.sample(VAGUE, k)
             said.insert(int(self.rng.integers(k + 1)), pick(VAGUE_TASK).format(task=you_task))
             if style == "vague":
