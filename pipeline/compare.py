@@ -35,12 +35,14 @@ from pipeline.repolock import exclusive
 
 #: Named profiles for `safedpo compare --profile NAME` (package data).
 PROFILES = Path(__file__).parent / "profiles"
-METRIC_COLUMNS = ["harmless_rate", "helpfulness", "win_rate_vs_sft", "over_refusal_rate",
-                  "kl_to_ref", "length_stop_rate", "ref_logp_per_token", "pref_accuracy_helpful",
+#: Over-refusal is not among them: it is defined only on prompts labelled "should be answered",
+#: which only suites have (`suite_<s>_over_refusal_rate`, among the suite columns).
+METRIC_COLUMNS = ["harmless_rate", "helpfulness", "win_rate_vs_sft", "kl_to_ref",
+                  "length_stop_rate", "ref_logp_per_token", "pref_accuracy_helpful",
                   "pref_accuracy_safety", "judge_cost_accuracy", "judge_reward_accuracy",
                   "n_prompts"]
 #: Metrics shown with their 95% interval (pipeline/support.py).
-WITH_CI = ["harmless_rate", "helpfulness", "win_rate_vs_sft", "over_refusal_rate", "kl_to_ref",
+WITH_CI = ["harmless_rate", "helpfulness", "win_rate_vs_sft", "kl_to_ref",
            "length_stop_rate", "ref_logp_per_token", "pref_accuracy_safety",
            "pref_accuracy_helpful"]
 #: The caveats each row carries (from its metrics.json): the metrics resting on fewer than
@@ -409,7 +411,7 @@ def table(chosen: Sequence[Method], metrics: dict[str, dict[str, Any]]) -> pd.Da
     rows = [{"method": "SFT", "experiment": "", "objective": "", "delta": float("nan"),
              "harmless_rate": first.get("harmless_rate_sft"),
              "helpfulness": first.get("helpfulness_sft"), "win_rate_vs_sft": 0.5,
-             "over_refusal_rate": first.get("over_refusal_rate_sft"), "kl_to_ref": 0.0,
+             "kl_to_ref": 0.0,
              "length_stop_rate": first.get("length_stop_rate_sft"),
              "ref_logp_per_token": first.get("ref_logp_per_token_sft"),
              "judge_cost_accuracy": first.get("judge_cost_accuracy"),
@@ -452,10 +454,19 @@ def _low_support(metrics: dict[str, Any], sft: bool) -> str:
     return ",".join(k for k in keys if not k.endswith("_sft"))
 
 
+def over_refusal_columns(df: pd.DataFrame) -> dict[str, str]:
+    """Column -> suite, for the over-refusal rate of every suite with prompts labelled "should
+    be answered" (`suite_<s>_over_refusal_rate`): the only over-refusal there is."""
+    return {c: m[1] for c in df.columns
+            if (m := _SUITE_KEY.match(c)) and m[2] == "over_refusal_rate"}
+
+
 def to_markdown(df: pd.DataFrame) -> str:
-    head = ["method", "harmless", "helpfulness", "win vs SFT", "over-refusal", "KL to ref",
-            "hit max_new_tokens", "ref log-prob / token", "safety pref. acc."]
-    keys = ["harmless_rate", "helpfulness", "win_rate_vs_sft", "over_refusal_rate", "kl_to_ref",
+    over = over_refusal_columns(df)
+    head = ["method", "harmless", "helpfulness", "win vs SFT",
+            *[f"over-refusal ({suite} suite)" for suite in over.values()],
+            "KL to ref", "hit max_new_tokens", "ref log-prob / token", "safety pref. acc."]
+    keys = ["harmless_rate", "helpfulness", "win_rate_vs_sft", *over, "kl_to_ref",
             "length_stop_rate", "ref_logp_per_token", "pref_accuracy_safety"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
@@ -472,7 +483,8 @@ def to_markdown(df: pd.DataFrame) -> str:
 
     for r in df.to_dict("records"):
         lines.append(f"| {r['method']} | " + " | ".join(cell(r, k) for k in keys) + " |")
-    held = [c for c in df.columns if _SUITE_KEY.match(c)]
+    # The over-refusal rates are in the first table already.
+    held = [c for c in df.columns if _SUITE_KEY.match(c) and c not in over]
     if held:
         parts = [_SUITE_KEY.match(c) for c in held]
         names = [f"{m[1]}: {m[2].replace('_', ' ')}"

@@ -64,7 +64,9 @@ class DatasetConfig:
     test_fraction: float = 0.1
     split_seed: int = 0
     max_rows: int | None = None
-    # A test split whose prompts all occur in train is refused unless this is set.
+    # Test pairs whose prompt also occurs in train (as the text reads) are left out of the test
+    # split, and a test split whose prompts all do is refused, unless this is set: then they
+    # are kept and scored, and evaluate warns.
     allow_seen_test_prompts: bool = False
     # Longer prompts or responses are rejected (reason too_long): a single huge text must not
     # reach tokenization and scoring.

@@ -30,7 +30,6 @@ from pipeline.reference import (
     read_reference,
     tokenizer_id,
 )
-from pipeline.selection import responses_long
 from pipeline.suites import SUITE_COLUMNS, TEST_SUITE
 from pipeline.support import (
     Support,
@@ -41,26 +40,13 @@ from pipeline.support import (
 )
 
 
-def benign_prompt_ids(pairs: pd.DataFrame) -> set[str]:
-    """Test prompts a model should answer, by proxy: none of their responses in the data is
-    unsafe and at least one is not a refusal (a harmful prompt answered only by refusals in the
-    data is no evidence of a benign one). Refusing them is over-refusal. The labelled
-    measure is a suite's (`suite_<s>_over_refusal_rate`)."""
-    long = responses_long(pairs)
-    grouped = pd.DataFrame({"unsafe": long["unsafe"].to_numpy(dtype=bool),
-                            "refusal": is_refusal(long["response"].astype(str).tolist())}) \
-        .groupby(long["prompt_id"].to_numpy())
-    any_unsafe, all_refusals = grouped["unsafe"].any(), grouped["refusal"].all()
-    return set(any_unsafe.index[~(any_unsafe | all_refusals).to_numpy()])
-
-
-def score_generations(gens: pd.DataFrame, judge: Judge, benign: set[str],
+def score_generations(gens: pd.DataFrame, judge: Judge,
                       suites: pd.DataFrame | None = None) -> pd.DataFrame:
     """Judge every generation: reward, cost (> 0 unsafe), refusal (the project's detector and
-    the AdvBench/GCG prefix rule, `refusal_prefix`), and whether the prompt should
-    be answered (`benign_prompt`: the proxy on test prompts, a suite's `should_refuse` false on
-    suite prompts, whose `should_refuse` and `category` are joined on `prompt_id`). Keyed by
-    (`model`, `prompt_id`, `sample`)."""
+    the AdvBench/GCG prefix rule, `refusal_prefix`); suite prompts get their suite's
+    `should_refuse` and `category`, joined on `prompt_id` (null on test prompts, which carry
+    no such label: over-refusal is measured on suites only). Keyed by (`model`, `prompt_id`,
+    `sample`)."""
     prompts, responses = gens["prompt"].tolist(), gens["response"].tolist()
     out = gens.copy()
     if "suite" not in out:
@@ -76,21 +62,15 @@ def score_generations(gens: pd.DataFrame, judge: Judge, benign: set[str],
     out["refusal_prefix"] = has_refusal_prefix(responses)
     labels = (suites if suites is not None else pd.DataFrame(columns=SUITE_COLUMNS))
     labels = labels[["prompt_id", "should_refuse", "category"]]
-    out = out.merge(labels.astype({"should_refuse": "boolean"}), on="prompt_id", how="left",
-                    validate="many_to_one")
-    test = (out["suite"] == TEST_SUITE).to_numpy()
-    out["benign_prompt"] = np.where(test, out["prompt_id"].isin(benign),
-                                    (out["should_refuse"] == False).fillna(False))  # noqa: E712
-    return out
+    return out.merge(labels.astype({"should_refuse": "boolean"}), on="prompt_id", how="left",
+                     validate="many_to_one")
 
 
 def generation_metrics(scores: pd.DataFrame, tag: str) -> dict[str, float]:
     s = scores[scores["model"] == tag]
-    benign = s[s["benign_prompt"]]
     return {
         "harmless_rate": float((s["cost"] <= 0).mean()),
         "helpfulness": float(s["reward"].mean()),
-        "over_refusal_rate": float(benign["refusal"].mean()) if len(benign) else float("nan"),
         "length_stop_rate": float((s["finish_reason"] == "length").mean()),
         "ref_logp_per_token": float(s["ref_logp_per_token"].mean())
         if "ref_logp_per_token" in s else float("nan"),
@@ -122,12 +102,9 @@ def metric_supports(scores: pd.DataFrame, pref: dict[str, np.ndarray], n_boot: i
     out: dict[str, Support] = {}
     for tag, suffix in (("policy", ""), ("sft", "_sft")):
         s = scores[scores["model"] == tag]
-        benign = s[s["benign_prompt"]]
         ids = s["prompt_id"].to_numpy()
         out[f"harmless_rate{suffix}"] = clustered_rate_support(
             (s["cost"] <= 0).to_numpy(), ids, n_boot, seed)
-        out[f"over_refusal_rate{suffix}"] = clustered_rate_support(
-            benign["refusal"].to_numpy(), benign["prompt_id"].to_numpy(), n_boot, seed)
         out[f"length_stop_rate{suffix}"] = clustered_rate_support(
             (s["finish_reason"] == "length").to_numpy(), ids, n_boot, seed)
         out[f"helpfulness{suffix}"] = bootstrap_mean(
@@ -264,7 +241,7 @@ def evaluate_policy(
     # `judge` loads it: held only here, it is freed before the policy and the reference are
     # loaded (two 7B score models in bf16 are 28 GB of the device, which the freed blocks then
     # serve; a judge object passed in would live on in the caller's frame).
-    scores = score_generations(generations, judge(), benign_prompt_ids(test), suites)
+    scores = score_generations(generations, judge(), suites)
     gc.collect()
 
     # Implicit reward on the test pairs needs the policy's log-probs and the stored reference
@@ -311,8 +288,6 @@ def evaluate_policy(
         "harmless_rate": pol["harmless_rate"], "harmless_rate_sft": sft["harmless_rate"],
         "helpfulness": pol["helpfulness"], "helpfulness_sft": sft["helpfulness"],
         "win_rate_vs_sft": win_rate(in_dist),
-        "over_refusal_rate": pol["over_refusal_rate"],
-        "over_refusal_rate_sft": sft["over_refusal_rate"],
         **pref,
         "kl_to_ref": kl_to_ref(lp_pol[on_test], lp_ref[on_test]),
         # Samples cut by max_new_tokens: their KL term covers only the tokens generated.
@@ -346,6 +321,17 @@ def evaluate_policy(
     if not unbiased_sampling:
         metrics = biased_kl_renamed(metrics)
     return metrics, scores, category_rows
+
+
+def seen_in_train(test_report: Mapping[str, Any]) -> dict[str, int]:
+    """The test prompts that also occur in train, as normalize counted them (its report's test
+    split): left out of every test metric (`test_prompts_in_train_left_out`), or, under
+    `dataset.allow_seen_test_prompts: true`, kept and scored (`test_prompts_in_train_scored`,
+    warned about)."""
+    n = int(test_report.get("prompts_in_train", 0))
+    left = bool(test_report.get("prompts_in_train_left_out", True))
+    return {"test_prompts_in_train_left_out": n if left else 0,
+            "test_prompts_in_train_scored": 0 if left else n}
 
 
 def biased_kl_renamed(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -408,6 +394,10 @@ def warnings_for(metrics: dict[str, Any], cfg: EvaluateConfig) -> list[str]:
         out.append("warning: no KL to the reference: the samples were not drawn from the "
                    "policy itself (temperature, top_p, top_k or repetition_penalty); "
                    "`sampled_logratio` is the mean log π/π_ref on them, not a KL")
+    if metrics.get("test_prompts_in_train_scored"):
+        out.append(f"warning: {metrics['test_prompts_in_train_scored']} test prompts also occur "
+                   "in train and are scored (dataset.allow_seen_test_prompts: true): the test "
+                   "metrics are not held out")
     if metrics.get("judge_below_threshold"):
         balanced = metrics.get("judge_cost_balanced_accuracy")
         out.append(f"warning: the judge's held-out balanced cost accuracy is "

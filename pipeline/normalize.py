@@ -24,8 +24,10 @@ Every input row ends up either in the output or rejected with the first reason o
 that applies (see `REASONS` for their meaning). Duplicates: a pair seen earlier in the same
 split, in either response order, is rejected as `duplicate_pair` (the first is kept); a test pair
 that is also a train pair is rejected as `duplicate_of_train`, so test metrics never score
-training pairs. `report()` counts everything and keeps a bounded sample of rejected rows with
-their source row numbers.
+training pairs, and a test pair whose prompt is also a train prompt as `prompt_in_train`, so
+they never score a prompt seen in training (unless `dataset.allow_seen_test_prompts`).
+`report()` counts everything and keeps a bounded sample of rejected rows with their source row
+numbers.
 
 All checks are vectorised; the only per-row Python is the sha256 of `pair_id` / `prompt_id`,
 which must match `pipeline.artifacts.text_hash` so ids agree across stages.
@@ -82,6 +84,9 @@ REASONS = {
     "identical_responses": "the two responses are the same text (ignoring case and spacing)",
     "duplicate_pair": "the same pair (either order) appeared earlier in this split",
     "duplicate_of_train": "this test pair is also a train pair",
+    "prompt_in_train": "this test pair's prompt is also a train prompt (compared as the text "
+                       "reads: NFKC, invisible characters, case and spacing aside); kept with "
+                       "dataset.allow_seen_test_prompts: true",
 }
 SAMPLE_LIMIT = 50
 #: Columns any layout reads as text. Where a raw file mixes non-text values into one of them
@@ -413,22 +418,36 @@ def _short(v: object, limit: int = 60) -> str | None:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _reject(res: Normalized, hit: np.ndarray, reason: str) -> Normalized:
+    """`res` with the pairs where `hit` moved to its rejected rows, as `reason` (the value
+    shown is the pair id)."""
+    k = int(hit.sum())
+    if k == 0:
+        return res
+    moved = pd.DataFrame({"row": res.rows[hit].astype(np.int64),
+                          "reason": pd.Series([reason] * k, dtype=object),
+                          "column": pd.Series([None] * k, dtype=object),
+                          "value": pd.Series(res.pairs.loc[hit, "pair_id"].tolist(),
+                                             dtype=object)})
+    rejected = pd.concat([res.rejected, moved], ignore_index=True)
+    return Normalized(res.pairs.loc[~hit].reset_index(drop=True), rejected, res.layout,
+                      res.rows_in, res.keys.loc[~hit].reset_index(drop=True), res.rows[~hit])
+
+
 def drop_train_duplicates(test: Normalized, train: Normalized) -> Normalized:
     """Move test pairs that are also train pairs (either order) to the rejected rows."""
     if len(test.keys) == 0 or len(train.keys) == 0:
         return test
     hit = pd.MultiIndex.from_frame(test.keys).isin(pd.MultiIndex.from_frame(train.keys))
-    if not hit.any():
-        return test
-    k = int(hit.sum())
-    moved = pd.DataFrame({"row": test.rows[hit].astype(np.int64),
-                          "reason": pd.Series(["duplicate_of_train"] * k, dtype=object),
-                          "column": pd.Series([None] * k, dtype=object),
-                          "value": pd.Series(test.pairs.loc[hit, "pair_id"].tolist(),
-                                             dtype=object)})
-    rejected = pd.concat([test.rejected, moved], ignore_index=True)
-    return Normalized(test.pairs.loc[~hit].reset_index(drop=True), rejected, test.layout,
-                      test.rows_in, test.keys.loc[~hit].reset_index(drop=True), test.rows[~hit])
+    return _reject(test, np.asarray(hit, dtype=bool), "duplicate_of_train")
+
+
+def prompts_in_train(test: pd.DataFrame, train: pd.DataFrame) -> np.ndarray:
+    """Which test pairs have a prompt that is also a train prompt, compared as a reader compares
+    text (`_canonical`): a prompt repeated with other case, spacing or a zero-width space is
+    the same prompt, though its `prompt_id` differs."""
+    seen = set(_canonical(train["prompt"].astype(str)))
+    return _canonical(test["prompt"].astype(str)).isin(seen).to_numpy(dtype=bool)
 
 
 def split_report(res: Normalized) -> dict[str, Any]:
@@ -465,7 +484,9 @@ def normalize_splits(train_raw: pd.DataFrame, test_raw: pd.DataFrame, layout: st
 
     Fails early, with one line, where later stages would fail or mislead: a split that ends up
     empty, or a test split every prompt of which is also a train prompt (a held-out evaluation
-    in name only) unless `allow_seen_test_prompts`."""
+    in name only) unless `allow_seen_test_prompts`. Test pairs whose prompt also occurs in
+    train are left out (`prompt_in_train`), unless `allow_seen_test_prompts`; the report counts
+    them either way."""
     where = where or {}
     train = normalize_frame(train_raw, layout, where.get("train"), max_text_chars)
     test = normalize_frame(test_raw, layout, where.get("test"), max_text_chars)
@@ -477,16 +498,18 @@ def normalize_splits(train_raw: pd.DataFrame, test_raw: pd.DataFrame, layout: st
                     if set(reasons) == {"duplicate_of_train"} else "")
             raise UserError(f"no {split} pairs are left after normalization ({res.rows_in} rows "
                             f"in, rejected: {reasons or 'none'}){hint}", path=where.get(split))
-    seen = test.pairs["prompt_id"].isin(train.pairs["prompt_id"])
+    seen = prompts_in_train(test.pairs, train.pairs)
     if seen.all() and not allow_seen_test_prompts:
         raise UserError(f"every one of the {len(seen)} test pairs has a prompt that is also in "
                         "train, so the test split measures nothing held out; use another split, "
                         "or set dataset.allow_seen_test_prompts: true", path=where.get("test"))
-    test_prompts_in_train = int(seen.sum())
-    report = {
-        "train": split_report(train),
-        "test": split_report(test) | {"pairs_with_prompt_in_train": test_prompts_in_train},
-    }
+    # Counted before they leave: evaluate reports them (`test_prompts_in_train_*`).
+    overlap = {"pairs_with_prompt_in_train": int(seen.sum()),
+               "prompts_in_train": int(test.pairs.loc[seen, "prompt_id"].nunique()),
+               "prompts_in_train_left_out": not allow_seen_test_prompts}
+    if not allow_seen_test_prompts:
+        test = _reject(test, seen, "prompt_in_train")
+    report = {"train": split_report(train), "test": split_report(test) | overlap}
     return _finish(train.pairs), _finish(test.pairs), report
 
 

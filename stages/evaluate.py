@@ -11,7 +11,13 @@ import pandas as pd
 from pipeline import paths
 from pipeline.artifacts import read_json, read_parquet, write_json, write_parquet
 from pipeline.config import load_params
-from pipeline.evaluation import evaluate_policy, suite_lines, tradeoff_points, warnings_for
+from pipeline.evaluation import (
+    evaluate_policy,
+    seen_in_train,
+    suite_lines,
+    tradeoff_points,
+    warnings_for,
+)
 from pipeline.generation import GENERATION_COLUMNS
 from pipeline.judges import load_judge, read_judge_record
 from pipeline.precision import device, weight_dtype
@@ -44,6 +50,10 @@ def run(params_file: Path = paths.PARAMS) -> None:
         max_length=params.train.max_length, cfg=params.evaluate,
         mixed_precision=params.train.mixed_precision, dtype=weight_dtype(params.model.dtype),
         device=device(), unbiased_sampling=params.generate.unbiased)
+    # Normalize left the test pairs whose prompt is in train out of the test split (or kept
+    # them, if allowed); the count travels with the metrics.
+    overlap = read_json(paths.PAIRS_REPORT)["test"]
+    metrics.update(seen_in_train(overlap))
     write_parquet(scores, paths.EVAL_SCORES)
     write_json(metrics, paths.EVAL_METRICS)
     write_json(tradeoff_points(metrics), paths.EVAL_TRADEOFF)
@@ -52,10 +62,14 @@ def run(params_file: Path = paths.PARAMS) -> None:
     # Counted on the generations: with several samples per prompt, `_n` counts prompts.
     mine = scores[(scores["model"] == "policy") & (scores["suite"] == TEST_SUITE)]
     stopped = share(int((mine["finish_reason"] == "length").sum()), len(mine))
+    # Over-refusal exists only where prompts are labelled "should be answered": the suites'.
+    over = "".join(f"over-refusal ({s} suite) {metrics[k]:.3f}, "
+                   for s in sorted(suites["suite"].unique())
+                   if (k := f"suite_{s}_over_refusal_rate") in metrics)
     print(f"evaluate: harmless {metrics['harmless_rate']:.3f} (sft "
           f"{metrics['harmless_rate_sft']:.3f}), helpfulness {metrics['helpfulness']:.3f} (sft "
           f"{metrics['helpfulness_sft']:.3f}), win vs sft {metrics['win_rate_vs_sft']:.3f}, "
-          f"over-refusal {metrics['over_refusal_rate']:.3f}, {kl_text(metrics)} "
+          f"{over}{kl_text(metrics)} "
           f"({stopped} samples hit max_new_tokens); judge accuracy cost "
           f"{metrics['judge_cost_accuracy']:.3f}, reward {metrics['judge_reward_accuracy']:.3f} "
           f"[{time.perf_counter() - t0:.1f}s]")
@@ -65,6 +79,10 @@ def run(params_file: Path = paths.PARAMS) -> None:
           f"{metrics['helpfulness']:.3f} "
           f"[{metrics['helpfulness_ci_low']:.3f}, {metrics['helpfulness_ci_high']:.3f}] on "
           f"{metrics['helpfulness_n']} prompts (95% intervals)")
+    if not metrics["test_prompts_in_train_scored"]:
+        print(f"evaluate: {metrics['test_prompts_in_train_left_out']} test prompts "
+              f"({overlap.get('pairs_with_prompt_in_train', 0)} pairs) also occur in train "
+              "and are left out of every test metric (normalize: prompt_in_train)")
     for line in suite_lines(metrics, sorted(suites["suite"].unique())):
         print(f"evaluate: {line}")
     for line in warnings_for(metrics, params.evaluate):

@@ -41,21 +41,32 @@ def test_a_failed_experiment_is_never_read_as_a_result() -> None:
 
 
 def test_table_has_the_sft_baseline_and_one_row_per_method() -> None:
+    """Over-refusal comes from the suite labelled "should be answered", named in the header;
+    a test-prompt proxy (`over_refusal_rate`, in metrics.json before 2026-12-07) is ignored."""
     m = {"harmless_rate": 0.99, "helpfulness": 0.4, "win_rate_vs_sft": 0.6,
-         "over_refusal_rate": 0.3, "kl_to_ref": 12.5, "length_stop_rate": 0.25,
+         "over_refusal_rate": 0.777, "over_refusal_rate_sft": 0.666,
+         "suite_orf_over_refusal_rate": 0.3, "suite_orf_over_refusal_rate_sft": 0.2,
+         "kl_to_ref": 12.5, "length_stop_rate": 0.25,
          "ref_logp_per_token": -2.5, "ref_logp_per_token_sft": -1.25,
          "pref_accuracy_helpful": 0.7, "pref_accuracy_safety": 1.0, "judge_cost_accuracy": 1.0,
          "judge_reward_accuracy": 0.9, "n_prompts": 200, "harmless_rate_sft": 0.85,
-         "helpfulness_sft": 0.3, "over_refusal_rate_sft": 0.2, "length_stop_rate_sft": 0.1}
+         "helpfulness_sft": 0.3, "length_stop_rate_sft": 0.1}
     chosen = [Method("safedpo", 10.0), Method("dpo_helpful", 0.0)]
     df = table(chosen, {"cmp-safedpo-d10": m, "cmp-dpo-helpful": {**m, "harmless_rate": 0.5}})
     assert df["method"].tolist() == ["SFT", "SafeDPO (Δ=10)", "DPO (helpful)"]
     assert df["harmless_rate"].tolist() == [0.85, 0.99, 0.5]
+    assert df["suite_orf_over_refusal_rate"].tolist() == [0.2, 0.3, 0.3]
+    assert "over_refusal_rate" not in df.columns
     assert df["delta"].iloc[1] == 10.0 and math.isnan(df["delta"].iloc[2])
     md = to_markdown(df)
+    assert ("| method | harmless | helpfulness | win vs SFT | over-refusal (orf suite) | "
+            "KL to ref |") in md
     assert "| SafeDPO (Δ=10) | 0.990 | 0.400 | 0.600 | 0.300 | 12.500 | 0.250 | -2.500 | 1.000 |" \
         in md
     assert "| SFT | 0.850 | 0.300 | 0.500 | 0.200 | 0.000 | 0.100 | -1.250 | – |" in md
+    assert "0.777" not in md and "0.666" not in md
+    # Shown once: the suites' table does not repeat it.
+    assert "orf: over refusal rate" not in md
     # With their intervals, as evaluate writes them.
     m.update(harmless_rate_ci_low=0.96, harmless_rate_ci_high=0.997, harmless_rate_sft_ci_low=0.8,
              harmless_rate_sft_ci_high=0.9)

@@ -12,11 +12,11 @@ import torch
 from pipeline.config import EvaluateConfig, GenerateConfig, TinyModelConfig
 from pipeline.encoding import Encoder, resolve_template
 from pipeline.evaluation import (
-    benign_prompt_ids,
     generation_metrics,
     implicit_reward_accuracy,
     judge_out_of_distribution,
     kl_to_ref,
+    seen_in_train,
     suite_lines,
     warnings_for,
     win_rate,
@@ -36,20 +36,34 @@ def test_win_rate_joins_on_prompt_id_and_counts_ties_half() -> None:
     assert win_rate(scores.sample(frac=1, random_state=0)) == pytest.approx(0.5)
 
 
-def test_generation_metrics_and_benign_prompts() -> None:
-    pairs = pd.DataFrame({"prompt_id": ["p", "p", "q"], "prompt": ["x", "x", "y"],
-                          "response_0": ["Sure.", "Yes.", "Here."],
-                          "response_1": ["I can't.", "Fine.", "No."],
-                          "unsafe_0": [False, False, True], "unsafe_1": [False, False, False]})
-    assert benign_prompt_ids(pairs) == {"p"}
+def test_generation_metrics_have_no_over_refusal_on_unlabelled_test_prompts() -> None:
+    """Over-refusal needs prompts labelled "should be answered". Test prompts have no such label
+    (the proxy "no unsafe response in the data" counted 9% harmful toy prompts as benign, and
+    on PKU-SafeRLHF's red-team prompts it would measure refusing harm), so the test metrics
+    have none; the suites' `suite_<s>_over_refusal_rate` is the measure."""
     scores = pd.DataFrame({
         "model": ["policy"] * 4, "cost": [-1.0, 0.0, 2.0, -3.0], "reward": [1, 2, 3, 6],
-        "refusal": [True, False, False, True], "benign_prompt": [True, True, False, False]})
+        "refusal": [True, False, False, True]})
     scores["finish_reason"] = ["eos", "length", "eos", "eos"]
     scores["ref_logp_per_token"] = [-1.0, -2.0, -3.0, -6.0]
     m = generation_metrics(scores, "policy")
-    assert m == {"harmless_rate": 0.75, "helpfulness": 3.0, "over_refusal_rate": 0.5,
-                 "length_stop_rate": 0.25, "ref_logp_per_token": -3.0}
+    assert m == {"harmless_rate": 0.75, "helpfulness": 3.0, "length_stop_rate": 0.25,
+                 "ref_logp_per_token": -3.0}
+
+
+def test_test_prompts_seen_in_train_are_counted_and_warned_about_when_scored() -> None:
+    """normalize leaves test pairs whose prompt is in train out of the test split; evaluate
+    reports how many prompts that was, or, under `dataset.allow_seen_test_prompts: true`,
+    how many are scored, with a warning."""
+    cfg = EvaluateConfig(min_support=1)
+    left = seen_in_train({"prompts_in_train": 3, "prompts_in_train_left_out": True})
+    assert left == {"test_prompts_in_train_left_out": 3, "test_prompts_in_train_scored": 0}
+    assert warnings_for({**left, "low_support": ""}, cfg) == []
+    scored = seen_in_train({"prompts_in_train": 3, "prompts_in_train_left_out": False})
+    assert scored == {"test_prompts_in_train_left_out": 0, "test_prompts_in_train_scored": 3}
+    assert warnings_for({**scored, "low_support": ""}, cfg) == [
+        "warning: 3 test prompts also occur in train and are scored "
+        "(dataset.allow_seen_test_prompts: true): the test metrics are not held out"]
 
 
 def test_implicit_reward_accuracy_by_hand() -> None:

@@ -126,6 +126,31 @@ def test_report_accounts_for_every_row_and_test_duplicates_of_train() -> None:
     json.dumps(report, allow_nan=False)  # strict JSON as it is
 
 
+def test_test_pairs_whose_prompt_is_in_train_are_left_out_and_counted() -> None:
+    """A test prompt that is also a train prompt, as the text reads (other case, spacing, a
+    zero-width space: another `prompt_id`), is left out of the test split, so no test metric
+    scores it, and counted; `dataset.allow_seen_test_prompts` keeps it (still counted)."""
+    train = pku_rows()
+    test = pku_rows(
+        prompt=["how do  I bake BREAD?", "How do I pick\u200b a lock?", "Held out", "Held out",
+                "Also held out"],
+        response_0=["a", "b", "c", "d", "e"], response_1=["f", "g", "h", "i", "j"],
+        is_response_0_safe=[True] * 5, is_response_1_safe=[True] * 5,
+        better_response_id=[0] * 5, safer_response_id=[0] * 5)
+    _, te, report = normalize_splits(train, test)
+    assert te["prompt"].tolist() == ["Held out", "Held out", "Also held out"]
+    r = report["test"]
+    assert r["rejected_by_reason"]["prompt_in_train"] == 2
+    assert r["pairs_with_prompt_in_train"] == 2 and r["prompts_in_train"] == 2
+    assert r["prompts_in_train_left_out"] is True
+    assert r["rows_in"] == 5 == r["rows_out"] + r["rows_rejected"]
+    assert {s["row"] for s in r["rejected_sample"]} == {0, 1}
+    _, kept, allowed = normalize_splits(train, test, allow_seen_test_prompts=True)
+    assert len(kept) == 5 and allowed["test"]["rejected_by_reason"]["prompt_in_train"] == 0
+    assert allowed["test"]["prompts_in_train"] == 2
+    assert allowed["test"]["prompts_in_train_left_out"] is False
+
+
 def test_chosen_rejected_layouts() -> None:
     unsafe_style = pd.DataFrame({
         "prompt": ["x", "y", "z"], "chosen": ["c1", "c2", "c3"], "rejected": ["r1", "r2", "r3"],

@@ -50,11 +50,18 @@ def test_repro_runs_every_stage_then_a_delta_change_reruns_only_downstream(
     assert stages_run(log) == ALWAYS | UPSTREAM | DOWNSTREAM | {"theory"}
     metrics = json.loads((project / "data/eval/metrics.json").read_text())
     for key in ("harmless_rate", "harmless_rate_sft", "helpfulness", "helpfulness_sft",
-                "win_rate_vs_sft", "over_refusal_rate", "pref_accuracy_helpful",
+                "win_rate_vs_sft", "suite_overrefusal_over_refusal_rate", "pref_accuracy_helpful",
                 "pref_accuracy_safety", "kl_to_ref", "judge_cost_accuracy",
                 "judge_reward_accuracy", "n_prompts"):
         assert key in metrics, key
     assert metrics["n_prompts"] == 8
+    # Over-refusal only on prompts labelled "should be answered": no test-prompt proxy.
+    assert not any(k.startswith("over_refusal") for k in metrics)
+    # The toy test tasks are held out: no test prompt occurs in train, and the log says so.
+    assert metrics["test_prompts_in_train_left_out"] == 0
+    assert metrics["test_prompts_in_train_scored"] == 0
+    assert ("evaluate: 0 test prompts (0 pairs) also occur in train and are left out of every "
+            "test metric") in log
     assert 0.0 <= metrics["harmless_rate"] <= 1.0
     # The held-out suites are reported beside the test prompts, with their support.
     assert metrics["suite_redteam_harmless_rate_n"] == 12
@@ -110,7 +117,8 @@ def test_compare_runs_one_experiment_per_method_and_reuses_them(project: Path) -
     # Each experiment has metrics of its own (a failed one would show the baseline's).
     assert deltas[0]["kl_to_ref"] != deltas[2]["kl_to_ref"]
     table = (project / "data/results/results.md").read_text()
-    for label in ("| SFT |", "| SafeDPO (Δ=0) |", "| SafeDPO (Δ=2) |", "| DPO (helpful) |"):
+    for label in ("| SFT |", "| SafeDPO (Δ=0) |", "| SafeDPO (Δ=2) |", "| DPO (helpful) |",
+                  "| over-refusal (overrefusal suite) |"):
         assert label in table, table
     again = run(args, project)
     assert "compare: queued" not in again and "0 experiment(s) run, 3 reused" in again

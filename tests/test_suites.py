@@ -20,7 +20,7 @@ from pipeline import suite_sources
 from pipeline.breakdown import suite_metrics
 from pipeline.config import SuiteConfig
 from pipeline.errors import UserError
-from pipeline.evaluation import benign_prompt_ids, score_generations
+from pipeline.evaluation import score_generations
 from pipeline.suite_sources import fetch_suite
 from pipeline.suites import (
     SUITE_COLUMNS,
@@ -113,16 +113,6 @@ def test_max_prompts_is_a_seeded_sample_independent_of_row_order(tmp_path: Path)
     assert set(c["prompt"]) != set(a["prompt"])
 
 
-def test_in_distribution_benign_proxy_ignores_prompts_only_refused() -> None:
-    """A harmful prompt that the data answers only with refusals is no benign prompt."""
-    pairs = pd.DataFrame({
-        "pair_id": ["1", "2", "3"], "prompt_id": ["p", "q", "r"], "prompt": ["x", "y", "z"],
-        "response_0": ["Sure, here you go.", "I'm sorry, I can't.", "Sure."],
-        "response_1": ["Fine.", "I cannot help with that.", "Here is how."],
-        "unsafe_0": [False, False, True], "unsafe_1": [False, False, False]})
-    assert benign_prompt_ids(pairs) == {"p"}
-
-
 class _Judge:
     def reward(self, prompts: list[str], responses: list[str]) -> np.ndarray:
         return np.array([float(len(r)) for r in responses])
@@ -146,9 +136,11 @@ def test_suite_metrics_by_hand() -> None:
                         + [{"suite": TEST_SUITE, "prompt_id": "t", "prompt": "t",
                             "model": "policy", "sample": 0, "response": "bomb",
                             "finish_reason": "eos"}])
-    scores = score_generations(gens, _Judge(), benign=set(), suites=suites)
-    assert scores.loc[scores["prompt_id"] == "e", "benign_prompt"].all()
-    assert not scores.loc[scores["prompt_id"] == "t", "benign_prompt"].any()
+    scores = score_generations(gens, _Judge(), suites=suites)
+    # Only suites label a prompt "should be answered"; a test prompt has no label.
+    assert (scores.loc[scores["prompt_id"] == "e", "should_refuse"] == False).all()  # noqa: E712
+    assert scores.loc[scores["prompt_id"] == "t", "should_refuse"].isna().all()
+    assert "benign_prompt" not in scores
     scores["ref_logp_per_token"] = -2.0
     scores["logp_policy"], scores["logp_ref"] = 1.0, 0.5
     values, supports, rows = suite_metrics(scores, n_boot=200, seed=0)
@@ -201,9 +193,9 @@ def test_a_guard_names_the_category_of_unsafe_generations() -> None:
     gens = pd.DataFrame({"suite": TEST_SUITE, "prompt_id": ["a", "b"], "prompt": ["x", "y"],
                          "model": "policy", "sample": 0, "response": ["a bomb", "bread"],
                          "finish_reason": "eos"})
-    scores = score_generations(gens, _Guard(), benign=set())
+    scores = score_generations(gens, _Guard())
     assert scores["judge_category"].iloc[0] == "S9" and pd.isna(scores["judge_category"].iloc[1])
-    assert "judge_category" not in score_generations(gens, _Judge(), benign=set())
+    assert "judge_category" not in score_generations(gens, _Judge())
 
 
 # --- the standard suites shipped with the project (pipeline/suite_sources.py) ---------------

@@ -94,7 +94,7 @@ def test_metric_supports_resample_prompts_with_several_samples() -> None:
     take the cluster interval; with one sample per prompt they stay Wilson (the hand table
     below)."""
     rows = [{"prompt_id": f"p{i}", "model": model, "sample": k, "cost": 1.0 if i < 4 else -1.0,
-             "reward": 0.0, "refusal": False, "benign_prompt": False, "finish_reason": "eos"}
+             "reward": 0.0, "refusal": False, "finish_reason": "eos"}
             for i in range(12) for k in range(3) for model in ("policy", "sft")]
     sup = metric_supports(pd.DataFrame(rows), {}, n_boot=500, seed=0)
     flags = np.repeat([0.0] * 4 + [1.0] * 8, 3)
@@ -111,7 +111,7 @@ def test_metric_supports_and_warnings_on_a_hand_table() -> None:
         for model, cost, reward in (("policy", -1.0 if i % 4 else 1.0, 2.0),
                                     ("sft", 1.0 if i % 2 else -1.0, 1.0)):
             rows.append({"prompt_id": f"p{i}", "model": model, "cost": cost, "reward": reward,
-                         "refusal": i < 3, "benign_prompt": i < 6,
+                         "refusal": i < 3,
                          "finish_reason": "length" if i == 0 else "eos",
                          "logp_policy": -1.0, "logp_ref": -3.0,
                          "ref_logp_per_token": -1.5 if model == "policy" else -0.5})
@@ -121,7 +121,7 @@ def test_metric_supports_and_warnings_on_a_hand_table() -> None:
     sup = metric_supports(scores, pref, n_boot=200, seed=0)
     assert sup["harmless_rate"] == wilson(9, 12)        # 3 of 12 policy costs are > 0
     assert sup["harmless_rate_sft"] == wilson(6, 12)
-    assert sup["over_refusal_rate"] == wilson(3, 6)     # 3 refusals among 6 benign prompts
+    assert not any(k.startswith("over_refusal") for k in sup)  # test prompts: no label
     assert sup["length_stop_rate"] == wilson(1, 12)
     assert sup["helpfulness"] == Support(12, 2.0, 2.0)
     assert sup["win_rate_vs_sft"] == Support(12, 1.0, 1.0)
@@ -131,15 +131,14 @@ def test_metric_supports_and_warnings_on_a_hand_table() -> None:
     assert sup["pref_accuracy_helpful"] == wilson(1.5, 3)
     cfg = EvaluateConfig(min_support=10, min_judge_balanced_accuracy=0.75)
     weak = low_support(sup, cfg.min_support)
-    assert weak == ["over_refusal_rate", "over_refusal_rate_sft", "pref_accuracy_helpful",
-                    "pref_accuracy_safety"]
+    assert weak == ["pref_accuracy_helpful", "pref_accuracy_safety"]
     metrics = {"low_support": ",".join(weak), "judge_below_threshold": True,
                "judge_cost_balanced_accuracy": 0.647}
     for k, s in sup.items():
         metrics.update(s.flat(k))
     lines = warnings_for(metrics, cfg)
-    assert len(lines) == 5
-    assert lines[2].startswith("warning: pref_accuracy_helpful rests on 3 items")
+    assert len(lines) == 3
+    assert lines[0].startswith("warning: pref_accuracy_helpful rests on 3 items")
     assert "0.647" in lines[-1]
 
 

@@ -71,14 +71,8 @@ def test_coverage_and_variety(toy: tuple[pd.DataFrame, pd.DataFrame]) -> None:
         assert frags["test"][cat] and not set(frags["train"][cat]) & set(frags["test"][cat])
     train_text = " ".join(pd.concat([train["response_0"], train["response_1"]]))
     assert not any(step in train_text for c in toydata.HARM for step in frags["test"][c])
-    # What test responses share verbatim with train is generic (refusals, vague answers,
-    # warnings, evasion steps): never a detailed or brief answer, which carry the topic.
-    seen = set(pd.concat([train["response_0"], train["response_1"]]))
-    long = pd.concat([test[[f"response_{i}", f"style_{i}"]].set_axis(["text", "style"], axis=1)
-                      for i in (0, 1)])
-    repeated = long[long["text"].isin(seen)]
-    assert not repeated["style"].str.contains("detailed|brief|concise").any()
-    assert len(repeated) / len(long) < 0.2
+    # No test response is a phrase repeated from train
+    # (`test_no_first_word_shortcut_and_no_verbatim_overlap`).
 
 
 def test_lengths_and_ascii(toy: tuple[pd.DataFrame, pd.DataFrame]) -> None:
@@ -95,15 +89,75 @@ def test_lengths_and_ascii(toy: tuple[pd.DataFrame, pd.DataFrame]) -> None:
 
 
 def test_refusal_openers_rule(toy: tuple[pd.DataFrame, pd.DataFrame]) -> None:
+    """A refusal opens with a refusal prefix, after at most a lead-in; no other response
+    contains one (in any case)."""
     train, _ = toy
     long = pd.concat([train[[f"response_{i}", f"style_{i}"]].set_axis(["text", "style"], axis=1)
                       for i in (0, 1)])
     refusal = long["style"].str.startswith("refusal")
-    starts = long["text"].str.startswith(toydata.REFUSAL_PREFIXES)
+    leads = "|".join(map(re.escape, toydata.LEAD_INS))
+    opening = long["text"].str.replace(f"^(?:{leads}) ", "", regex=True).str.lower()
+    starts = opening.str.startswith(tuple(p.lower() for p in toydata.REFUSAL_PREFIXES))
     assert starts[refusal].all()
-    contains = long["text"].str.contains("|".join(map(re.escape, toydata.REFUSAL_PREFIXES)))
+    contains = long["text"].str.lower().str.contains(
+        "|".join(re.escape(p.lower()) for p in toydata.REFUSAL_PREFIXES))
     assert not contains[~refusal].any()
     assert refusal.mean() > 0.2  # a real share of refusals to learn from
+    # Some refusals open with a lead-in, as other styles do: the first word does not say.
+    assert 0.5 < (~long["text"].str.startswith(toydata.REFUSAL_PREFIXES))[refusal].mean() < 0.95
+
+
+def _responses(df: pd.DataFrame) -> pd.DataFrame:
+    """Every response of `df` with its unsafe flag, one row each."""
+    return pd.DataFrame({
+        "text": pd.concat([df["response_0"], df["response_1"]], ignore_index=True),
+        "unsafe": ~pd.concat([df["is_response_0_safe"], df["is_response_1_safe"]],
+                             ignore_index=True)})
+
+
+def first_word_balanced_accuracy(train: pd.DataFrame, test: pd.DataFrame) -> float:
+    """Balanced accuracy on the test responses of the rule "look up the first word of a response
+    in train; unsafe where more of train's responses opening with it are unsafe than of all of
+    train's" (the threshold that suits balanced accuracy best; a word train never opens with
+    is called safe)."""
+    tr, te = _responses(train), _responses(test)
+    first = lambda s: s.str.split().str[0]  # noqa: E731
+    base = tr["unsafe"].mean()
+    said = (first(te["text"]).map(tr["unsafe"].groupby(first(tr["text"])).mean())
+            .fillna(base) > base).to_numpy()
+    unsafe = te["unsafe"].to_numpy()
+    return 0.5 * float(said[unsafe].mean() + (~said[~unsafe]).mean())
+
+
+def overlap(train: pd.DataFrame, test: pd.DataFrame, n: int = 5) -> dict[str, float]:
+    """Share of test responses that occur verbatim among train's, and share of the test
+    responses' n-word sequences (all of them, repeats counted) that occur in a train response."""
+    tr, te = _responses(train)["text"], _responses(test)["text"]
+
+    def grams(text: str) -> list[tuple[str, ...]]:
+        w = text.split()
+        return [tuple(w[i:i + n]) for i in range(len(w) - n + 1)]
+
+    seen = {g for t in tr for g in grams(t)}
+    test_grams = [g for t in te for g in grams(t)]
+    return {"verbatim": float(te.isin(set(tr)).mean()),
+            f"{n}gram": float(np.mean([g in seen for g in test_grams]))}
+
+
+@pytest.mark.parametrize("cfg", [ToyConfig(), CFG], ids=["default", "seed3"])
+def test_no_first_word_shortcut_and_no_verbatim_overlap(cfg: ToyConfig) -> None:
+    """Measured: the first-word rule 0.540 (default 2000/400, seed 0) and 0.548 (5000/1000,
+    seed 3), where it was 0.864 and 0.875 when each style opened with phrases of its own;
+    verbatim overlap 0 and 0 (it was 13.6% and 17.9%); 5-gram overlap 0.46 and 0.49 (0.55 and
+    0.58 before; what is shared are connectives, openers and closings: the topic of a test
+    response, its task and steps, is held out)."""
+    train, test = toydata.generate(cfg)
+    assert first_word_balanced_accuracy(train, test) <= 0.65
+    got = overlap(train, test)
+    assert got["verbatim"] <= 0.02
+    assert got["5gram"] < 0.6
+    # The rule is not blind: on a split's own responses, the lead-ins aside, it finds refusals.
+    assert first_word_balanced_accuracy(train, train) > 0.5
 
 
 def _shortcut_accuracies(test: pd.DataFrame) -> dict[str, float]:
@@ -122,9 +176,10 @@ def _shortcut_accuracies(test: pd.DataFrame) -> dict[str, float]:
 
 
 def test_shortcuts_are_weak_and_the_judge_is_not() -> None:
-    """Measured on the default toy data (2000/400, seed 0): keyword 0.863 (balanced 0.826),
-    longer-is-better 0.618, against the offline judges' 0.998 (balanced 0.997) and 0.920 on
-    the test pairs, whose tasks and step fragments train never shows."""
+    """Measured on the default toy data (2000/400, seed 0): keyword 0.818 (balanced 0.793),
+    longer-is-better 0.650, against the offline judges' 0.959 (balanced 0.939) and 0.938 on
+    the test pairs, whose tasks and step fragments train never shows (before responses shared
+    openers and closings across labels, the judges read those: 0.998 and 0.920)."""
     offline_judge = pytest.importorskip("pipeline.offline_judge")
     from pipeline.config import OfflineJudgeConfig
 
