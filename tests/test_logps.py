@@ -180,11 +180,10 @@ def test_dpo_logits_are_zero_at_step_zero_under_the_training_precision(
         tiny: tuple[Path, pd.DataFrame], mp: str) -> None:
     """The reference scored by `ref_logps` and the policy scored by the training loss, both
     under the same autocast, give implicit rewards of 0 when the policy is the reference."""
-    from pipeline.finetune import preference_examples
     from pipeline.objectives import OBJECTIVES, select_pairs
     from pipeline.precision import autocast
+    from pipeline.preference import PreferenceLoss, preference_batch, preference_examples
     from pipeline.reference import attach_reference
-    from pipeline.training import PreferenceLoss, preference_batch
 
     model_dir, pairs = tiny
     model, enc = _encoder(model_dir)

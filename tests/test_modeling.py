@@ -14,7 +14,6 @@ from safetensors.torch import load_file
 
 from pipeline.config import ModelConfig, SFTConfig, TinyModelConfig, ToyConfig
 from pipeline.encoding import Template
-from pipeline.finetune import run_sft
 from pipeline.modeling import (
     build_tiny_model,
     disable_dropout,
@@ -24,6 +23,7 @@ from pipeline.modeling import (
     train_tiny_tokenizer,
 )
 from pipeline.normalize import normalize_splits
+from pipeline.sft import run_sft
 from pipeline.toydata import generate
 
 
