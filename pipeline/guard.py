@@ -493,6 +493,6 @@ def guard_reward(judge_dir: Path, record: Mapping[str, Any], *, batch_size: int 
 
 def load_guard_judge(judge_dir: Path, record: Mapping[str, Any], *, batch_size: int = 16,
                      device: str | None = None) -> GuardJudge:
-    """A guard judge as the judge stage wrote it (called by `pipeline.judges.load_judge`)."""
+    """A guard judge as the judge stage wrote it (`pipeline.judge_kinds`)."""
     reward = guard_reward(judge_dir, record, batch_size=batch_size, device=device)
     return build_guard_judge(record["guard"], reward, batch_size=batch_size, device=device)

@@ -13,7 +13,8 @@ from pipeline.artifacts import read_json, read_parquet, write_json, write_parque
 from pipeline.config import load_params
 from pipeline.evaluation import evaluate_policy, suite_lines, tradeoff_points, warnings_for
 from pipeline.generation import GENERATION_COLUMNS
-from pipeline.judges import load_judge, read_judge_record
+from pipeline.judge_kinds import load_judge
+from pipeline.judges import read_judge_record
 from pipeline.precision import device, weight_dtype
 from pipeline.suites import SUITE_COLUMNS
 from pipeline.support import share
