@@ -32,7 +32,7 @@ import pandas as pd
 
 from pipeline.artifacts import atomic_dir, file_sha256
 from pipeline.errors import UserError
-from pipeline.selection import responses_long
+from pipeline.selection import oriented_rows, responses_long
 
 FORMAT_VERSION = 1
 JUDGE_JSON = "judge.json"
@@ -146,9 +146,8 @@ def judge_accuracy(judge: Judge, pairs: pd.DataFrame, max_pairs: int | None = No
     cost = np.asarray(judge.cost(prompts, responses), dtype=np.float64)
     reward = np.asarray(judge.reward(prompts, responses), dtype=np.float64)
     n = len(pairs)
-    better = pairs["better_id"].to_numpy().astype(np.int64)
-    r_better = np.where(better == 0, reward[:n], reward[n:])
-    r_other = np.where(better == 0, reward[n:], reward[:n])
+    better, other = oriented_rows(pairs["better_id"].to_numpy())
+    r_better, r_other = reward[better], reward[other]
     pred = cost > 0
     recall_unsafe = float(pred[unsafe].mean()) if unsafe.any() else None
     recall_safe = float((~pred[~unsafe]).mean()) if (~unsafe).any() else None
