@@ -58,8 +58,8 @@ class NonFiniteLossError(UserError):
 
 def make_accelerator(cfg: OptimConfig) -> Accelerator:
     """bf16 on GPU when `mixed_precision: auto`; fp32 on CPU. An explicit `bf16` on a CPU with
-    native bf16 (AVX512-BF16, AMX) makes a ~30M-parameter step ~1.7x faster
-    (bench/bench_train.py) but not the tiny one, and changes the numbers, so it is opt-in."""
+    native bf16 (AVX512-BF16, AMX) speeds up a ~30M-parameter step (docs/benchmarks.md) but
+    not the tiny one, and changes the numbers, so it is opt-in."""
     on = device()
     # `cpu=True` is what makes accelerate set up gloo when torchrun starts several CPU processes.
     return Accelerator(mixed_precision=resolve_mixed_precision(cfg.mixed_precision, on),
@@ -224,9 +224,9 @@ def train_loop(
         if p.requires_grad:
             (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
     # On one device or under DDP, the fused AdamW: one kernel for all parameters and no
-    # parameter-sized temporaries at its peak (the foreach default holds some); on CPU it steps
-    # 3-4x faster (30M params: 13 vs 40 ms, ~1% of a step on 2 cores). FSDP and DeepSpeed
-    # shard or own the parameters, so they keep the default.
+    # parameter-sized temporaries at its peak (the foreach default holds some), and faster on
+    # CPU (docs/benchmarks.md). FSDP and DeepSpeed shard or own the parameters, so they keep
+    # the default.
     fused = not sharded and accelerator.distributed_type in {
         "cuda": (DistributedType.NO, DistributedType.MULTI_GPU),
         "cpu": (DistributedType.NO, DistributedType.MULTI_CPU),

@@ -24,9 +24,8 @@ from pipeline.config import TinyModelConfig
 from pipeline.encoding import Encoded, Encoder, load_template, resolve_template
 from pipeline.errors import UserError
 from pipeline.layouts import SCORED, collate, label_positions, pack
-from pipeline.lm_head import lm_head_of
+from pipeline.lm_head import MODEL_TYPES, lm_head_of
 from pipeline.logps import (
-    PACKABLE,
     ForwardLayout,
     attention_cost,
     batch_logps,
@@ -290,7 +289,7 @@ def _pairs_sharing_prompts() -> list[Encoded]:
 
 
 @pytest.mark.parametrize("kind", ["packed", "shared_prompts"])
-@pytest.mark.parametrize("model_type", sorted(PACKABLE))
+@pytest.mark.parametrize("model_type", sorted(k for k, t in MODEL_TYPES.items() if t.packable))
 def test_packed_rows_give_the_padded_log_probs(model_type: str, kind: str) -> None:
     """Every model type packing is allowed for: log-probs and gradients of packed rows equal
     those of one padded forward through the full logits (fp32), so no token attends across a
