@@ -239,7 +239,8 @@ def load_for_scoring(model_dir: Path, stage: str, *, dtype: torch.dtype | str, m
     """A model directory the pipeline wrote, ready to score or sample from: its files checked
     (`check_saved`), weights in `dtype`, in eval mode (dropout inactive), on `device` (None:
     left on the CPU, for a caller that moves it once memory is free), with the `Encoder` of the
-    template it was trained with. What `ref_logps`, `generate` and `evaluate` load."""
+    template it was trained with. What `ref_logps`, `generate` and `evaluate` load; a judge's
+    model (score model, guard) loads through `score_models.load_judge_model`."""
     model, tokenizer = load_saved(model_dir, stage, dtype=dtype)
     model.eval()
     if device is not None:
