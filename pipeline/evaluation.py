@@ -30,7 +30,7 @@ from pipeline.reference import (
     read_reference,
     tokenizer_id,
 )
-from pipeline.selection import responses_long
+from pipeline.selection import oriented_rows, responses_long
 from pipeline.suites import SUITE_COLUMNS, TEST_SUITE
 from pipeline.support import Support, bootstrap_mean, low_support, rate_support
 
@@ -161,13 +161,16 @@ def implicit_reward_correct(
     # other batches than `ref_logps` used, so its log-ratios are float noise, not zeros (fp32
     # sums of ~1,000 tokens move by ~1e-4 nats with the batch): within TIE_NATS is a tie.
     tie = np.abs(r1 - r0) <= beta * TIE_NATS
+    rewards = np.concatenate([r0, r1])
 
-    def correct(label_is_1: np.ndarray) -> np.ndarray:
-        return np.where(tie, 0.5, (r1 > r0) == label_is_1)
+    def correct(winner_idx: np.ndarray) -> np.ndarray:
+        win, lose = oriented_rows(winner_idx)
+        return np.where(tie, 0.5, rewards[win] > rewards[lose])
 
     differ = (m["unsafe_0"] != m["unsafe_1"]).to_numpy()
-    return {"pref_accuracy_helpful": correct(m["better_id"].to_numpy() == 1),
-            "pref_accuracy_safety": correct(m["unsafe_0"].to_numpy())[differ]}
+    # The safe response wins: response 1 where response 0 is the unsafe one.
+    return {"pref_accuracy_helpful": correct(m["better_id"].to_numpy()),
+            "pref_accuracy_safety": correct(m["unsafe_0"].to_numpy(dtype=np.int64))[differ]}
 
 
 def implicit_reward_accuracy(
