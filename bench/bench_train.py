@@ -63,20 +63,22 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 import pipeline.training as training
 from pipeline.config import LayoutKind, TinyModelConfig, ToyConfig, TrainConfig
 from pipeline.encoding import Encoder, Template, resolve_template, template_corpus
-from pipeline.finetune import preference_examples
 from pipeline.gguf import GEMMA_270M, converted
 from pipeline.layouts import layout_of, length_groups
 from pipeline.logps import ForwardLayout, forward_layout
 from pipeline.modeling import build_tiny_model, load_pretrained, train_tiny_tokenizer
 from pipeline.normalize import normalize_splits
 from pipeline.objectives import OBJECTIVES, select_pairs
+from pipeline.preference import (
+    PreferenceExample,
+    PreferenceLoss,
+    preference_batch,
+    preference_examples,
+)
 from pipeline.toydata import generate
 from pipeline.training import (
     Checkpointer,
-    PreferenceExample,
-    PreferenceLoss,
     make_accelerator,
-    preference_batch,
     train_loop,
 )
 

@@ -109,13 +109,11 @@ from pipeline.encoding import IGNORE
 from pipeline.lm_head import lm_head_of
 from pipeline.logps import ForwardLayout, forward_layout, score_sequences
 from pipeline.objectives import OBJECTIVES
+from pipeline.preference import PreferenceExample, PreferenceLoss, preference_batch
 from pipeline.training import (
     Checkpointer,
     Plan,
-    PreferenceExample,
-    PreferenceLoss,
     make_accelerator,
-    preference_batch,
     train_loop,
 )
 

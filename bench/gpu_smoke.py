@@ -42,12 +42,18 @@ def main() -> None:
     from pipeline.artifacts import read_parquet
     from pipeline.config import load_params
     from pipeline.encoding import Encoder, load_template
-    from pipeline.finetune import preference_examples, run_preference
     from pipeline.logps import forward_layout
     from pipeline.modeling import load_pretrained
     from pipeline.objectives import OBJECTIVES, select_pairs
+    from pipeline.preference import (
+        PreferenceDirs,
+        PreferenceLoss,
+        preference_batch,
+        preference_examples,
+        run_preference,
+    )
     from pipeline.reference import attach_reference, fingerprint_for, read_reference
-    from pipeline.training import PreferenceLoss, make_accelerator, preference_batch
+    from pipeline.training import make_accelerator
 
     work = opt.work or Path(tempfile.mkdtemp(prefix="gpu-smoke-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -107,8 +113,9 @@ def main() -> None:
     del model
 
     def train_stage() -> None:
-        s = run_preference(p.train, p.beta, p.delta, paths.SFT_DIR, train, paths.REF_TRAIN,
-                           paths.POLICY_DIR, None, paths.CHECKPOINT_DIR)
+        dirs = PreferenceDirs(paths.SFT_DIR, paths.REF_TRAIN, paths.POLICY_DIR,
+                              checkpoints=paths.CHECKPOINT_DIR)
+        s = run_preference(p.train, train, dirs, beta=p.beta, delta=p.delta)
         print(f"train: {s['steps']} steps, {s['pairs_trained']} pairs, final {s['final']}")
 
     stage("train", train_stage)

@@ -353,9 +353,15 @@ class GuardConfig:
         _check(self.max_new_tokens > 0, "judge.guard.max_new_tokens", "must be > 0")
 
 
+#: The judge kinds, each declared in `pipeline.judge_kinds.JUDGE_KINDS` (how it is built and
+#: loaded); named here so that params are validated without importing the judges (an edit to
+#: a judge must not rerun every stage). tests/test_judges.py checks the two agree.
+JudgeKindName = Literal["offline", "hub", "guard"]
+
+
 @dataclass(frozen=True)
 class JudgeConfig:
-    kind: Literal["offline", "hub", "guard"] = "offline"
+    kind: JudgeKindName = "offline"
     # Hub score models (e.g. PKU-Alignment/beaver-7b-v1.0-reward / -cost) or local directories.
     # kind guard: the reward comes from `reward_model` if set, else from the offline reward model.
     reward_model: str | None = None

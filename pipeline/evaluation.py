@@ -19,17 +19,18 @@ from transformers import PreTrainedModel
 from pipeline.artifacts import weights_hash
 from pipeline.breakdown import CATEGORY_KEY, LABEL_KEY, breakdown, plot_rows, suite_metrics
 from pipeline.config import EvaluateConfig, MixedPrecision
-from pipeline.encoding import Encoded, Encoder, load_template
+from pipeline.encoding import Encoded
 from pipeline.errors import UserError
 from pipeline.judges import Judge, has_refusal_prefix, is_refusal
 from pipeline.logps import pair_logps, score_sequences
-from pipeline.modeling import load_saved
+from pipeline.modeling import load_for_scoring
 from pipeline.paths import SUMMARY_FILE
 from pipeline.reference import (
     fingerprint_for,
     read_reference,
     tokenizer_id,
 )
+from pipeline.selection import oriented_rows
 from pipeline.suites import SUITE_COLUMNS, TEST_SUITE
 from pipeline.support import (
     Support,
@@ -148,13 +149,16 @@ def implicit_reward_correct(
     # other batches than `ref_logps` used, so its log-ratios are float noise, not zeros (fp32
     # sums of ~1,000 tokens move by ~1e-4 nats with the batch): within TIE_NATS is a tie.
     tie = np.abs(r1 - r0) <= beta * TIE_NATS
+    rewards = np.concatenate([r0, r1])
 
-    def correct(label_is_1: np.ndarray) -> np.ndarray:
-        return np.where(tie, 0.5, (r1 > r0) == label_is_1)
+    def correct(winner_idx: np.ndarray) -> np.ndarray:
+        win, lose = oriented_rows(winner_idx)
+        return np.where(tie, 0.5, rewards[win] > rewards[lose])
 
     differ = (m["unsafe_0"] != m["unsafe_1"]).to_numpy()
-    return {"pref_accuracy_helpful": correct(m["better_id"].to_numpy() == 1),
-            "pref_accuracy_safety": correct(m["unsafe_0"].to_numpy())[differ]}
+    # The safe response wins: response 1 where response 0 is the unsafe one.
+    return {"pref_accuracy_helpful": correct(m["better_id"].to_numpy()),
+            "pref_accuracy_safety": correct(m["unsafe_0"].to_numpy(dtype=np.int64))[differ]}
 
 
 def implicit_reward_accuracy(
@@ -246,16 +250,16 @@ def evaluate_policy(
 
     # Implicit reward on the test pairs needs the policy's log-probs and the stored reference
     # ones, which must have been computed by the SFT model on these very pairs.
-    policy, tokenizer = load_saved(policy_dir, "train", dtype=dtype)
-    policy.to(device)
-    ref_model, ref_tok = load_saved(sft_dir, "sft", dtype=dtype)
+    policy, enc_pol = load_for_scoring(policy_dir, "train", dtype=dtype, max_length=max_length,
+                                       device=device)
+    # The reference moves to the device once the policy is freed.
+    ref_model, enc_ref = load_for_scoring(sft_dir, "sft", dtype=dtype, max_length=max_length)
+    tokenizer, ref_tok = enc_pol.tokenizer, enc_ref.tokenizer
     check_lineage(policy_dir, sft_dir)
     if tokenizer_id(tokenizer) != tokenizer_id(ref_tok):
         raise UserError(f"the policy's tokenizer differs from the SFT model's ({sft_dir}); "
                         "was it trained from another SFT model? rerun `dvc repro train`",
                         path=policy_dir)
-    enc_pol = Encoder(tokenizer, load_template(policy_dir), max_length)
-    enc_ref = Encoder(ref_tok, load_template(sft_dir), max_length)
     ref = read_reference(ref_test_path,
                          fingerprint_for(sft_dir, enc_ref, mixed_precision, test, device))
     pol_pairs = pair_logps(policy, enc_pol, test, cfg.batch_size, device, mixed_precision,

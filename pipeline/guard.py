@@ -40,13 +40,15 @@ from pipeline.config import GuardConfig
 from pipeline.encoding import render_chat
 from pipeline.errors import UserError
 from pipeline.offline_judge import load_recorded
-from pipeline.precision import device as default_device
 from pipeline.score_models import (
     ScoreModel,
+    load_judge_model,
+    load_judge_tokenizer,
     model_fingerprint,
     read_model_config,
     resolve_model,
     resolve_recorded,
+    scoring_placement,
     weight_files,
 )
 
@@ -255,7 +257,7 @@ class GuardJudge:
                  safe_answer: str = "safe", unsafe_answer: str = "unsafe", max_length: int = 1024,
                  max_new_tokens: int = 8, batch_size: int = 16, device: str | None = None,
                  reward_model: Scorer | None = None) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
         from transformers.utils import logging as hf_logging
 
         self.model_dir = Path(model_dir)
@@ -268,28 +270,16 @@ class GuardJudge:
                                                                     unsafe_answer)
         self.max_length, self.max_new_tokens = max_length, max_new_tokens
         self.batch_size, self.reward_model = batch_size, reward_model
-        self.device = torch.device(device) if device else default_device()
-        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.device, dtype = scoring_placement(device)
         hf_logging.disable_progress_bar()
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(self.model_dir, local_files_only=True,
-                                                      trust_remote_code=False)
-        except (OSError, ValueError, ImportError) as exc:
-            raise UserError(f"cannot load the guard's tokenizer ({_reason(exc)})",
-                            path=self.model_dir) from None
+        tokenizer = load_judge_tokenizer(self.model_dir, "the guard's tokenizer",
+                                   trust_remote_code=False)
         if not tokenizer.is_fast:
             raise UserError("the guard needs a fast tokenizer (tokenizer.json): its answer tokens "
                             "are found by character offsets", path=self.model_dir)
-        try:
-            # On a GPU, load straight onto it: the weights need not pass through host memory.
-            placement = {"device_map": {"": self.device}} if self.device.type == "cuda" else {}
-            model = AutoModelForCausalLM.from_pretrained(
-                self.model_dir, dtype=dtype, local_files_only=True, use_safetensors=True,
-                trust_remote_code=False, **placement)
-        except (OSError, ValueError) as exc:
-            raise UserError(f"cannot load the guard as a causal LM ({_reason(exc)})",
-                            path=self.model_dir) from None
-        self.tokenizer, self.model = tokenizer, model.to(self.device).eval()
+        model = load_judge_model(AutoModelForCausalLM, self.model_dir, self.device, dtype,
+                                 "cannot load the guard as a causal LM", trust_remote_code=False)
+        self.tokenizer, self.model = tokenizer, model
         self.template = resolve_guard_template(template, tokenizer)
         # Chat models often end a turn with a token other than `eos_token`; any of them ends
         # the category line.
@@ -496,11 +486,6 @@ def parse_category(text: str) -> str | None:
     return None
 
 
-def _reason(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
-
-
 # --------------------------------------------------------------------------------------------
 # The judge record
 
@@ -558,6 +543,6 @@ def guard_reward(judge_dir: Path, record: Mapping[str, Any], *, batch_size: int 
 
 def load_guard_judge(judge_dir: Path, record: Mapping[str, Any], *, batch_size: int = 16,
                      device: str | None = None) -> GuardJudge:
-    """A guard judge as the judge stage wrote it (called by `pipeline.judges.load_judge`)."""
+    """A guard judge as the judge stage wrote it (`pipeline.judge_kinds`)."""
     reward = guard_reward(judge_dir, record, batch_size=batch_size, device=device)
     return build_guard_judge(record["guard"], reward, batch_size=batch_size, device=device)

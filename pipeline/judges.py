@@ -1,7 +1,8 @@
 """Judges: what scores a response's helpfulness (reward) and harm (cost, > 0 means unsafe).
 
-Three kinds sit behind one interface (`Judge`), each recorded by the judge stage in a judge
-directory (`judge.json`, plus any weights) that `load_judge` reads back:
+Three kinds sit behind one interface (`Judge`), declared once in `pipeline/judge_kinds.py`;
+each is recorded by the judge stage in a judge directory (`judge.json`, plus any weights,
+written and read here) that `judge_kinds.load_judge` reads back:
 
 * offline judges (`pipeline/offline_judge.py`, features in `pipeline/features.py`), linear
   models trained here on the data's own labels, hardened against gamed text;
@@ -10,9 +11,10 @@ directory (`judge.json`, plus any weights) that `load_judge` reads back:
 * a generative guard (`pipeline/guard.py`), a Llama-Guard-style LM for the cost, with an offline
   or hub reward model beside it.
 
-Here too: `judge_accuracy` (how often a judge agrees with the pairs' labels, stored in
-`judge.json` so every result can say how far the judge deserves trust), `is_refusal` (the
-over-refusal metric's detector) and `has_refusal_prefix` (the AdvBench/GCG refusal rule).
+This module imports none of them (they import it). Here too: `judge_accuracy` (how often a
+judge agrees with the pairs' labels, stored in `judge.json` so every result can say how far the
+judge deserves trust), `is_refusal` (the over-refusal metric's detector) and
+`has_refusal_prefix` (the AdvBench/GCG refusal rule).
 """
 
 from __future__ import annotations
@@ -23,18 +25,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
 
 from pipeline.artifacts import atomic_dir, file_sha256
 from pipeline.errors import UserError
-from pipeline.score_models import build_hub_judge
-from pipeline.selection import responses_long
-
-if TYPE_CHECKING:
-    from pipeline.offline_judge import LinearScorer
+from pipeline.selection import oriented_rows, responses_long
 
 FORMAT_VERSION = 1
 JUDGE_JSON = "judge.json"
@@ -48,6 +46,16 @@ class Judge(Protocol):
     def reward(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray: ...
 
     def cost(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray: ...
+
+
+class StoredScorer(Protocol):
+    """Weights stored beside judge.json (`offline_judge.LinearScorer`): tensors and the
+    feature spec they were trained with."""
+
+    @property
+    def spec(self) -> Any: ...
+
+    def tensors(self) -> dict[str, np.ndarray]: ...
 
 
 # --------------------------------------------------------------------------------------------
@@ -138,9 +146,8 @@ def judge_accuracy(judge: Judge, pairs: pd.DataFrame, max_pairs: int | None = No
     cost = np.asarray(judge.cost(prompts, responses), dtype=np.float64)
     reward = np.asarray(judge.reward(prompts, responses), dtype=np.float64)
     n = len(pairs)
-    better = pairs["better_id"].to_numpy().astype(np.int64)
-    r_better = np.where(better == 0, reward[:n], reward[n:])
-    r_other = np.where(better == 0, reward[n:], reward[:n])
+    better, other = oriented_rows(pairs["better_id"].to_numpy())
+    r_better, r_other = reward[better], reward[other]
     pred = cost > 0
     recall_unsafe = float(pred[unsafe].mean()) if unsafe.any() else None
     recall_safe = float((~pred[~unsafe]).mean()) if (~unsafe).any() else None
@@ -172,7 +179,7 @@ def versions() -> dict[str, str]:
 
 
 def write_judge_dir(out_dir: Path, record: dict[str, Any],
-                    models: Mapping[str, LinearScorer] | None = None) -> None:
+                    models: Mapping[str, StoredScorer] | None = None) -> None:
     """Write judge.json (and the offline weights) into a fresh folder, then swap it into place,
     so a crash never leaves a judge directory that mixes two runs."""
     from safetensors.numpy import save_file
@@ -204,25 +211,3 @@ def read_judge_record(judge_dir: Path) -> dict[str, Any]:
         raise UserError(f"not a judge record of format {FORMAT_VERSION}; rerun `safedpo judge`",
                         path=path)
     return record
-
-
-def load_judge(judge_dir: Path, batch_size: int = 16, *, device: str | None = None) -> Judge:
-    """The judge written by the `judge` stage. Accuracies are in `read_judge_record(...)`."""
-    judge_dir = Path(judge_dir)
-    record = read_judge_record(judge_dir)
-    kind = record.get("kind")
-    if kind == "offline":
-        # Imported here: pipeline.offline_judge imports this module.
-        from pipeline.offline_judge import OfflineJudge, load_recorded
-
-        return OfflineJudge(cost_model=load_recorded(judge_dir, record, "cost"),
-                            reward_model=load_recorded(judge_dir, record, "reward"))
-    if kind == "hub":
-        return build_hub_judge(record["models"], max_length=int(record["max_length"]),
-                                batch_size=batch_size, device=device)
-    if kind == "guard":
-        # Imported here: pipeline.guard imports this module.
-        from pipeline.guard import load_guard_judge
-
-        return load_guard_judge(judge_dir, record, batch_size=batch_size, device=device)
-    raise UserError(f"unknown judge kind {kind!r}", path=judge_dir / JUDGE_JSON)

@@ -16,18 +16,40 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from transformers import PreTrainedModel
 
-#: `model_type`s whose `*ForCausalLM.forward` returns exactly `lm_head(x)` of the head's input x
-#: (read in transformers 5.24: nothing touches the logits after the head), and those that then
-#: multiply them by a constant they keep in `logit_scale` (Cohere). Gemma 3 caps its logits
-#: only where `final_logit_softcapping` is set (not in Gemma 3 270M); a set field of
+
+@dataclass(frozen=True)
+class ModelType:
+    """What the scoring path relies on in a `model_type`, read in transformers 5.24.
+
+    Every listed type's `*ForCausalLM.forward` returns exactly `lm_head(x)` of the head's input
+    x (nothing touches the logits after the head), or, `scaled_head`, that times the constant
+    it keeps in `logit_scale` (Cohere). `packable`: its attention honours packed
+    `position_ids` (a new sequence wherever the position does not count on by one) and a ready
+    4D mask (shared prompts)."""
+
+    scaled_head: bool = False
+    packable: bool = True
+
+
+#: The one allow-list of model types the label-position head (`lm_head_of`) and the packed
+#: layouts (`logps.packing_refusal`) run on; any other type keeps the full logits and the
+#: padded layout. Each entry is tested: its label-position log-probs and gradients against the
+#: full logits (tests/test_lm_head.py; Gemma 3 270M itself in tests/test_gemma.py), and, where
+#: packable, its packed rows against the padded ones (tests/test_logps.py). Gemma 3 caps its
+#: logits only where `final_logit_softcapping` is set (not in Gemma 3 270M); a set field of
 #: `_POST_HEAD_FIELDS` keeps the full logits, as do Gemma 2's softcapping and Granite's
-#: `logits_scaling`. Each type is tested against the full logits (tests/test_lm_head.py, and
-#: Gemma 3 270M itself in tests/test_gemma.py).
-_PLAIN_HEAD = frozenset({
-    "deepseek_v3", "falcon", "gemma", "gemma3_text", "glm4", "gpt2", "gpt_neox", "gptj", "llama",
-    "ministral", "mistral", "mixtral", "olmo", "olmo2", "opt", "phi", "phi3", "qwen2", "qwen2_moe",
-    "qwen3", "qwen3_moe", "smollm3", "stablelm", "starcoder2"})
-_SCALED_HEAD = frozenset({"cohere", "cohere2"})
+#: `logits_scaling` (not listed).
+MODEL_TYPES: dict[str, ModelType] = {
+    **{kind: ModelType() for kind in (
+        "falcon", "gemma", "gemma3_text", "glm4", "gpt_neox", "gptj", "llama", "mistral",
+        "mixtral", "olmo", "olmo2", "phi", "phi3", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe",
+        "smollm3", "stablelm", "starcoder2")},
+    # Not packable: OPT takes its positions from the attention mask, GPT-2 warns of padding
+    # without a mask; the others are not tested with packed rows.
+    **{kind: ModelType(packable=False) for kind in ("deepseek_v3", "gpt2", "ministral", "opt")},
+    "cohere": ModelType(scaled_head=True),
+    "cohere2": ModelType(scaled_head=True, packable=False),
+}
 #: Config fields by which some models transform their logits after the head: a plain model
 #: type that sets one (a later transformers, a hand-edited config) keeps the full logits.
 _POST_HEAD_FIELDS = ("final_logit_softcapping", "logit_scale", "logits_scaling",
@@ -58,7 +80,7 @@ def lm_head_of(model: torch.nn.Module) -> LMHead | None:
     sure to be exact and `batch_logps` keeps today's full logits (`sequence_logps`).
 
     `model` may be wrapped by DDP and by peft (LoRA injects its layers in place; its wrapper
-    only forwards). Refused: models outside `_PLAIN_HEAD`/`_SCALED_HEAD` or with remote code
+    only forwards). Refused: models outside `MODEL_TYPES` or with remote code
     (the forward is unknown), a head that is not a plain `nn.Linear` (LoRA on `lm_head`, a
     quantized layer), and sharded or offloaded weights (FSDP1, DeepSpeed, a `device_map`),
     which are only whole inside the model's own forward. The exception: a head in the root
@@ -86,9 +108,10 @@ def _head_or_refusal(model: torch.nn.Module) -> LMHead | str:
             or not cls.__module__.startswith("transformers.models."):
         return "not a transformers model: its forward is unknown"
     kind = model.config.model_type
-    if kind not in _PLAIN_HEAD | _SCALED_HEAD:
+    known = MODEL_TYPES.get(kind)
+    if known is None:
         return f"model type {kind!r} is not one whose head is known to be plain"
-    if kind in _PLAIN_HEAD:
+    if not known.scaled_head:
         post = [f for f in _POST_HEAD_FIELDS if getattr(model.config, f, None) is not None]
         if post:
             return f"the config transforms the logits after the head ({post[0]})"
@@ -100,7 +123,7 @@ def _head_or_refusal(model: torch.nn.Module) -> LMHead | str:
         plain = type(p) is torch.nn.Parameter or (root_group and isinstance(p, DTensor))
         if not plain or p.device.type == "meta" or hasattr(p, "ds_id"):
             return "the head's weights are sharded outside the root group or offloaded"
-    scale = float(model.logit_scale) if kind in _SCALED_HEAD else 1.0
+    scale = float(model.logit_scale) if known.scaled_head else 1.0
     return LMHead(head, scale)
 
 

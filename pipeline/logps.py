@@ -1,11 +1,16 @@
-"""Scoring: sequence log-probabilities, the one function shared by reference precomputation,
-training and evaluation (`batch_logps`), plus the forward layouts (padded `collate`, padding-free
-`pack`, `forward_layout`), batched scoring of sequences and of both responses of pairs.
+"""Scoring: summed log-probabilities of the labelled tokens of sequences, the one computation
+shared by reference precomputation, training and evaluation. Read from the top:
 
-`batch_logps` projects through the LM head only the positions that carry a label, in chunks
-(`lm_head.LabelLogps`), for the models where that split is exact (`lm_head.lm_head_of`); for any
-other it keeps the full (B, T, V) logits and `sequence_logps`, the pure reference both are
-tested against.
+1. `sequence_logps`: the plain definition, from full (B, T, V) logits; every faster path is
+   tested against it.
+2. `batch_logps`: what the stages call on a collated or packed batch. For a model in
+   `lm_head.MODEL_TYPES` the LM head projects only the positions that carry a label, in chunks
+   (`lm_head.LabelLogps`); any other model returns its full logits to `sequence_logps`.
+3. `score_sequences`, `pair_logps`: many sequences (both responses of pairs) in length-sorted
+   batches, under the training autocast.
+4. `ForwardLayout`, `forward_layout`: how a training batch is laid out (padded in length
+   groups, packed, shared prompts) and which layouts a model may run (`packing_refusal`).
+5. `TokenLogps`: the chunked half-precision kernel `sequence_logps` uses for bf16 logits.
 """
 
 from __future__ import annotations
@@ -40,7 +45,15 @@ from pipeline.layouts import (
     shared_prompt_mask,
     token_batches,
 )
-from pipeline.lm_head import LMHead, chunk_rows, head_input, hidden_logps, lm_head_of, unwrap
+from pipeline.lm_head import (
+    MODEL_TYPES,
+    LMHead,
+    chunk_rows,
+    head_input,
+    hidden_logps,
+    lm_head_of,
+    unwrap,
+)
 from pipeline.precision import MixedPrecision, autocast
 
 
@@ -50,8 +63,8 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     logits: (B, T, V) from a causal LM; labels: (B, T) with -100 where nothing is scored.
     Position t predicts token t+1, hence the shift. Returns (logps (B,), n_tokens (B,)).
 
-    fp32 logits: the fused log-softmax, whose kernels are the fastest on CPU (fwd + bwd 57 ms
-    against 78 ms for logsumexp at 64 × 150 × 1024) for the same memory. Half-precision logits
+    fp32 logits: the fused log-softmax, whose kernels are the fastest on CPU for the same
+    memory (docs/benchmarks.md, "Figures behind the defaults"). Half-precision logits
     (bf16 autocast): `TokenLogps`, in fp32 a chunk of rows at a time, with a hand-written
     backward, so neither an fp32 copy of the (B, T, V) logits nor a second (B, T, V) gradient
     ever exists, and the sum keeps fp32 accuracy.
@@ -70,165 +83,6 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     return token_logps.sum(-1), mask.sum(-1)
 
 
-class TokenLogps(torch.autograd.Function):
-    """log softmax(logits)[label] per position, in fp32, over row chunks of half-precision
-    logits. Backward writes d/dlogits = g·(onehot(label) − softmax) chunk by chunk into one
-    gradient in the logits' dtype: the only (B, T, V) tensors alive are the logits (which
-    autograd keeps anyway) and their gradient."""
-
-    CHUNK_ROWS = 1024
-
-    @staticmethod
-    def forward(ctx: FunctionCtx, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        flat = logits.reshape(-1, logits.shape[-1])
-        idx = labels.reshape(-1)
-        out = torch.empty(idx.shape, dtype=torch.float32, device=logits.device)
-        lse = torch.empty_like(out)
-        for start in range(0, flat.shape[0], TokenLogps.CHUNK_ROWS):
-            rows = slice(start, start + TokenLogps.CHUNK_ROWS)
-            chunk = flat[rows].float()
-            lse[rows] = chunk.logsumexp(-1)
-            out[rows] = chunk.gather(1, idx[rows, None]).squeeze(1) - lse[rows]
-        ctx.save_for_backward(logits, labels, lse)
-        return out.view(labels.shape)
-
-    @staticmethod
-    def backward(ctx: FunctionCtx, grad_out: torch.Tensor) -> tuple[torch.Tensor, None]:
-        logits, labels, lse = ctx.saved_tensors
-        flat = logits.reshape(-1, logits.shape[-1])
-        idx = labels.reshape(-1)
-        g = grad_out.reshape(-1).float()
-        grad = torch.empty_like(flat)
-        for start in range(0, flat.shape[0], TokenLogps.CHUNK_ROWS):
-            rows = slice(start, start + TokenLogps.CHUNK_ROWS)
-            soft = (flat[rows].float() - lse[rows, None]).exp_().mul_(-g[rows, None])
-            soft.scatter_add_(1, idx[rows, None], g[rows, None])
-            grad[rows] = soft
-        return grad.view_as(logits), None
-
-
-def attention_cost(model: torch.nn.Module) -> float:
-    """FLOPs of attention per query-key pair over FLOPs of the linear layers per token:
-    4·L·d / (2·P), P the weights of the layers' matrices (not the embedding, not the head,
-    which only runs at label positions). ~1/400 for the tiny default, ~1/3000 at 30M params,
-    ~1/25000 for a 7B Llama: wider packed rows pay off as the model grows."""
-    m = unwrap(model)
-    skip = {id(m.get_input_embeddings().weight), id(m.get_output_embeddings().weight)}
-    linear = sum(p.numel() for p in m.parameters() if p.ndim == 2 and id(p) not in skip)
-    return 2.0 * m.config.num_hidden_layers * m.config.hidden_size / max(linear, 1)
-
-
-#: `model_type`s whose attention honours packed `position_ids` (a new sequence wherever the
-#: position does not count on by one) and a ready 4D mask (shared prompts) in transformers
-#: 5.24, each checked against the padded layout by tests/test_logps.py. Left out: OPT
-#: (positions from the attention mask), GPT-2 (warns of padding without a mask), the untested.
-PACKABLE = frozenset({
-    "cohere", "falcon", "gemma", "gemma3_text", "glm4", "gpt_neox", "gptj", "llama", "mistral",
-    "mixtral", "olmo", "olmo2", "phi", "phi3", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe",
-    "smollm3", "stablelm", "starcoder2"})
-#: Attention implementations tested with packed rows. Not flash-attention: it takes no 4D mask
-#: (shared prompts), and transformers 5.24 reads packed `position_ids` as varlen offsets only
-#: for a batch of one row, so it would attend across the sequences of several.
-_MASKED_ATTENTION = frozenset({"sdpa", "eager"})
-
-
-def packing_refusal(model: torch.nn.Module, kind: LayoutKind) -> str | None:
-    """Why `model` cannot run the packed layout `kind`, or None if it can. Packing needs the
-    label-position head (`lm_head_of`), since no packed row holds one sequence's full logits,
-    a model type and an attention tested with packed rows; shared prompts also need positions
-    that come from `position_ids` alone (not ALiBi, which measures distance in columns) and
-    rows no wider than a sliding window (checked by `_packed_logps`)."""
-    if lm_head_of(model) is None:
-        return "its log-probs need the full logits (lm_head_of refuses the model)"
-    config = unwrap(model).config
-    if config.model_type not in PACKABLE:
-        return f"model type {config.model_type!r} is not one tested with packed rows"
-    attn = config._attn_implementation
-    if attn not in _MASKED_ATTENTION:
-        return f"attention {attn!r} is not tested with packed rows (use sdpa or eager)"
-    if kind == "shared_prompts" and getattr(config, "alibi", False):
-        return "ALiBi measures distances in columns, which shared prompts do not keep"
-    return None
-
-
-@dataclass(frozen=True)
-class ForwardLayout:
-    """How a training micro-batch goes through the model: padded (`collate`) and run as
-    `groups` length-sorted groups, packed (`pack`), packed with each prompt computed once for
-    all its responses (`pack(share_prompts=True)`), or, `auto`, whichever of these
-    `layouts.cheapest` finds cheapest for each batch (shared prompts only if
-    `share_prompts`). The one place that pairs the collate with the forward."""
-
-    kind: LayoutKind = "padded"
-    groups: int = 1
-    attn_cost: float = 0.0  # `attention_cost` of the model: packed row width, `auto`'s choice
-    share_prompts: bool = True  # `auto` may share prompts
-    # Batches collated in each layout, for the log: what `auto` chose.
-    census: Counter[str] = field(default_factory=Counter, compare=False, repr=False)
-
-    def collate(self, batch: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
-        if self.kind == "padded":
-            out = collate(batch, pad_id)
-        elif self.kind == "auto":
-            out = cheapest(batch, pad_id, self.groups, self.attn_cost, self.share_prompts)
-        else:
-            out = pack(batch, pad_id, self.kind == "shared_prompts", self.attn_cost)
-        self.census[layout_of(out)] += 1
-        return out
-
-    def logps(self, model: PreTrainedModel, batch: dict[str, torch.Tensor]
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-        return batch_logps(model, batch, self.groups)
-
-    def describe(self) -> str:
-        padded = f"padded, {self.groups} group(s)"
-        if self.kind == "auto":
-            shared = ", packed or shared prompts" if self.share_prompts else " or packed"
-            chosen = ", ".join(f"{n} {k}" for k, n in sorted(self.census.items()))
-            return f"auto (per batch: {padded}{shared}){': ' + chosen if chosen else ''}"
-        return padded if self.kind == "padded" else self.kind
-
-
-def sliding_window(config: object) -> int | None:
-    """The window of a model that attends through one (Mistral v0.1: 4096), else None."""
-    window = getattr(config, "sliding_window", None)
-    return window if window is not None and getattr(config, "use_sliding_window", True) else None
-
-
-def forward_layout(kind: LayoutKind | None, groups: int | None, model: torch.nn.Module,
-                   on: torch.device | str, processes: int = 1) -> ForwardLayout:
-    """The layout of `train.layout` and `train.forward_groups` (default: 4 groups on CPU, 1 on
-    a GPU); null means what measured fastest on the device type (docs/benchmarks.md):
-    - CPU: `auto` where the model can be packed (`packing_refusal`): per batch, the cheapest
-      by the FLOP model of padded in 4 length groups, packed and shared prompts. Short toy
-      pairs go in shared-prompt rows (1.2x a step of 4 groups at 30M params), long pairs on a
-      small model stay padded (shared rows were 1.5x slower there; bench/layout_costs.py).
-    - GPU: one padded forward, where each extra launch costs more than the padding it saves
-      (issue #9's H200 runs: 920 vs 222 pairs/s at 110M params). The packed layouts run one
-      forward too, with far fewer tokens, but are opt-in there until measured on a GPU.
-    `auto` shares prompts only where the model allows it and has no sliding window (a window
-    narrower than a row would stop the run). With several `processes` its padded choice is one
-    forward pass: DDP broadcasts the model's buffers at every forward, so all ranks must run
-    as many passes, and each chooses for its own micro-batch. An explicit packed layout that
-    the model cannot run is a `UserError`; an explicit `auto` then stays padded."""
-    cpu = torch.device(on).type == "cpu"
-    padded = ForwardLayout(groups=groups if groups is not None else 4 if cpu else 1)
-    if kind is None:
-        kind = "auto" if cpu else "padded"
-    if kind == "padded" or (kind == "auto" and packing_refusal(model, "packed") is not None):
-        return padded
-    cost = attention_cost(model)
-    if kind == "auto":
-        share = sliding_window(unwrap(model).config) is None \
-            and packing_refusal(model, "shared_prompts") is None
-        return ForwardLayout("auto", padded.groups if processes == 1 else 1, cost, share)
-    refusal = packing_refusal(model, kind)
-    if refusal is not None:
-        raise UserError(f"train.layout: {kind}, but this model cannot run it: {refusal}; "
-                        "set layout: padded, auto or null")
-    return ForwardLayout(kind, attn_cost=cost)
-
-
 def batch_logps(model: PreTrainedModel, batch: dict[str, torch.Tensor], groups: int = 1,
                 chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward a collated (`collate`) or packed (`pack`) batch and return (logps (S,),
@@ -242,7 +96,7 @@ def batch_logps(model: PreTrainedModel, batch: dict[str, torch.Tensor], groups: 
     A padded batch with `groups > 1` runs as that many length-sorted groups, each cut to its
     own longest sequence. Padding is on the right and attention is causal, so only padding is
     cut and the result is the same up to float rounding; a random batch of toy pairs is ~40%
-    padding, a group of sorted ones ~10% (bench/bench_train.py: 1.6x faster at 30M params).
+    padding, a group of sorted ones ~10% (the speed-up: docs/benchmarks.md).
     """
     head = lm_head_of(model)
     if "position_ids" in batch:
@@ -280,20 +134,6 @@ def batch_logps(model: PreTrainedModel, batch: dict[str, torch.Tensor], groups: 
         ns.append(n)
     inverse = torch.argsort(torch.cat(splits))
     return torch.cat(lps)[inverse], torch.cat(ns)[inverse]
-
-
-def _fed_once(model: PreTrainedModel, seen: list, rows: int, width: int
-              ) -> tuple[torch.Tensor, torch.dtype]:
-    """The (hidden, dtype) the model fed its head; a guard for a model that breaks what
-    `lm_head_of` vouched for (one call with the whole (rows, width, H) batch)."""
-    if not seen:
-        raise RuntimeError(f"{type(model).__name__} never called its LM head")
-    hidden, dtype = seen[0]
-    if len(seen) > 1 or hidden.shape[:2] != (rows, width):
-        raise RuntimeError(
-            f"{type(model).__name__} fed its LM head {len(seen)} time(s), first "
-            f"{tuple(hidden.shape)}, not once (B, T, H) = ({rows}, {width}, H)")
-    return hidden, dtype
 
 
 def _one_group_logps(model: PreTrainedModel, batch: dict[str, torch.Tensor], head: LMHead,
@@ -342,6 +182,20 @@ def _packed_logps(model: PreTrainedModel, batch: dict[str, torch.Tensor], head: 
                       chunk or chunk_rows(head.module.out_features),
                       into=batch[SCORED_INTO], sequences=len(n_tok))
     return lp, n_tok
+
+
+def _fed_once(model: PreTrainedModel, seen: list, rows: int, width: int
+              ) -> tuple[torch.Tensor, torch.dtype]:
+    """The (hidden, dtype) the model fed its head; a guard for a model that breaks what
+    `lm_head_of` vouched for (one call with the whole (rows, width, H) batch)."""
+    if not seen:
+        raise RuntimeError(f"{type(model).__name__} never called its LM head")
+    hidden, dtype = seen[0]
+    if len(seen) > 1 or hidden.shape[:2] != (rows, width):
+        raise RuntimeError(
+            f"{type(model).__name__} fed its LM head {len(seen)} time(s), first "
+            f"{tuple(hidden.shape)}, not once (B, T, H) = ({rows}, {width}, H)")
+    return hidden, dtype
 
 
 def score_sequences(
@@ -405,3 +259,154 @@ def pair_logps(
         "logp_0": logps[:n], "logp_1": logps[n:],
         "ntok_0": ntok[:n].astype(np.int32), "ntok_1": ntok[n:].astype(np.int32),
     })
+
+
+@dataclass(frozen=True)
+class ForwardLayout:
+    """How a training micro-batch goes through the model: padded (`collate`) and run as
+    `groups` length-sorted groups, packed (`pack`), packed with each prompt computed once for
+    all its responses (`pack(share_prompts=True)`), or, `auto`, whichever of these
+    `layouts.cheapest` finds cheapest for each batch (shared prompts only if
+    `share_prompts`). The one place that pairs the collate with the forward."""
+
+    kind: LayoutKind = "padded"
+    groups: int = 1
+    attn_cost: float = 0.0  # `attention_cost` of the model: packed row width, `auto`'s choice
+    share_prompts: bool = True  # `auto` may share prompts
+    # Batches collated in each layout, for the log: what `auto` chose.
+    census: Counter[str] = field(default_factory=Counter, compare=False, repr=False)
+
+    def collate(self, batch: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+        if self.kind == "padded":
+            out = collate(batch, pad_id)
+        elif self.kind == "auto":
+            out = cheapest(batch, pad_id, self.groups, self.attn_cost, self.share_prompts)
+        else:
+            out = pack(batch, pad_id, self.kind == "shared_prompts", self.attn_cost)
+        self.census[layout_of(out)] += 1
+        return out
+
+    def logps(self, model: PreTrainedModel, batch: dict[str, torch.Tensor]
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        return batch_logps(model, batch, self.groups)
+
+    def describe(self) -> str:
+        padded = f"padded, {self.groups} group(s)"
+        if self.kind == "auto":
+            shared = ", packed or shared prompts" if self.share_prompts else " or packed"
+            chosen = ", ".join(f"{n} {k}" for k, n in sorted(self.census.items()))
+            return f"auto (per batch: {padded}{shared}){': ' + chosen if chosen else ''}"
+        return padded if self.kind == "padded" else self.kind
+
+
+def forward_layout(kind: LayoutKind | None, groups: int | None, model: torch.nn.Module,
+                   on: torch.device | str, processes: int = 1) -> ForwardLayout:
+    """The layout of `train.layout` and `train.forward_groups` (default: 4 groups on CPU, 1 on
+    a GPU); null means what measured fastest on the device type (docs/benchmarks.md,
+    "Figures behind the defaults"):
+    - CPU: `auto` where the model can be packed (`packing_refusal`): per batch, the cheapest
+      by the FLOP model of padded in 4 length groups, packed and shared prompts. Short toy
+      pairs go in shared-prompt rows, long pairs on a small model stay padded.
+    - GPU: one padded forward, where each extra launch costs more than the padding it saves.
+      The packed layouts run one forward too, with far fewer tokens, but are opt-in there
+      until measured on a GPU.
+    `auto` shares prompts only where the model allows it and has no sliding window (a window
+    narrower than a row would stop the run). With several `processes` its padded choice is one
+    forward pass: DDP broadcasts the model's buffers at every forward, so all ranks must run
+    as many passes, and each chooses for its own micro-batch. An explicit packed layout that
+    the model cannot run is a `UserError`; an explicit `auto` then stays padded."""
+    cpu = torch.device(on).type == "cpu"
+    padded = ForwardLayout(groups=groups if groups is not None else 4 if cpu else 1)
+    if kind is None:
+        kind = "auto" if cpu else "padded"
+    if kind == "padded" or (kind == "auto" and packing_refusal(model, "packed") is not None):
+        return padded
+    cost = attention_cost(model)
+    if kind == "auto":
+        share = sliding_window(unwrap(model).config) is None \
+            and packing_refusal(model, "shared_prompts") is None
+        return ForwardLayout("auto", padded.groups if processes == 1 else 1, cost, share)
+    refusal = packing_refusal(model, kind)
+    if refusal is not None:
+        raise UserError(f"train.layout: {kind}, but this model cannot run it: {refusal}; "
+                        "set layout: padded, auto or null")
+    return ForwardLayout(kind, attn_cost=cost)
+
+
+def packing_refusal(model: torch.nn.Module, kind: LayoutKind) -> str | None:
+    """Why `model` cannot run the packed layout `kind`, or None if it can. Packing needs the
+    label-position head (`lm_head_of`), since no packed row holds one sequence's full logits,
+    a model type and an attention tested with packed rows; shared prompts also need positions
+    that come from `position_ids` alone (not ALiBi, which measures distance in columns) and
+    rows no wider than a sliding window (checked by `_packed_logps`)."""
+    if lm_head_of(model) is None:
+        return "its log-probs need the full logits (lm_head_of refuses the model)"
+    config = unwrap(model).config
+    if not MODEL_TYPES[config.model_type].packable:  # listed: `lm_head_of` vouched for it
+        return f"model type {config.model_type!r} is not one tested with packed rows"
+    attn = config._attn_implementation
+    if attn not in _MASKED_ATTENTION:
+        return f"attention {attn!r} is not tested with packed rows (use sdpa or eager)"
+    if kind == "shared_prompts" and getattr(config, "alibi", False):
+        return "ALiBi measures distances in columns, which shared prompts do not keep"
+    return None
+
+
+#: Attention implementations tested with packed rows. Not flash-attention: it takes no 4D mask
+#: (shared prompts), and transformers 5.24 reads packed `position_ids` as varlen offsets only
+#: for a batch of one row, so it would attend across the sequences of several.
+_MASKED_ATTENTION = frozenset({"sdpa", "eager"})
+
+
+def attention_cost(model: torch.nn.Module) -> float:
+    """FLOPs of attention per query-key pair over FLOPs of the linear layers per token:
+    4·L·d / (2·P), P the weights of the layers' matrices (not the embedding, not the head,
+    which only runs at label positions). ~1/400 for the tiny default, ~1/3000 at 30M params,
+    ~1/25000 for a 7B Llama: wider packed rows pay off as the model grows."""
+    m = unwrap(model)
+    skip = {id(m.get_input_embeddings().weight), id(m.get_output_embeddings().weight)}
+    linear = sum(p.numel() for p in m.parameters() if p.ndim == 2 and id(p) not in skip)
+    return 2.0 * m.config.num_hidden_layers * m.config.hidden_size / max(linear, 1)
+
+
+def sliding_window(config: object) -> int | None:
+    """The window of a model that attends through one (Mistral v0.1: 4096), else None."""
+    window = getattr(config, "sliding_window", None)
+    return window if window is not None and getattr(config, "use_sliding_window", True) else None
+
+
+class TokenLogps(torch.autograd.Function):
+    """log softmax(logits)[label] per position, in fp32, over row chunks of half-precision
+    logits. Backward writes d/dlogits = g·(onehot(label) − softmax) chunk by chunk into one
+    gradient in the logits' dtype: the only (B, T, V) tensors alive are the logits (which
+    autograd keeps anyway) and their gradient."""
+
+    CHUNK_ROWS = 1024
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        flat = logits.reshape(-1, logits.shape[-1])
+        idx = labels.reshape(-1)
+        out = torch.empty(idx.shape, dtype=torch.float32, device=logits.device)
+        lse = torch.empty_like(out)
+        for start in range(0, flat.shape[0], TokenLogps.CHUNK_ROWS):
+            rows = slice(start, start + TokenLogps.CHUNK_ROWS)
+            chunk = flat[rows].float()
+            lse[rows] = chunk.logsumexp(-1)
+            out[rows] = chunk.gather(1, idx[rows, None]).squeeze(1) - lse[rows]
+        ctx.save_for_backward(logits, labels, lse)
+        return out.view(labels.shape)
+
+    @staticmethod
+    def backward(ctx: FunctionCtx, grad_out: torch.Tensor) -> tuple[torch.Tensor, None]:
+        logits, labels, lse = ctx.saved_tensors
+        flat = logits.reshape(-1, logits.shape[-1])
+        idx = labels.reshape(-1)
+        g = grad_out.reshape(-1).float()
+        grad = torch.empty_like(flat)
+        for start in range(0, flat.shape[0], TokenLogps.CHUNK_ROWS):
+            rows = slice(start, start + TokenLogps.CHUNK_ROWS)
+            soft = (flat[rows].float() - lse[rows, None]).exp_().mul_(-g[rows, None])
+            soft.scatter_add_(1, idx[rows, None], g[rows, None])
+            grad[rows] = soft
+        return grad.view_as(logits), None

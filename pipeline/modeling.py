@@ -31,7 +31,7 @@ from transformers.utils import logging as hf_logging
 
 from pipeline.artifacts import atomic_dir, refuse_broken_link, weights_hash, write_json
 from pipeline.config import ModelConfig, TinyModelConfig
-from pipeline.encoding import Template
+from pipeline.encoding import Encoder, Template, load_template
 from pipeline.errors import UserError
 from pipeline.gguf import GEMMA_270M, converted, is_gguf
 from pipeline.paths import SUMMARY_FILE
@@ -231,6 +231,21 @@ def load_saved(model_dir: Path, stage: str, dtype: torch.dtype | str = torch.flo
     files are still those its stage `stage` wrote."""
     check_saved(model_dir, stage)
     return load_pretrained(model_dir, dtype=dtype)
+
+
+def load_for_scoring(model_dir: Path, stage: str, *, dtype: torch.dtype | str, max_length: int,
+                     device: torch.device | str | None = None
+                     ) -> tuple[PreTrainedModel, Encoder]:
+    """A model directory the pipeline wrote, ready to score or sample from: its files checked
+    (`check_saved`), weights in `dtype`, in eval mode (dropout inactive), on `device` (None:
+    left on the CPU, for a caller that moves it once memory is free), with the `Encoder` of the
+    template it was trained with. What `ref_logps`, `generate` and `evaluate` load; a judge's
+    model (score model, guard) loads through `score_models.load_judge_model`."""
+    model, tokenizer = load_saved(model_dir, stage, dtype=dtype)
+    model.eval()
+    if device is not None:
+        model.to(device)
+    return model, Encoder(tokenizer, load_template(model_dir), max_length)
 
 
 def check_saved(model_dir: Path, stage: str) -> None:

@@ -1,7 +1,7 @@
 """Training objectives, each declared once: which label orients its pairs, what it does to each
 oriented pair, its loss, whether Δ applies, its display name and the params it reads.
 
-Pair selection (`select_pairs`), the training loss (`training.PreferenceLoss`), the tabular
+Pair selection (`select_pairs`), the training loss (`preference.PreferenceLoss`), the tabular
 theory check and the method comparison all look an objective up here; adding one (IPO, another
 margin) is one entry in `OBJECTIVES`.
 """

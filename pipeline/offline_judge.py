@@ -40,6 +40,7 @@ from pipeline.judges import (
     judge_accuracy,
     pair_responses,
 )
+from pipeline.selection import oriented_rows
 
 
 @dataclass(frozen=True)
@@ -311,9 +312,9 @@ def train_offline_judges(train: pd.DataFrame, test: pd.DataFrame,
     cost_w, cost_b = _fit(x_cost.n_rows, len(used), cost_loss, cfg, seed_offset=1)
 
     # Rows k and n + k of `x` are the two responses of pair k; augmented item j is row 2n + j.
-    better = train["better_id"].to_numpy().astype(np.int64)
-    x_better = x.take(np.concatenate([np.arange(n) + n * better, aug.ranked[:, 0]]))
-    x_other = x.take(np.concatenate([np.arange(n) + n * (1 - better), aug.ranked[:, 1]]))
+    better, other = oriented_rows(train["better_id"].to_numpy())
+    x_better = x.take(np.concatenate([better, aug.ranked[:, 0]]))
+    x_other = x.take(np.concatenate([other, aug.ranked[:, 1]]))
 
     def neg_log_lik(rows: np.ndarray, w: torch.Tensor) -> torch.Tensor:
         if len(rows) == 0:

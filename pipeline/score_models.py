@@ -114,8 +114,44 @@ def weight_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def _default_device(device: str | None) -> torch.device:
-    return torch.device(device) if device else default_device()
+def scoring_placement(device: str | None) -> tuple[torch.device, torch.dtype]:
+    """Where a judge's model scores (`device`, else the default device) and the dtype it loads
+    in: bf16 on a GPU (a 7B judge in 14 GB), fp32 elsewhere."""
+    on = torch.device(device) if device else default_device()
+    return on, torch.bfloat16 if on.type == "cuda" else torch.float32
+
+
+def load_judge_model(auto_class: Any, model_dir: Path, on: torch.device, dtype: torch.dtype,
+                     failure: str, **kwargs: Any) -> Any:
+    """A judge's model (a score model, a guard) ready to score: from `model_dir`'s local
+    safetensors only (a pickled checkpoint can run code), in `dtype`, on `on` (on a GPU loaded
+    straight onto it: a 7B model need not pass through host memory), in eval mode. `failure`
+    begins the one-line error of a model that does not load. The pipeline's own models load
+    through `modeling.load_for_scoring`."""
+    try:
+        placement = {"device_map": {"": on}} if on.type == "cuda" else {}
+        model = auto_class.from_pretrained(model_dir, dtype=dtype, local_files_only=True,
+                                           use_safetensors=True, **placement, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{failure} ({failure_reason(exc)})", path=model_dir) from None
+    return model.to(on).eval()
+
+
+def load_judge_tokenizer(model_dir: Path, what: str, **kwargs: Any) -> Any:
+    """The tokenizer of a judge's model directory (local files only); `what` names it in the
+    one-line error."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_dir, local_files_only=True, **kwargs)
+    except (OSError, ValueError, ImportError) as exc:
+        raise UserError(f"cannot load {what} ({failure_reason(exc)})", path=model_dir) from None
+
+
+def failure_reason(exc: Exception) -> str:
+    """The first line of a library's exception, for a one-line error."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 class ScoreModel:
@@ -123,17 +159,10 @@ class ScoreModel:
 
     def __init__(self, model_dir: Path, layout: str, *, batch_size: int = 16,
                  max_length: int = 1024, device: str | None = None) -> None:
-        from transformers import AutoTokenizer
-
         self.model_dir, self.layout = Path(model_dir), layout
         self.batch_size, self.max_length = batch_size, max_length
-        self.device = _default_device(device)
-        self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir, local_files_only=True)
-        except (OSError, ValueError, ImportError) as exc:
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise UserError(f"cannot load the tokenizer ({reason})", path=model_dir) from None
+        self.device, self.dtype = scoring_placement(device)
+        self.tokenizer = load_judge_tokenizer(self.model_dir, "the tokenizer")
         self.tokenizer.padding_side = "right"  # positions then match the unpadded sequence
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
@@ -145,21 +174,15 @@ class ScoreModel:
     def _load_sequence_classification(self) -> None:
         from transformers import AutoModelForSequenceClassification
 
-        try:
-            # On a GPU, load straight onto it: a 7B model need not pass through host memory.
-            placement = {"device_map": {"": self.device}} if self.device.type == "cuda" else {}
-            model = AutoModelForSequenceClassification.from_pretrained(
-                self.model_dir, dtype=self.dtype, local_files_only=True, use_safetensors=True,
-                **placement)
-        except (OSError, ValueError) as exc:
-            raise UserError(f"cannot load as a sequence-classification model ({exc})",
-                            path=self.model_dir) from None
+        model = load_judge_model(AutoModelForSequenceClassification, self.model_dir,
+                                 self.device, self.dtype,
+                                 "cannot load as a sequence-classification model")
         if model.config.num_labels != 1:
             raise UserError(f"expected a single-score head (num_labels 1), got "
                             f"{model.config.num_labels}", path=self.model_dir)
         if model.config.pad_token_id is None:
             model.config.pad_token_id = self.tokenizer.pad_token_id
-        self.model = model.to(self.device).eval()
+        self.model = model
         self.head = None
 
     def _load_beaver(self) -> None:

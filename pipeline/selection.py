@@ -102,6 +102,15 @@ def responses_long(pairs: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)
 
 
+def oriented_rows(winner_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The rows of each pair's winner and loser in `responses_long` order (row k and row n + k
+    are pair k's response_0 and response_1), given its winner's index: what scores computed
+    per response are oriented by, as `oriented` orients the texts."""
+    w = np.asarray(winner_idx, dtype=np.int64)
+    k = np.arange(len(w))
+    return k + len(w) * w, k + len(w) * (1 - w)
+
+
 def pair_type_counts(pairs: pd.DataFrame) -> dict[str, int]:
     """Counts of (winner, loser) safety types of the `better` pairs and what T(D) does to them."""
     b = pairs["better_id"].to_numpy(dtype=np.int64)

@@ -1,6 +1,9 @@
-"""The training loop shared by SFT and preference training, read top to bottom.
+"""The training loop shared by SFT and preference training, read top to bottom: the plan
+(`Plan`), the loop (`train_loop`), resumable checkpoints (`Checkpointer`, `run_key`).
 
-One loop, two loss functions (`sft_loss`, `preference_loss`). Batches are a pure function of
+One loop; each recipe brings its batch loss (`sft.SFTLoss`, `preference.PreferenceLoss`), so
+this module knows nothing of objectives or reference log-probs and an edit to those never
+reruns the `sft` stage. Batches are a pure function of
 (seed, step): epoch `e` uses a permutation drawn from a generator seeded with `seed + e`, and the
 global batch of a step is split into `grad_accum × num_processes` equal micro-batches. That is
 what makes a resumed run bit-identical to an uninterrupted one, and a 2-process run follow the
@@ -13,6 +16,7 @@ accumulation steps.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import shutil
@@ -30,10 +34,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, get_scheduler
 
 from pipeline.config import OptimConfig
-from pipeline.encoding import Encoded
 from pipeline.errors import UserError
-from pipeline.logps import ForwardLayout
-from pipeline.objectives import Objective
 from pipeline.precision import device, resolve_mixed_precision
 from pipeline.sharding import (
     ShardedState,
@@ -57,8 +58,8 @@ class NonFiniteLossError(UserError):
 
 def make_accelerator(cfg: OptimConfig) -> Accelerator:
     """bf16 on GPU when `mixed_precision: auto`; fp32 on CPU. An explicit `bf16` on a CPU with
-    native bf16 (AVX512-BF16, AMX) makes a ~30M-parameter step ~1.7x faster
-    (bench/bench_train.py) but not the tiny one, and changes the numbers, so it is opt-in."""
+    native bf16 (AVX512-BF16, AMX) speeds up a ~30M-parameter step (docs/benchmarks.md) but
+    not the tiny one, and changes the numbers, so it is opt-in."""
     on = device()
     # `cpu=True` is what makes accelerate set up gloo when torchrun starts several CPU processes.
     return Accelerator(mixed_precision=resolve_mixed_precision(cfg.mixed_precision, on),
@@ -110,6 +111,13 @@ class LoopResult:
     resumed_from: int
     last_metrics: dict[str, float]
     state_dict: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+
+
+def run_key(*parts: Any) -> str:
+    """What a checkpoint is tagged with: a resumed run must have been started with the same
+    `parts` (configuration, data size, fingerprint)."""
+    blob = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 class Checkpointer:
@@ -216,9 +224,9 @@ def train_loop(
         if p.requires_grad:
             (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
     # On one device or under DDP, the fused AdamW: one kernel for all parameters and no
-    # parameter-sized temporaries at its peak (the foreach default holds some); on CPU it steps
-    # 3-4x faster (30M params: 13 vs 40 ms, ~1% of a step on 2 cores). FSDP and DeepSpeed
-    # shard or own the parameters, so they keep the default.
+    # parameter-sized temporaries at its peak (the foreach default holds some), and faster on
+    # CPU (docs/benchmarks.md). FSDP and DeepSpeed shard or own the parameters, so they keep
+    # the default.
     fused = not sharded and accelerator.distributed_type in {
         "cuda": (DistributedType.NO, DistributedType.MULTI_GPU),
         "cpu": (DistributedType.NO, DistributedType.MULTI_CPU),
@@ -314,70 +322,3 @@ def train_loop(
     return accelerator.unwrap_model(model), LoopResult(
         steps=done, seconds=seconds, resumed_from=start, last_metrics=last,
         state_dict=state_dict)
-
-
-# --- losses on batches ----------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class SFTLoss:
-    """Mean negative log-likelihood per response token of the batch."""
-
-    layout: ForwardLayout
-
-    def __call__(self, model: PreTrainedModel, batch: dict[str, torch.Tensor]
-                 ) -> tuple[torch.Tensor, Metrics]:
-        logps, ntok = self.layout.logps(model, batch)
-        loss = -logps.sum() / ntok.sum().clamp(min=1)
-        return loss, {"tokens": ntok.sum().float()}
-
-
-@dataclass(frozen=True)
-class PreferenceExample:
-    """A selected pair, tokenized, with its reference log-probs and safety flags."""
-
-    chosen: Encoded
-    rejected: Encoded
-    ref_chosen: float
-    ref_rejected: float
-    h_chosen: bool
-    h_rejected: bool
-
-
-def preference_batch(items: list[PreferenceExample], pad_id: int, layout: ForwardLayout
-                     ) -> dict[str, torch.Tensor]:
-    """Chosen and rejected sequences collated together, so one forward pass serves both."""
-    seqs = layout.collate([e.chosen for e in items] + [e.rejected for e in items], pad_id)
-    return {
-        **seqs,
-        "ref_chosen": torch.tensor([e.ref_chosen for e in items], dtype=torch.float32),
-        "ref_rejected": torch.tensor([e.ref_rejected for e in items], dtype=torch.float32),
-        "h_chosen": torch.tensor([e.h_chosen for e in items]),
-        "h_rejected": torch.tensor([e.h_rejected for e in items]),
-    }
-
-
-@dataclass(frozen=True)
-class PreferenceLoss:
-    """The loss of one objective (`pipeline.objectives`) on a batch of pairs."""
-
-    objective: Objective
-    beta: float
-    delta: float
-    layout: ForwardLayout
-
-    def __call__(self, model: PreTrainedModel, batch: dict[str, torch.Tensor]
-                 ) -> tuple[torch.Tensor, Metrics]:
-        logps, _ = self.layout.logps(model, batch)
-        n = batch["ref_chosen"].shape[0]
-        chosen, rejected = logps[:n], logps[n:]
-        losses, r_c, r_r = self.objective.loss(
-            chosen, rejected, batch["ref_chosen"], batch["ref_rejected"], batch["h_chosen"],
-            batch["h_rejected"], self.beta, self.delta)
-        return losses.mean(), {
-            "rewards/chosen": r_c.mean(),
-            "rewards/rejected": r_r.mean(),
-            "rewards/margins": (r_c - r_r).mean(),
-            "rewards/accuracies": (r_c > r_r).float().mean(),
-            "logps/chosen": chosen.detach().mean(),
-            "logps/rejected": rejected.detach().mean(),
-        }

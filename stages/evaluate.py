@@ -19,7 +19,8 @@ from pipeline.evaluation import (
     warnings_for,
 )
 from pipeline.generation import GENERATION_COLUMNS
-from pipeline.judges import load_judge, read_judge_record
+from pipeline.judge_kinds import load_judge
+from pipeline.judges import read_judge_record
 from pipeline.precision import device, weight_dtype
 from pipeline.suites import SUITE_COLUMNS, TEST_SUITE
 from pipeline.support import share

@@ -9,7 +9,6 @@ import pandas as pd
 from pipeline import paths
 from pipeline.artifacts import read_parquet, write_parquet
 from pipeline.config import load_params
-from pipeline.encoding import Encoder, load_template
 from pipeline.errors import UserError
 from pipeline.generation import (
     GENERATION_SCHEMA,
@@ -18,7 +17,7 @@ from pipeline.generation import (
     generation_record,
     select_prompts,
 )
-from pipeline.modeling import load_saved
+from pipeline.modeling import load_for_scoring
 from pipeline.precision import device, weight_dtype
 from pipeline.suites import TEST_SUITE
 from pipeline.support import share
@@ -31,10 +30,9 @@ def run(params_file: Path = paths.PARAMS, tag: str = "policy") -> None:
     cfg = params.generate
     on = device()
     model_dir = paths.model_dir(tag)
-    model, tokenizer = load_saved(model_dir, "sft" if tag == "sft" else "train",
-                                  dtype=weight_dtype(params.model.dtype))
-    model.to(on)
-    encoder = Encoder(tokenizer, load_template(model_dir), params.train.max_length)
+    model, encoder = load_for_scoring(model_dir, "sft" if tag == "sft" else "train",
+                                      dtype=weight_dtype(params.model.dtype),
+                                      max_length=params.train.max_length, device=on)
     # The test pairs' prompts (in distribution) and every held-out suite's, in one pass.
     test = select_prompts(read_parquet(paths.PAIRS_TEST, ["prompt_id", "prompt"]),
                           cfg.n_prompts, cfg.seed).assign(suite=TEST_SUITE)

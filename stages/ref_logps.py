@@ -8,9 +8,9 @@ from pathlib import Path
 from pipeline import paths
 from pipeline.artifacts import read_parquet
 from pipeline.config import load_params
-from pipeline.encoding import Encoder, TruncationStats, load_template
+from pipeline.encoding import TruncationStats
 from pipeline.logps import pair_logps
-from pipeline.modeling import load_saved
+from pipeline.modeling import load_for_scoring
 from pipeline.precision import device
 from pipeline.reference import REFERENCE_WEIGHTS, fingerprint_for, write_reference
 
@@ -20,9 +20,8 @@ def run(params_file: Path = paths.PARAMS) -> None:
     on = device()
     mp = params.train.mixed_precision
     # As training scores: fp32 weights (model.dtype is for generate/evaluate only).
-    model, tokenizer = load_saved(paths.SFT_DIR, "sft", dtype=REFERENCE_WEIGHTS)
-    model.to(on)
-    encoder = Encoder(tokenizer, load_template(paths.SFT_DIR), params.train.max_length)
+    model, encoder = load_for_scoring(paths.SFT_DIR, "sft", dtype=REFERENCE_WEIGHTS,
+                                      max_length=params.train.max_length, device=on)
     encoder.require_room("train.max_length")
     for split, src, dest in (("train", paths.PAIRS_TRAIN, paths.REF_TRAIN),
                              ("test", paths.PAIRS_TEST, paths.REF_TEST)):

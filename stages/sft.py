@@ -7,7 +7,7 @@ from pathlib import Path
 from pipeline import paths
 from pipeline.artifacts import read_parquet
 from pipeline.config import load_params
-from pipeline.finetune import run_sft
+from pipeline.sft import run_sft
 
 
 def run(params_file: Path = paths.PARAMS) -> None:

@@ -7,14 +7,15 @@ from pathlib import Path
 from pipeline import paths
 from pipeline.artifacts import read_parquet
 from pipeline.config import load_params
-from pipeline.finetune import run_preference
+from pipeline.preference import PreferenceDirs, run_preference
 
 
 def run(params_file: Path = paths.PARAMS) -> None:
     params = load_params(params_file)
-    summary = run_preference(
-        params.train, params.beta, params.delta, paths.SFT_DIR, read_parquet(paths.PAIRS_TRAIN),
-        paths.REF_TRAIN, paths.POLICY_DIR, paths.DVCLIVE_DIR, paths.CHECKPOINT_DIR)
+    dirs = PreferenceDirs(sft=paths.SFT_DIR, reference=paths.REF_TRAIN, out=paths.POLICY_DIR,
+                          live=paths.DVCLIVE_DIR, checkpoints=paths.CHECKPOINT_DIR)
+    summary = run_preference(params.train, read_parquet(paths.PAIRS_TRAIN), dirs,
+                             beta=params.beta, delta=params.delta)
     from accelerate import PartialState
 
     if not PartialState().is_main_process:

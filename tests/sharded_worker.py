@@ -32,9 +32,9 @@ def main(model_dir: Path, project: Path, out: Path) -> None:
 
     from pipeline import paths, sharding
     from pipeline.config import ModelConfig
-    from pipeline.finetune import run_sft
     from pipeline.lm_head import lm_head_of
     from pipeline.logps import batch_logps
+    from pipeline.sft import run_sft
     from pipeline.training import make_accelerator
 
     accelerator = make_accelerator(SFT_CFG)

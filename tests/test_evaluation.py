@@ -321,11 +321,11 @@ def test_the_judge_is_freed_before_the_policy_loads(monkeypatch: pytest.MonkeyPa
         refs.append(weakref.ref(judge))
         return judge
 
-    def load_saved(*args: object, **kwargs: object) -> None:
+    def load_for_scoring(*args: object, **kwargs: object) -> None:
         alive.append(refs[0]() is not None)
         raise KeyboardInterrupt  # stop here: the rest needs real models
 
-    monkeypatch.setattr(evaluation, "load_saved", load_saved)
+    monkeypatch.setattr(evaluation, "load_for_scoring", load_for_scoring)
     gens = pd.DataFrame({"model": ["policy"], "prompt_id": ["p"], "sample": [0],
                          "prompt": ["hi"], "response": ["hello"]})
     test = pd.DataFrame({"pair_id": ["x"], "prompt_id": ["p"], "prompt": ["hi"],

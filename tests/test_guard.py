@@ -26,7 +26,8 @@ from pipeline.guard import (
     parse_category,
     resolve_guard_template,
 )
-from pipeline.judges import load_judge, read_judge_record
+from pipeline.judge_kinds import load_judge
+from pipeline.judges import read_judge_record
 from pipeline.toydata import generate_with_meta
 
 # Short, so the tiny model trains in seconds; the built-in instruction is checked for spans.

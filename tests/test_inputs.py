@@ -203,7 +203,7 @@ def test_negative_seed_and_lora_targets_that_match_nothing(tmp_path: Path) -> No
     from real_models import metaspace_tokenizer, tiny_llama
 
     from pipeline.config import LoraConfig
-    from pipeline.finetune import _apply_lora
+    from pipeline.preference import _apply_lora
 
     tok = metaspace_tokenizer(["a b c d e f g"] * 20, vocab_size=40, chat_template=None)
     with pytest.raises(UserError, match=r"target_modules.*q_proj"):

@@ -19,10 +19,10 @@ from pipeline import toydata
 from pipeline.config import JudgeConfig, OfflineJudgeConfig, ToyConfig
 from pipeline.errors import UserError
 from pipeline.features import DENSE_FEATURES, FeatureSpec, Vocabulary
+from pipeline.judge_kinds import JUDGE_KINDS, load_judge
 from pipeline.judges import (
     is_refusal,
     judge_accuracy,
-    load_judge,
     read_judge_record,
     write_judge_dir,
 )
@@ -170,6 +170,18 @@ def test_load_judge_errors(tmp_path: Path, trained) -> None:
     (out / "cost.safetensors").unlink()
     with pytest.raises(UserError, match="weights not found"):
         load_judge(out)
+
+
+def test_config_validates_the_registered_judge_kinds() -> None:
+    """`config.JudgeKindName` (validated without importing the judges) names exactly the kinds
+    `judge_kinds.JUDGE_KINDS` declares, and an unknown one is a user's error."""
+    from typing import get_args
+
+    from pipeline.config import JudgeKindName, Params, from_dict
+
+    assert set(get_args(JudgeKindName)) == set(JUDGE_KINDS) == {"offline", "hub", "guard"}
+    with pytest.raises(UserError, match=r"judge\.kind"):
+        from_dict(Params, {"judge": {"kind": "oracle"}})
 
 
 def test_judge_stage_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pairs) -> None:

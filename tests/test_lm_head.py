@@ -12,10 +12,11 @@ from tiny_lms import (
     llama,
     logps_and_grads,
     padded_batch,
+    tiny_lm,
 )
 
 from pipeline.layouts import label_positions
-from pipeline.lm_head import lm_head_of
+from pipeline.lm_head import MODEL_TYPES, lm_head_of
 from pipeline.logps import batch_logps
 
 
@@ -37,6 +38,35 @@ def test_label_positions_equal_full_logits_fp32(chunk: int | None, head: str) ->
     assert_grads_close(got_g, want_g, rtol=1e-5, atol=1e-5)
     if head != "tied":
         assert "lm_head.bias" in got_g
+
+
+#: What a 2-layer model of these types needs beyond `tiny_lm`'s shape (DeepSeek-V3's
+#: multi-head latent attention and experts, Ministral's explicit head size).
+TINY_SHAPES: dict[str, dict[str, object]] = {
+    "deepseek_v3": dict(num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=16,
+                        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
+                        n_routed_experts=4, num_experts_per_tok=2, first_k_dense_replace=1,
+                        moe_intermediate_size=16, n_group=1, topk_group=1),
+    "ministral": dict(head_dim=8),
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(MODEL_TYPES))
+def test_every_listed_model_type_scores_at_label_positions_as_its_full_logits(
+        model_type: str) -> None:
+    """Each entry of the one allow-list: `lm_head_of` takes it, and the label-position
+    log-probs and gradients equal those of its full logits (fp32, a Cohere model's
+    `logit_scale` included)."""
+    model = tiny_lm(model_type, **TINY_SHAPES.get(model_type, {}))
+    head = lm_head_of(model)
+    assert head is not None
+    assert (head.scale != 1.0) == MODEL_TYPES[model_type].scaled_head
+    batch = padded_batch()
+    want, want_g = logps_and_grads(model, full_logits(batch))
+    got, got_g = logps_and_grads(model, lambda m: batch_logps(m, batch, chunk=7))
+    assert (want[:-1] < -1.0).all()  # real sums over the scored tokens, not empty ones
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=5e-5)
+    assert_grads_close(got_g, want_g, rtol=1e-4, atol=1e-5)
 
 
 def test_label_positions_under_cpu_bf16_autocast() -> None:

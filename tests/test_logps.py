@@ -24,9 +24,8 @@ from pipeline.config import TinyModelConfig
 from pipeline.encoding import Encoded, Encoder, load_template, resolve_template
 from pipeline.errors import UserError
 from pipeline.layouts import SCORED, collate, label_positions, pack
-from pipeline.lm_head import lm_head_of
+from pipeline.lm_head import MODEL_TYPES, lm_head_of
 from pipeline.logps import (
-    PACKABLE,
     ForwardLayout,
     attention_cost,
     batch_logps,
@@ -180,11 +179,10 @@ def test_dpo_logits_are_zero_at_step_zero_under_the_training_precision(
         tiny: tuple[Path, pd.DataFrame], mp: str) -> None:
     """The reference scored by `ref_logps` and the policy scored by the training loss, both
     under the same autocast, give implicit rewards of 0 when the policy is the reference."""
-    from pipeline.finetune import preference_examples
     from pipeline.objectives import OBJECTIVES, select_pairs
     from pipeline.precision import autocast
+    from pipeline.preference import PreferenceLoss, preference_batch, preference_examples
     from pipeline.reference import attach_reference
-    from pipeline.training import PreferenceLoss, preference_batch
 
     model_dir, pairs = tiny
     model, enc = _encoder(model_dir)
@@ -291,7 +289,7 @@ def _pairs_sharing_prompts() -> list[Encoded]:
 
 
 @pytest.mark.parametrize("kind", ["packed", "shared_prompts"])
-@pytest.mark.parametrize("model_type", sorted(PACKABLE))
+@pytest.mark.parametrize("model_type", sorted(k for k, t in MODEL_TYPES.items() if t.packable))
 def test_packed_rows_give_the_padded_log_probs(model_type: str, kind: str) -> None:
     """Every model type packing is allowed for: log-probs and gradients of packed rows equal
     those of one padded forward through the full logits (fp32), so no token attends across a

@@ -14,7 +14,6 @@ from safetensors.torch import load_file
 
 from pipeline.config import ModelConfig, SFTConfig, TinyModelConfig, ToyConfig
 from pipeline.encoding import Template
-from pipeline.finetune import run_sft
 from pipeline.modeling import (
     build_tiny_model,
     disable_dropout,
@@ -24,6 +23,7 @@ from pipeline.modeling import (
     train_tiny_tokenizer,
 )
 from pipeline.normalize import normalize_splits
+from pipeline.sft import run_sft
 from pipeline.toydata import generate
 
 
@@ -156,3 +156,26 @@ def test_save_model_casts_a_copy_and_keeps_fp32_bytes(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "plain" / "config.json").read_text())["dtype"] == "float32"
     assert (tmp_path / "bf16" / "model.safetensors").stat().st_size \
         < 0.6 * (tmp_path / "plain" / "model.safetensors").stat().st_size
+
+
+def test_load_for_scoring_gives_a_checked_eval_model_and_its_encoder(tmp_path: Path) -> None:
+    """The one loader of a model ready to score: eval mode (its dropout inactive), the dtype
+    asked for, the template it was saved with, and the saved files checked."""
+    from pipeline.errors import UserError
+    from pipeline.modeling import load_for_scoring
+
+    tok = metaspace_tokenizer(corpus(pku_v1_rows(2, words=(20, 40))), vocab_size=300)
+    model = tiny_llama(tok, seed=1, dropout=0.5)
+    template = Template("format", "Q: {prompt}\nA:")
+    save_model(model, tok, template, tmp_path / "m", {"note": 1})
+    scorer, encoder = load_for_scoring(tmp_path / "m", "sft", dtype=torch.bfloat16,
+                                       max_length=48, device="cpu")
+    assert not scorer.training and next(scorer.parameters()).dtype == torch.bfloat16
+    assert encoder.template == template and encoder.max_length == 48
+    ids = torch.arange(3, 30).view(1, -1)
+    with torch.no_grad():
+        assert torch.equal(scorer(input_ids=ids).logits, scorer(input_ids=ids).logits)
+    (tmp_path / "m" / "config.json").write_text(
+        (tmp_path / "m" / "config.json").read_text().replace("{", "{\n", 1))
+    with pytest.raises(UserError, match="changed after `sft` wrote them"):
+        load_for_scoring(tmp_path / "m", "sft", dtype=torch.float32, max_length=48)

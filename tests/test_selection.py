@@ -225,3 +225,18 @@ def test_a_new_objective_is_one_entry(monkeypatch: pytest.MonkeyPatch) -> None:
     res = theory.train_tabular(problem, "dpo_reverse", 0.0, 3, 0.1, problem.ref_logp)
     assert res.name == "dpo_reverse" and res.counts["swapped"] == res.counts["n_in"]
     assert keep_all(np.zeros(2), np.zeros(2)).tolist() == ["keep", "keep"]
+
+
+@settings(max_examples=100, deadline=None)
+@given(pair_tables())
+def test_oriented_rows_pick_the_texts_oriented_picks(pairs: pd.DataFrame) -> None:
+    """Scores per response (in `responses_long` order) are oriented like the texts."""
+    from pipeline.selection import oriented, oriented_rows, responses_long
+
+    winners = pairs["better_id"].to_numpy()
+    win, lose = oriented_rows(winners)
+    texts = responses_long(pairs)["response"].to_numpy()
+    df = oriented(pairs, winners)
+    assert (texts[win] == df["chosen"].to_numpy()).all()
+    assert (texts[lose] == df["rejected"].to_numpy()).all()
+    assert sorted(np.concatenate([win, lose]).tolist()) == list(range(2 * len(pairs)))

@@ -24,7 +24,8 @@ from test_training import MAX_LEN, SFT_CFG, TINY, _stage_env, project  # noqa: F
 from pipeline import paths
 from pipeline.config import LoraConfig, ModelConfig, TrainConfig
 from pipeline.errors import UserError
-from pipeline.finetune import run_preference, run_sft
+from pipeline.preference import PreferenceDirs, run_preference
+from pipeline.sft import run_sft
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCHER = REPO / "docs" / "multinode" / "launch.sh"
@@ -122,9 +123,10 @@ def test_sharded_training_follows_one_process_and_resumes_bit_exact_after_kill_9
     policy = work / paths.POLICY_DIR / "model.safetensors"
 
     # One process, in this one (the stage's own code path, without a second start-up).
-    run_preference(TrainConfig(**params["train"]), 0.1, 10.0, work / paths.SFT_DIR,
-                   pd.read_parquet(work / paths.PAIRS_TRAIN), work / paths.REF_TRAIN,
-                   tmp_path / "one", tmp_path / "one-live", tmp_path / "one-ckpt")
+    run_preference(TrainConfig(**params["train"]), pd.read_parquet(work / paths.PAIRS_TRAIN),
+                   PreferenceDirs(work / paths.SFT_DIR, work / paths.REF_TRAIN, tmp_path / "one",
+                                  tmp_path / "one-live", tmp_path / "one-ckpt"),
+                   beta=0.1, delta=10.0)
     one_loss = pd.read_csv(tmp_path / "one-live/plots/metrics/loss.tsv", sep="\t")
     one = load_file(tmp_path / "one" / "model.safetensors")
     two_log = _run(cmd, work, 2)

@@ -18,11 +18,12 @@ from pipeline import paths
 from pipeline.artifacts import write_parquet
 from pipeline.config import ModelConfig, SFTConfig, TinyModelConfig, ToyConfig, TrainConfig
 from pipeline.encoding import Encoder, load_template
-from pipeline.finetune import run_preference, run_sft
 from pipeline.logps import pair_logps
 from pipeline.modeling import load_pretrained
 from pipeline.normalize import normalize_splits
+from pipeline.preference import PreferenceDirs, run_preference
 from pipeline.reference import fingerprint_for, write_reference
+from pipeline.sft import run_sft
 from pipeline.toydata import generate
 
 MAX_LEN = 128
@@ -56,10 +57,10 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _train(project: Path, out: str, cfg: TrainConfig, live: bool = True,
            stop_after: int | None = None) -> dict:
-    return run_preference(
-        cfg, 0.1, 10.0, project / paths.SFT_DIR, pd.read_parquet(project / paths.PAIRS_TRAIN),
-        project / paths.REF_TRAIN, project / out, project / f"{out}-live" if live else None,
-        project / f"{out}-ckpt", stop_after=stop_after)
+    dirs = PreferenceDirs(project / paths.SFT_DIR, project / paths.REF_TRAIN, project / out,
+                          project / f"{out}-live" if live else None, project / f"{out}-ckpt")
+    return run_preference(cfg, pd.read_parquet(project / paths.PAIRS_TRAIN), dirs, beta=0.1,
+                          delta=10.0, stop_after=stop_after)
 
 
 def test_training_lowers_the_loss_and_raises_reward_accuracy(project: Path) -> None:
@@ -210,11 +211,11 @@ def test_prepared_bf16_model_scores_label_positions_only(project: Path,
     head would compute them: the model's own logits come out empty, so neither the (B, T, V)
     logits nor accelerate's fp32 copy of them exist, and the log-probs are those of the full
     bf16 logits."""
-    from pipeline.finetune import preference_examples
     from pipeline.lm_head import lm_head_of
     from pipeline.logps import ForwardLayout, batch_logps, sequence_logps
     from pipeline.objectives import select_pairs
-    from pipeline.training import make_accelerator, preference_batch
+    from pipeline.preference import preference_batch, preference_examples
+    from pipeline.training import make_accelerator
 
     model, tok = load_pretrained(project / paths.SFT_DIR)
     accelerator = make_accelerator(train_cfg(mixed_precision="bf16"))

@@ -76,7 +76,7 @@ def tiny_lm(model_type: str, **overrides: object) -> torch.nn.Module:
                                  eos_token_id=2)
     if model_type == "gptj":
         kw = dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, rotary_dim=4, pad_token_id=0)
-    cfg = AutoConfig.for_model(model_type, **kw, **overrides)
+    cfg = AutoConfig.for_model(model_type, **{**kw, **overrides})
     for key in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop",
                 "attn_pdrop", "dropout"):
         if hasattr(cfg, key):
