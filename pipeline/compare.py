@@ -528,21 +528,47 @@ def write_results(df: pd.DataFrame, out_dir: Path = paths.RESULTS_DIR) -> None:
 
 
 def plot_tradeoff(df: pd.DataFrame, dest: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = tradeoff_figure(df)
+    with atomic_path(dest) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, metadata={"Software": None})
+    plt.close(fig)
+
+
+def tradeoff_figure(df: pd.DataFrame) -> Any:
+    """Harmless rate against helpfulness, one point per method with its 95% intervals as error
+    bars; a point resting on fewer items than `min_support` is hollow and its label says n, and
+    a judge below its accuracy threshold is named in the title (the caveats of the table)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def err(r: dict[str, Any], k: str) -> list[list[float]] | None:
+        low, high = r.get(f"{k}_ci_low"), r.get(f"{k}_ci_high")
+        if low is None or high is None or pd.isna(low) or pd.isna(high):
+            return None
+        return [[max(r[k] - low, 0.0)], [max(high - r[k], 0.0)]]
+
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    for r in df.itertuples():
-        ax.scatter(r.helpfulness, r.harmless_rate, s=60)
-        ax.annotate(r.method, (r.helpfulness, r.harmless_rate), textcoords="offset points",
-                    xytext=(6, 4), fontsize=9)
+    for r in df.to_dict("records"):
+        thin = [k for k in ("harmless_rate", "helpfulness")
+                if k in str(r.get("low_support") or "").split(",")]
+        points = ax.errorbar(r["helpfulness"], r["harmless_rate"], xerr=err(r, "helpfulness"),
+                             yerr=err(r, "harmless_rate"), fmt="o", ms=7, capsize=3,
+                             mfc="none" if thin else None)
+        label = r["method"] + "".join(f" {LOW_MARK} n={int(r[f'{k}_n'])}" for k in thin
+                                      if not pd.isna(r.get(f"{k}_n", float("nan"))))
+        ax.annotate(label, (r["helpfulness"], r["harmless_rate"]), textcoords="offset points",
+                    xytext=(6, 4), fontsize=9, color=points[0].get_color())
     ax.set_xlabel("helpfulness (mean judge reward)")
     ax.set_ylabel("harmless rate (judge cost <= 0)")
-    ax.set_title("Safety vs helpfulness, one DVC experiment per method")
+    below = bool(df["judge_below_threshold"].fillna(False).any()) \
+        if "judge_below_threshold" in df else False
+    ax.set_title("Safety vs helpfulness, one DVC experiment per method (95% intervals)"
+                 + ("\njudge below its accuracy threshold: the harmless rates say little"
+                    if below else ""), fontsize=10)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    with atomic_path(dest) as tmp:
-        fig.savefig(tmp, format="png", dpi=120, metadata={"Software": None})
-    plt.close(fig)
+    return fig

@@ -232,3 +232,41 @@ def test_an_untracked_local_input_is_refused_before_anything_is_queued(tmp_path)
     (root / "models" / "llama.dvc").write_text("outs:\n- path: llama\n")
     git("add", "models/llama.dvc")  # as `dvc add models/llama` leaves it
     check_inputs_tracked(root)  # the hub id is not a local path: nothing to track
+
+
+def test_tradeoff_plot_draws_each_interval_and_marks_thin_points_and_a_weak_judge() -> None:
+    """The plot carries the table's caveats: every point's 95% intervals as error bars, a
+    point under min_support hollow with its n in the label, a judge below threshold in the
+    title."""
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    from pipeline.compare import tradeoff_figure
+
+    df = pd.DataFrame([
+        {"method": "SFT", "harmless_rate": 0.8, "harmless_rate_ci_low": 0.7,
+         "harmless_rate_ci_high": 0.9, "harmless_rate_n": 200, "helpfulness": -0.5,
+         "helpfulness_ci_low": -0.75, "helpfulness_ci_high": -0.2, "helpfulness_n": 200,
+         "low_support": "", "judge_below_threshold": True},
+        {"method": "SafeDPO (Δ=10)", "harmless_rate": 1.0, "harmless_rate_ci_low": 0.8,
+         "harmless_rate_ci_high": 1.0, "harmless_rate_n": 12, "helpfulness": 0.25,
+         "helpfulness_ci_low": 0.0, "helpfulness_ci_high": 0.5, "helpfulness_n": 12,
+         "low_support": "harmless_rate,kl_to_ref", "judge_below_threshold": True},
+    ])
+    fig = tradeoff_figure(df)
+    ax = fig.axes[0]
+    spans = []
+    for container in ax.containers:
+        xbars, ybars = container.lines[2]
+        (x0, y0), (x1, y1) = ybars.get_segments()[0]
+        assert x0 == x1
+        spans.append((round(y0, 6), round(y1, 6)))
+        (x0, _), (x1, _) = xbars.get_segments()[0]
+        spans.append((round(x0, 6), round(x1, 6)))
+    assert spans == [(0.7, 0.9), (-0.75, -0.2), (0.8, 1.0), (0.0, 0.5)]
+    labels = [t.get_text() for t in ax.texts]
+    assert labels == ["SFT", "SafeDPO (Δ=10) * n=12"]
+    faces = [c.lines[0].get_markerfacecolor() for c in ax.containers]
+    assert faces[1] == "none" and faces[0] != "none"
+    assert "below its accuracy threshold" in ax.get_title()
+    plt.close(fig)
