@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
+from import_graph import closure
 
 from pipeline import paths
 
@@ -66,35 +67,12 @@ def test_only_the_training_stages_take_a_launcher() -> None:
     assert launched == {"sft", "train"}
 
 
-def _project_imports(path: Path) -> set[str]:
-    """Project modules (as repo-relative .py paths) that `path` imports, lazily or not."""
-    import ast
-
-    out = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        names: list[str] = []
-        if isinstance(node, ast.ImportFrom) and node.module:
-            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-        elif isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        for name in names:
-            rel = name.replace(".", "/") + ".py"
-            if name.split(".")[0] in ("pipeline", "stages") and (REPO / rel).exists():
-                out.add(rel)
-    return out
-
-
 def test_stage_deps_cover_every_project_module_the_stage_imports() -> None:
     """A change to any module a stage runs (config.py and artifacts.py included) reruns it."""
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     for name, st in stages.items():
         body = st.get("do", st)
-        seen, todo = set(), [f"stages/{name}.py"]
-        while todo:
-            mod = todo.pop()
-            if mod not in seen:
-                seen.add(mod)
-                todo += _project_imports(REPO / mod)
+        seen = closure(f"stages/{name}.py")
         deps = set(body["deps"])
         assert seen <= deps, f"{name}: missing deps {sorted(seen - deps)}"
         stale = {d for d in deps if d.endswith(".py")} - seen

@@ -3,58 +3,30 @@
 
 from __future__ import annotations
 
-import ast
 import json
 from pathlib import Path
 
 import pytest
 from dvc_project import DVC, copy_project, run, stages_run
+from import_graph import REPO, closure, project_imports
 
-REPO = Path(__file__).resolve().parents[1]
 #: What only preference training reads: none of it may be in the `sft` stage's import graph.
 PREFERENCE_ONLY = ("pipeline/objectives.py", "pipeline/losses.py", "pipeline/reference.py",
                    "pipeline/preference.py")
 
 
-def _imports(path: Path, package: str) -> set[str]:
-    """Modules of `package` (repo-relative .py paths) that `path` imports, at the top or inside
-    a function."""
-    out = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        names: list[str] = []
-        if isinstance(node, ast.ImportFrom) and node.module:
-            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-        elif isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        for name in names:
-            rel = name.replace(".", "/") + ".py"
-            if name.split(".")[0] == package and (REPO / rel).exists():
-                out.add(rel)
-    return out - {str(path.relative_to(REPO))}
-
-
-def _closure(start: str) -> set[str]:
-    seen, todo = set(), [start]
-    while todo:
-        mod = todo.pop()
-        if mod not in seen:
-            seen.add(mod)
-            todo += _imports(REPO / mod, "pipeline")
-    return seen
-
-
 def test_sft_imports_nothing_preference_only() -> None:
-    sft = _closure("stages/sft.py")
+    sft = closure("stages/sft.py", ("pipeline",))
     assert "pipeline/sft.py" in sft and "pipeline/training.py" in sft
     assert not sft & set(PREFERENCE_ONLY), sorted(sft & set(PREFERENCE_ONLY))
     # The preference stage does read them all: the split is real, not a missing dependency.
-    assert set(PREFERENCE_ONLY) <= _closure("stages/train.py")
+    assert set(PREFERENCE_ONLY) <= closure("stages/train.py", ("pipeline",))
 
 
 def test_the_library_has_no_import_cycle() -> None:
     """Function-local imports count: one that dodges a cycle at import time is still a cycle
     between the ideas."""
-    graph = {str(p.relative_to(REPO)): _imports(p, "pipeline")
+    graph = {str(p.relative_to(REPO)): project_imports(p, ("pipeline",))
              for p in sorted((REPO / "pipeline").glob("*.py"))}
     done: set[str] = set()
 
@@ -74,7 +46,7 @@ def test_the_library_has_no_import_cycle() -> None:
 
 def test_no_library_module_imports_a_stage() -> None:
     for p in sorted((REPO / "pipeline").glob("*.py")):
-        assert not _imports(p, "stages"), p.name
+        assert not project_imports(p, ("stages",)), p.name
 
 
 # The default pipeline made small: a 1-layer model, 1 epoch of SFT, 4 preference steps.
