@@ -161,50 +161,8 @@ class _Terminated(BaseException):
     `finally` blocks of the atomic writes remove their temporary files as on Ctrl-C."""
 
 
-class _Signals:
-    """SIGINT and SIGTERM, raised where the process is (KeyboardInterrupt, `_Terminated`) and
-    remembered until `_main` catches what they raised. Python drops an exception raised while
-    a finalizer or weakref callback runs (it only prints "Exception ignored"), so a Ctrl-C
-    landing there would be lost and the stage would run on and write its outs: while one is
-    remembered and not caught, a daemon thread delivers it again every `REDELIVER_S`
-    seconds (longer than the `finally` blocks of an interrupted stage take to clean up)."""
-
-    REDELIVER_S = 2.0
-
-    def __init__(self) -> None:
-        self.pending: int | None = None
-
-    def install(self) -> None:
-        import signal
-
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            # An ignored signal (nohup, a parent's choice) stays ignored.
-            if signal.getsignal(sig) in (signal.SIG_DFL, signal.default_int_handler):
-                signal.signal(sig, self._raise)
-
-    def _raise(self, signum: int, frame: object) -> None:
-        import signal
-        import threading
-
-        if self.pending is None:
-            threading.Thread(target=self._redeliver, daemon=True).start()
-        self.pending = signum
-        raise KeyboardInterrupt if signum == signal.SIGINT else _Terminated
-
-    def _redeliver(self) -> None:
-        import os
-
-        while True:
-            time.sleep(self.REDELIVER_S)
-            if self.pending is None:
-                return
-            os.kill(os.getpid(), self.pending)
-
-    def caught(self) -> None:
-        self.pending = None
-
-
-_SIGNALS = _Signals()
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise _Terminated
 
 
 class _Stderr:
@@ -235,9 +193,11 @@ def main() -> None:
     """Entry point: a `UserError` becomes one line on stderr and exit code 2; anything
     unexpected one line and exit code 1 (`-v`/`--verbose`, anywhere: the traceback); Ctrl-C
     (SIGINT) one line and 130, SIGTERM one line and 143."""
+    import signal
 
     verbose = any(a in VERBOSE for a in sys.argv[1:])
-    _SIGNALS.install()
+    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _on_sigterm)
     stderr, sys.stderr = sys.stderr, _Stderr(sys.stderr)
     try:
         _main(verbose)
@@ -252,11 +212,9 @@ def _main(verbose: bool) -> None:
         _say(f"safedpo: error: {exc}")
         sys.exit(2)
     except KeyboardInterrupt:
-        _SIGNALS.caught()
         _say("safedpo: interrupted")
         sys.exit(INTERRUPTED)
     except _Terminated:
-        _SIGNALS.caught()
         _say("safedpo: terminated")
         sys.exit(TERMINATED)
     except SystemExit:
@@ -278,7 +236,6 @@ def _main(verbose: bool) -> None:
     # Without standalone mode typer *returns* the exit code of a `typer.Exit`, and turns a
     # KeyboardInterrupt into `Exit(130)`: dropped, a Ctrl-C at any point exited 0, silently.
     if code == INTERRUPTED:
-        _SIGNALS.caught()
         _say("safedpo: interrupted")
     if isinstance(code, int) and code:
         sys.exit(code)
