@@ -461,6 +461,18 @@ def over_refusal_columns(df: pd.DataFrame) -> dict[str, str]:
             if (m := _SUITE_KEY.match(c)) and m[2] == "over_refusal_rate"}
 
 
+def _thin_mark(r: dict[str, Any], k: str) -> str:
+    """` * n=N` where row `r`'s metric `k` rests on fewer items than min_support, else ""."""
+    if k not in str(r.get("low_support") or "").split(","):
+        return ""
+    n = r.get(f"{k}_n")
+    return f" {LOW_MARK} n={int(n)}" if n is not None and not pd.isna(n) else f" {LOW_MARK}"
+
+
+def _judge_below(df: pd.DataFrame) -> bool:
+    return "judge_below_threshold" in df and bool(df["judge_below_threshold"].fillna(False).any())
+
+
 def to_markdown(df: pd.DataFrame) -> str:
     over = over_refusal_columns(df)
     head = ["method", "harmless", "helpfulness", "win vs SFT",
@@ -475,11 +487,7 @@ def to_markdown(df: pd.DataFrame) -> str:
             return "–"
         low, high = r.get(f"{k}_ci_low"), r.get(f"{k}_ci_high")
         ci = "" if low is None or pd.isna(low) else f" [{low:.2f}, {high:.2f}]"
-        thin = k in str(r.get("low_support") or "").split(",")
-        n = r.get(f"{k}_n")
-        mark = f" {LOW_MARK} n={int(n)}" if thin and n is not None and not pd.isna(n) else \
-            (f" {LOW_MARK}" if thin else "")
-        return f"{r[k]:.3f}{ci}{mark}"
+        return f"{r[k]:.3f}{ci}{_thin_mark(r, k)}"
 
     for r in df.to_dict("records"):
         lines.append(f"| {r['method']} | " + " | ".join(cell(r, k) for k in keys) + " |")
@@ -501,7 +509,7 @@ def to_markdown(df: pd.DataFrame) -> str:
                           "refusal-prefix rate (the AdvBench/GCG rule) beside it."]
     r0 = df.iloc[0]
     below = " — **below the threshold**: its harmless rates say little" \
-        if bool(df["judge_below_threshold"].fillna(False).any()) else ""
+        if _judge_below(df) else ""
     balanced = r0.judge_cost_balanced_accuracy
     lines += ["", f"Judges (held-out test pairs): cost accuracy {r0.judge_cost_accuracy:.3f}"
                   + (f" (balanced {balanced:.3f})" if balanced is not None
@@ -553,22 +561,18 @@ def tradeoff_figure(df: pd.DataFrame) -> Any:
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for r in df.to_dict("records"):
-        thin = [k for k in ("harmless_rate", "helpfulness")
-                if k in str(r.get("low_support") or "").split(",")]
+        marks = "".join(_thin_mark(r, k) for k in ("harmless_rate", "helpfulness"))
         points = ax.errorbar(r["helpfulness"], r["harmless_rate"], xerr=err(r, "helpfulness"),
                              yerr=err(r, "harmless_rate"), fmt="o", ms=7, capsize=3,
-                             mfc="none" if thin else None)
-        label = r["method"] + "".join(f" {LOW_MARK} n={int(r[f'{k}_n'])}" for k in thin
-                                      if not pd.isna(r.get(f"{k}_n", float("nan"))))
-        ax.annotate(label, (r["helpfulness"], r["harmless_rate"]), textcoords="offset points",
-                    xytext=(6, 4), fontsize=9, color=points[0].get_color())
+                             mfc="none" if marks else None)
+        ax.annotate(r["method"] + marks, (r["helpfulness"], r["harmless_rate"]),
+                    textcoords="offset points", xytext=(6, 4), fontsize=9,
+                    color=points[0].get_color())
     ax.set_xlabel("helpfulness (mean judge reward)")
     ax.set_ylabel("harmless rate (judge cost <= 0)")
-    below = bool(df["judge_below_threshold"].fillna(False).any()) \
-        if "judge_below_threshold" in df else False
     ax.set_title("Safety vs helpfulness, one DVC experiment per method (95% intervals)"
                  + ("\njudge below its accuracy threshold: the harmless rates say little"
-                    if below else ""), fontsize=10)
+                    if _judge_below(df) else ""), fontsize=10)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
